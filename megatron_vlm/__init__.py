@@ -1,0 +1,9 @@
+"""megatron_vlm: RL post-training for vision-language mixture-of-experts models on megatron-core.
+
+Layout (dependencies point one way: trainer -> rollout, rl, rewards, models -> parallel):
+  config.py    RunConfig made of small per-component dataclasses, YAML recipes, key=value overrides
+  parallel/    process groups, device/backend choice (cuda+nccl | cpu+gloo), the CPU compat layer
+  models/      model providers; one folder per HF family
+  data/ rl/ rewards/ rollout/ trainer/ checkpoint/
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,14 @@
+"""Test-wide setup.
+
+TRITON_INTERPRET must be in the environment before any `@triton.jit` decorator runs (Triton reads it
+at decoration time), so it is set here, before any test module imports a kernel. On a machine with
+CUDA the real kernels run instead.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Two cores: tests that use torch inside one process should not oversubscribe them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
