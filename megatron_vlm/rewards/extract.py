@@ -1,0 +1,95 @@
+"""Answer extraction shared by the verifiers.
+
+Design decisions (each closes a way a policy games a verifier):
+- Only the final answer is read: the text after the last `</think>`. A response whose think block
+  never closes has no final answer (an answer only inside the think block earns nothing).
+- `\\boxed{}` answers are read one by one, not merged: the verifiers treat several distinct boxed
+  answers as a hedge and give it no credit.
+- Enormous outputs are cut before any regex or parser sees them: verifiers look at the last
+  `MAX_ANSWER_CHARS` characters of the final answer, and a boxed answer longer than
+  `MAX_BOXED_CHARS` is ignored.
+"""
+from __future__ import annotations
+
+import re
+import string
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+MAX_ANSWER_CHARS = 8192   # the tail of the final answer that verifiers read
+MAX_BOXED_CHARS = 512     # a longer \boxed{} is not an answer (and could stall a parser)
+
+_ANCHOR = re.compile(
+    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=)?\s*[:：]?\s*(.+)", re.IGNORECASE)
+
+
+def final_answer(response: str) -> str:
+    """The part of `response` after the think block ('' when the think block is never closed)."""
+    close = response.rfind(THINK_CLOSE)
+    if close >= 0:
+        text = response[close + len(THINK_CLOSE):]
+    elif THINK_OPEN in response:
+        return ""
+    else:
+        text = response
+    return text[-MAX_ANSWER_CHARS:].strip()
+
+
+def boxed_contents(text: str) -> list[str]:
+    """Contents of every `\\boxed{...}` / `\\fbox{...}` in order, braces matched."""
+    found = []
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, start = 1, match.end()
+        for pos in range(start, min(len(text), start + MAX_BOXED_CHARS + 1)):
+            depth += {"{": 1, "}": -1}.get(text[pos], 0)
+            if depth == 0:
+                found.append(text[start:pos].strip())
+                break
+    return found
+
+
+def distinct(items: list[str]) -> list[str]:
+    """Items with duplicates removed after whitespace normalisation, first occurrence kept."""
+    seen, out = set(), []
+    for item in items:
+        key = re.sub(r"\s+", "", item)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def answer_span(text: str) -> tuple[str | None, bool]:
+    """The anchored answer in `text` and whether it is a hedge.
+
+    Priority: the boxed answers (several distinct ones are a hedge), then the last
+    'answer is ...' / 'Answer: ...' line. Returns (None, False) when nothing is anchored.
+    """
+    boxes = distinct(boxed_contents(text))
+    if boxes:
+        return boxes[-1], len(boxes) > 1
+    matches = list(_ANCHOR.finditer(text))
+    if matches:
+        return matches[-1].group(1).strip(), False
+    return None, False
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def strip_latex_text(s: str) -> str:
+    """`\\text{Paris}` -> `Paris`, `$x$` -> `x`, drops `\\,` `\\!` spacing commands."""
+    s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|textit|operatorname)\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\[,!;: ]", " ", s)
+    return s.replace("$", "").strip()
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_text(s: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = strip_latex_text(s).lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())

@@ -1,0 +1,86 @@
+"""The reward registry: verifiers by name, user rewards by dotted path.
+
+A reward function has one signature, shared by built-in verifiers and user extensions:
+
+    def reward(response: str, reference: Any, metadata: Mapping[str, Any]) -> float
+
+`response` is the full model output (think block included: each function decides what it reads,
+and the built-ins read only the final answer after `</think>`), `reference` is the task's gold
+answer (any picklable value), `metadata` the task's per-sample options. The return value is a
+finite number (bool and int are accepted); raising, hanging or returning NaN makes the scorer
+give the configured failure score and count the sample id in its metrics. Functions must be
+importable at module level (workers run in spawned processes and look them up by name).
+
+A reward is named either by its registered name (`"math"`) or by a dotted path
+(`"my_pkg.verifiers:boxed_answer"`), resolved by `resolve_reward_fn`.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+RewardFn = Callable[[str, Any, Mapping[str, Any]], float]
+
+_VERIFIERS: dict[str, RewardFn] = {}
+
+
+def register_verifier(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register `fn` under `name`; a second registration of the same name is an error."""
+    def decorator(fn: RewardFn) -> RewardFn:
+        if name in _VERIFIERS:
+            raise ValueError(f"verifier {name!r} is already registered (by {_VERIFIERS[name].__module__})")
+        if ":" in name:
+            raise ValueError(f"verifier name {name!r} must not contain ':' (reserved for dotted paths)")
+        _VERIFIERS[name] = fn
+        return fn
+    return decorator
+
+
+def registered_verifiers() -> list[str]:
+    _load_builtins()
+    return sorted(_VERIFIERS)
+
+
+def get_verifier(name: str) -> RewardFn:
+    _load_builtins()
+    if name not in _VERIFIERS:
+        raise KeyError(f"unknown verifier {name!r}; known verifiers: {', '.join(sorted(_VERIFIERS))}")
+    return _VERIFIERS[name]
+
+
+def resolve_reward_fn(spec: str) -> RewardFn:
+    """A registered verifier name, or `package.module:function` for a user reward."""
+    if ":" not in spec:
+        return get_verifier(spec)
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward path {spec!r} must look like 'my_pkg.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward path {spec!r}: cannot import module {module_name!r}: {e}") from e
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"reward path {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    check_reward_signature(fn, spec)
+    return fn
+
+
+def check_reward_signature(fn: Any, spec: str) -> None:
+    """The contract: callable with (response, reference, metadata) positionally."""
+    if not callable(fn):
+        raise TypeError(f"reward {spec!r} is not callable: {fn!r}")
+    try:
+        inspect.signature(fn).bind("response", "reference", {})
+    except TypeError as e:
+        raise TypeError(f"reward {spec!r} must accept (response, reference, metadata): {e}") from e
+    except ValueError:  # builtins without a signature: trust them
+        pass
+
+
+def _load_builtins() -> None:
+    # The built-in verifiers register on import; imported lazily so that `registry` has no cycle.
+    from megatron_vlm.rewards import verifiers  # noqa: F401

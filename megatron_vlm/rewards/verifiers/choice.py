@@ -1,0 +1,92 @@
+"""Multiple-choice answers: a letter (or a set of letters) or the text of an option.
+
+Reading order: the boxed answer, else the last 'answer is ...' line, else a letter opening the
+first or the last line of the final answer ('B', '(B)', 'B. Paris'), else option text in the last
+line. The extracted set of letters must equal the reference set exactly, which is what defeats the
+usual games: listing every letter ('A B C D'), hedging ('A or B'), naming two options' texts, or
+boxing two answers (a hedge: 0).
+"""
+from __future__ import annotations
+
+import re
+import string
+from typing import Any, Mapping, Sequence
+
+from megatron_vlm.rewards.extract import answer_span, final_answer, normalize_text, strip_latex_text
+from megatron_vlm.rewards.registry import register_verifier
+
+_SEP = r"(?:\s*(?:,|;|&|/|\band\b|\bor\b|\s)\s*)"
+
+
+def _letter_group(letters: str) -> re.Pattern:
+    one = rf"[\s(\[*]*([{letters}])(?![A-Za-z0-9])[)\].*:]*"
+    return re.compile(rf"^\s*(?:(?:option|choice)\s+)?({one}(?:{_SEP}{one})*)", re.IGNORECASE)
+
+
+def _letters_in(text: str, letters: str) -> set[str] | None:
+    """The letters a span opens with: 'B', '(B) Paris', 'A or B', 'A, C'. None if it opens with none."""
+    match = _letter_group(letters).match(strip_latex_text(text))
+    if not match:
+        return None
+    # Lower-case words such as 'a' in 'a or b' count only when the span is nothing but letters.
+    group = match.group(1)
+    found = set(re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", group))
+    if not found and group.strip().islower() and len(text.strip()) <= len(group.strip()) + 1:
+        found = {c.upper() for c in re.findall(rf"(?<![A-Za-z])([{letters.lower()}])(?![A-Za-z])", group)}
+    return found or None
+
+
+def _options_in(text: str, options: Sequence[str]) -> set[str] | None:
+    """Letters of the options whose text appears in `text` (an exact match wins)."""
+    norm = normalize_text(text)
+    texts = [normalize_text(o) for o in options]
+    exact = {string.ascii_uppercase[i] for i, t in enumerate(texts) if t and t == norm}
+    if exact:
+        return exact
+    found = {string.ascii_uppercase[i] for i, t in enumerate(texts)
+             if t and re.search(rf"(?<!\w){re.escape(t)}(?!\w)", norm)}
+    return found or None
+
+
+def _option_texts(metadata: Mapping[str, Any]) -> list[str]:
+    options = metadata.get("options", [])
+    if isinstance(options, Mapping):
+        return [str(options[k]) for k in sorted(options)]
+    return [str(o) for o in options]
+
+
+def extract_choice(response: str, options: Sequence[str], num_options: int = 10) -> set[str] | None:
+    """The set of option letters the response commits to, or None (no answer, or a boxed hedge)."""
+    letters = string.ascii_uppercase[:max(num_options, len(options), 1)]
+    answer = final_answer(response)
+    span, hedge = answer_span(answer)
+    if hedge:
+        return None
+    if span is not None:
+        return _letters_in(span, letters) or (_options_in(span, options) if options else None)
+    lines = [line for line in answer.splitlines() if line.strip()]
+    if not lines:
+        return None
+    first, last = _letters_in(lines[0], letters), _letters_in(lines[-1], letters)
+    if first and last and first != last:
+        return None
+    return first or last or (_options_in(lines[-1], options) if options else None)
+
+
+def _reference_letters(reference: Any) -> set[str]:
+    if isinstance(reference, str):
+        return set(re.findall(r"[A-Z]", reference.upper()))
+    return {str(r).strip().upper() for r in reference}
+
+
+@register_verifier("choice")
+def choice_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
+    """1.0 when the chosen letters equal the reference letters ('B', 'AC', ['A', 'C']).
+
+    metadata: `options` (list of option texts, or {letter: text}) enables answering by option text
+    and bounds the valid letters; `num_options` bounds them without texts (default 10: A-J).
+    """
+    options = _option_texts(metadata)
+    num_options = int(metadata.get("num_options", len(options) or 10))
+    chosen = extract_choice(response, options, num_options)
+    return float(chosen is not None and chosen == _reference_letters(reference))

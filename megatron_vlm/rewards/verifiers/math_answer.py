@@ -1,0 +1,76 @@
+"""Math answers checked with math-verify 0.9.0.
+
+math-verify's own timeouts use `signal.alarm` (main thread only; its `TimeoutException` derives
+from `BaseException`) and some inputs hang inside `verify` after `parse` returned (e.g.
+`\\boxed{10^{10^{10^{10}}}}`, Math-Verify#65). Both library timeouts are therefore turned off here
+and the hard limit is the scorer's worker pool, which kills the process. Call this function in
+the trainer's process only through `RewardScorer`.
+
+Departures from calling `math_verify.verify(parse(gold), parse(response))` directly:
+- only the final answer after `</think>` is read (math-verify reads inside think blocks);
+- several distinct `\\boxed{}` answers score 0 (math-verify merges them into one set, which
+  both rewards hedging and can fail a correct final answer next to a boxed draft);
+- without a box, only the last line is parsed (a long list of numbers is not an answer);
+- two exact rationals must be equal exactly (math-verify compares floats: 1/2^99 == 1/2^98).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from megatron_vlm.rewards.extract import boxed_contents, distinct, final_answer, last_line
+from megatron_vlm.rewards.registry import register_verifier
+
+# math-verify warns on every call that its timeout is off; the pool enforces the timeout.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _parse(text: str) -> list:
+    from math_verify import parse  # lazy: sympy costs ~0.5 s to import
+
+    return parse(text, parsing_timeout=None)
+
+
+def _gold_latex(reference: Any) -> str:
+    text = str(reference).strip()
+    if "$" in text or "\\boxed" in text or "\\(" in text or "\\[" in text:
+        return text
+    return f"${text}$"
+
+
+def _exact_rationals_differ(gold: list, pred: list) -> bool:
+    """True when both answers are exact rational numbers (no floats) and differ exactly."""
+    import sympy
+
+    values = []
+    for value in (gold[0], pred[0]):
+        if not isinstance(value, sympy.Basic) or not value.is_number or value.atoms(sympy.Float):
+            return False
+        value = value.doit()  # math-verify keeps 1/2**98 as an unevaluated Mul
+        if not value.is_Rational:
+            return False
+        values.append(value)
+    return values[0] != values[1]
+
+
+@register_verifier("math")
+def math_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
+    """1.0 when the final answer equals `reference` (LaTeX or plain) under math-verify, else 0.0.
+
+    metadata: `float_rounding` (default 6) digits kept when math-verify compares floats.
+    """
+    from math_verify import verify
+
+    answer = final_answer(response)
+    boxes = distinct(boxed_contents(answer))
+    if len(boxes) > 1:
+        return 0.0
+    candidate = f"\\boxed{{{boxes[0]}}}" if boxes else last_line(answer)[-300:]
+    if not candidate:
+        return 0.0
+    gold, pred = _parse(_gold_latex(reference)), _parse(candidate)
+    if not gold or not pred:
+        return 0.0
+    rounding = int(metadata.get("float_rounding", 6))
+    equal = verify(gold, pred, float_rounding=rounding, timeout_seconds=None)
+    return float(equal and not _exact_rationals_differ(gold, pred))

@@ -1,0 +1,96 @@
+"""Numeric answers within a tolerance: integers, decimals, thousands separators, fractions
+(`3/4`, `\\frac{3}{4}`), percentages, scientific notation (`1.2e-3`, `1.2 \\times 10^{-3}`) and
+units (`12 cm`, converted within length / mass / time when the reference names its unit).
+
+Reading order: the boxed answer, else the last 'answer is ...' line (up to its first sentence
+end), else the last number of the last line. Two different numbers in an anchored answer ('5 or
+6') and several distinct boxed answers are hedges and score 0.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+from megatron_vlm.rewards.extract import answer_span, final_answer, last_line
+from megatron_vlm.rewards.registry import register_verifier
+
+# unit -> (dimension, scale to the dimension's base unit)
+UNITS = {
+    "m": ("length", 1.0), "km": ("length", 1e3), "cm": ("length", 1e-2), "mm": ("length", 1e-3),
+    "g": ("mass", 1.0), "kg": ("mass", 1e3), "mg": ("mass", 1e-3),
+    "s": ("time", 1.0), "sec": ("time", 1.0), "ms": ("time", 1e-3), "min": ("time", 60.0),
+    "h": ("time", 3600.0), "hr": ("time", 3600.0), "hours": ("time", 3600.0),
+}
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_TOKEN = re.compile(
+    rf"(?P<num>{_NUMBER})(?:\s*/\s*(?P<den>{_NUMBER}))?\s*(?P<pct>%)?\s*(?P<unit>[a-zA-Z]+)?")
+_SENTENCE_END = re.compile(r"(?<!\d)[.;](?!\d)|\n|\b(?:because|since|as)\b")
+
+
+def _normalise(text: str) -> str:
+    text = text.replace("\u2212", "-").replace("\\%", "%").replace("$", "")
+    text = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", text)
+    text = re.sub(r"\(([-+]?[\d.]+)\)/\(([-+]?[\d.]+)\)", r"\1/\2", text)
+    text = re.sub(r"-\s*\(([\d.]+)/([\d.]+)\)", r"-\1/\2", text)
+    text = re.sub(r"\s*(?:\\times|\\cdot|×|x|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"e\1", text)
+    text = re.sub(r"\\(?:text|mathrm)\s*\{\s*([^{}]*)\}", r" \1", text)
+    text = re.sub(r"\\[,!; ]", "", text)
+    return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234,567 -> 1234567
+
+
+def parse_numbers(text: str) -> list[tuple[float, bool, str | None]]:
+    """Every number in `text` as (value, is_percentage, unit or None)."""
+    numbers = []
+    for match in _TOKEN.finditer(_normalise(text)):
+        try:
+            value = float(match["num"])
+            if match["den"] is not None:
+                value = value / float(match["den"])
+        except (ValueError, ZeroDivisionError, OverflowError):
+            continue
+        unit = match["unit"] if match["unit"] in UNITS else None
+        numbers.append((value, match["pct"] is not None, unit))
+    return numbers
+
+
+def extract_number(response: str) -> tuple[float, bool, str | None] | None:
+    answer = final_answer(response)
+    span, hedge = answer_span(answer)
+    if hedge:
+        return None
+    if span is None:
+        numbers = parse_numbers(last_line(answer))
+        return numbers[-1] if numbers else None
+    end = _SENTENCE_END.search(span)
+    numbers = parse_numbers(span[:end.start()] if end else span)
+    if len({round(n[0], 12) for n in numbers}) != 1:
+        return None  # no number, or a hedge between several
+    return numbers[0]
+
+
+def _alternatives(value: float, is_pct: bool) -> list[float]:
+    return [value / 100.0, value] if is_pct else [value]
+
+
+@register_verifier("numeric")
+def numeric_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
+    """1.0 when the answer is within `rel_tol` (default 1e-4) or `abs_tol` (default 1e-8).
+
+    metadata: `rel_tol`, `abs_tol`; `unit` (the reference's unit, e.g. 'cm') converts an answer
+    given in another unit of the same dimension. A percentage matches its fraction or its number
+    ('50%' matches 0.5 and 50).
+    """
+    gold = parse_numbers(str(reference)) if not isinstance(reference, (int, float)) else [(float(reference), False, None)]
+    answer = extract_number(response)
+    if not gold or answer is None:
+        return 0.0
+    (gold_value, gold_pct, gold_unit), (value, pct, unit) = gold[0], answer
+    gold_unit = metadata.get("unit", gold_unit)
+    if unit and gold_unit in UNITS and UNITS[unit][0] == UNITS[gold_unit][0]:
+        value = value * UNITS[unit][1] / UNITS[gold_unit][1]
+    elif unit and gold_unit in UNITS:
+        return 0.0  # a unit of another dimension
+    rel_tol, abs_tol = float(metadata.get("rel_tol", 1e-4)), float(metadata.get("abs_tol", 1e-8))
+    return float(any(math.isclose(a, g, rel_tol=rel_tol, abs_tol=abs_tol)
+                     for a in _alternatives(value, pct) for g in _alternatives(gold_value, gold_pct)))
