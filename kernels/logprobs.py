@@ -1,0 +1,369 @@
+"""Log-probabilities and entropy of a (vocab-parallel) language-model head, without [T, V] logits.
+
+    logprobs, entropy = linear_logprobs(hidden [T, H], weight [V/tp, H], labels [T], temperature)
+
+The logits z = hidden @ weight^T / temperature exist only one tile (Triton) or one token block
+(torch) at a time; what crosses tiles, blocks and TP ranks is [T]-sized: the row max, the sum of
+exp(z - max), the target logit and (for the entropy) the sum of exp(z - max) * z.
+
+Two implementations behind one dispatch (`impl="auto"`: Triton for CUDA tensors, torch otherwise):
+- Triton: `_fwd_kernel` streams vocab tiles with an online max / log-sum-exp and writes per-split
+  partial statistics; `_bwd_kernel` recomputes each [BLOCK_T, BLOCK_V] logits tile in registers,
+  forms d logits and accumulates d hidden and d weight with atomics. Nothing [T, V] touches memory.
+- torch (the CPU default): token blocks of full vocabulary rows ([Tb, V/tp] fp32, tens of MiB),
+  in-place max / exp / sum; the backward recomputes each block's logits once.
+`kernels.policy_loss` reuses both to fuse the head with the loss (gradients formed in the forward).
+
+Vocab parallelism follows megatron's ColumnParallelLinear output layer: rank r holds rows
+[r * V/tp, (r+1) * V/tp) of the weight and full labels; the [T]-sized statistics are all-reduced
+(MAX, then one SUM of a stacked [3, T]); d weight is local; d hidden is all-reduced, or with
+sequence parallelism (hidden arrives as this rank's [T/tp, H] slice) all-gathered in the forward and
+reduce-scattered in the backward.
+"""
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+# Triton tiles. BLOCK_T x BLOCK_V is one logits tile held in registers (64 x 128 fp32 = 32 KiB per
+# program); BLOCK_H is the reduction step of the two tl.dot's. All are >= 16, as tl.dot requires.
+BLOCK_T = 64
+BLOCK_V = 128
+BLOCK_H = 64
+# Vocab tiles one forward program streams: enough work per program to amortise loading the hidden
+# tile, few enough that small T still yields a grid that fills the GPU.
+TILES_PER_SPLIT = 16
+# torch path: fp32 elements of one [Tb, V] logits block (32 MiB). Big enough that the block matmul
+# runs at the CPU's roofline (measured: 128 and 256 rows at V=32k cost the same), small next to the
+# [T, V] it replaces.
+TORCH_BLOCK_ELEMENTS = 1 << 23
+TORCH_BLOCK_ROWS = (64, 512)  # clamp for very small / very large vocabularies
+
+
+# --------------------------------------------------------------------------------- Triton
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_ptr,
+                T, V, H, vocab_start, inv_temp, tiles_per_split,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                NEED_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Partial statistics of one token block over one vocab split, written at [split, t]."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    local_label = tl.load(labels_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64) - vocab_start
+    row_max = tl.full([BLOCK_T], -1e30, tl.float32)  # finite: exp(row_max - new_max) must not be NaN
+    sumexp = tl.zeros([BLOCK_T], tl.float32)
+    ez = tl.zeros([BLOCK_T], tl.float32)
+    target = tl.zeros([BLOCK_T], tl.float32)
+    h_rows = offs_t.to(tl.int64) * H
+    for i in range(0, tiles_per_split):
+        offs_v = (pid_s * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        w_rows = offs_v.to(tl.int64) * H
+        acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+        for k in range(0, H, BLOCK_H):
+            offs_h = k + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_T, BLOCK_V]
+        new_max = tl.maximum(row_max, tl.max(z, 1))
+        rescale = tl.exp(row_max - new_max)
+        e = tl.exp(z - new_max[:, None])  # 0 in masked columns
+        sumexp = sumexp * rescale + tl.sum(e, 1)
+        if NEED_ENTROPY:
+            ez = ez * rescale + tl.sum(e * tl.where(v_mask[None, :], z, 0.0), 1)  # no 0 * -inf
+        target += tl.sum(tl.where(offs_v[None, :] == local_label[:, None], z, 0.0), 1)
+        row_max = new_max
+    out = pid_s.to(tl.int64) * T + offs_t
+    tl.store(max_ptr + out, row_max, mask=t_mask)
+    tl.store(sumexp_ptr + out, sumexp, mask=t_mask)
+    tl.store(ez_ptr + out, ez, mask=t_mask)
+    tl.store(target_ptr + out, target, mask=t_mask)
+
+
+@triton.jit
+def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, dh_ptr, dw_ptr,
+                T, V, H, vocab_start, inv_temp,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                HAS_G_ENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One [BLOCK_T, BLOCK_V] tile: recompute logits, form d logits, atomically add its share of
+    d hidden [BLOCK_T, H] and d weight [BLOCK_V, H] (fp32 buffers)."""
+    pid_t = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    t_mask = offs_t < T
+    v_mask = offs_v < V
+    h_rows = offs_t.to(tl.int64) * H
+    w_rows = offs_v.to(tl.int64) * H
+    acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+    for k in range(0, H, BLOCK_H):
+        offs_h = k + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
+    g_logp = tl.load(g_logp_ptr + offs_t, mask=t_mask, other=0.0)
+    local_label = tl.load(labels_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64) - vocab_start
+    logp_all = acc * inv_temp - lse[:, None]
+    p = tl.where(t_mask[:, None] & v_mask[None, :], tl.exp(logp_all), 0.0)
+    # d logp / dz = onehot - p;  d entropy / dz = -p * (log p + entropy)
+    dz = -p * g_logp[:, None]
+    if HAS_G_ENT:
+        ent = tl.load(entropy_ptr + offs_t, mask=t_mask, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs_t, mask=t_mask, other=0.0)
+        dz -= p * (logp_all + ent[:, None]) * g_ent[:, None]
+    dz += tl.where(offs_v[None, :] == local_label[:, None], g_logp[:, None], 0.0)
+    dz = (dz * inv_temp).to(h_ptr.dtype.element_ty)
+    for k in range(0, H, BLOCK_H):
+        offs_h = k + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        dh = tl.dot(dz, w, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_H]
+        tl.atomic_add(dh_ptr + h_rows[:, None] + offs_h[None, :], dh, mask=t_mask[:, None] & h_mask[None, :])
+        dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_H]
+        tl.atomic_add(dw_ptr + w_rows[:, None] + offs_h[None, :], dw, mask=v_mask[:, None] & h_mask[None, :])
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact fp32 products (tf32 would cost ~1e-3 relative error); bf16/fp16: native.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def logprobs_fwd_triton(hidden, weight, labels, temperature, vocab_start, need_entropy):
+    """Launch _fwd_kernel -> partial (max, sumexp, sum e*z, target), each [n_splits, T] fp32."""
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+    (T, H), V = hidden.shape, weight.shape[0]
+    vocab_tiles = triton.cdiv(V, BLOCK_V)
+    tiles_per_split = min(TILES_PER_SPLIT, vocab_tiles)
+    n_splits = triton.cdiv(vocab_tiles, tiles_per_split)
+    partials = torch.empty(4, n_splits, T, dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(T, BLOCK_T), n_splits)
+    _fwd_kernel[grid](hidden, weight, labels, partials[0], partials[1], partials[2], partials[3],
+                      T, V, H, vocab_start, 1.0 / temperature, tiles_per_split,
+                      BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, NEED_ENTROPY=need_entropy,
+                      DOT_PRECISION=_dot_precision(hidden.dtype))
+    return partials.unbind(0)
+
+
+def logprobs_bwd_triton(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp, g_ent):
+    """Launch _bwd_kernel -> (d hidden [T, H] partial over this rank's vocab, d weight [V, H])."""
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+    (T, H), V = hidden.shape, weight.shape[0]
+    dh = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
+    has_g_ent = g_ent is not None
+    g_ent = g_ent.float().contiguous() if has_g_ent else g_logp
+    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(V, BLOCK_V))
+    _bwd_kernel[grid](hidden, weight, labels, lse, entropy if entropy is not None else lse,
+                      g_logp.float().contiguous(), g_ent, dh, dw, T, V, H, vocab_start, 1.0 / temperature,
+                      BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, HAS_G_ENT=has_g_ent,
+                      DOT_PRECISION=_dot_precision(hidden.dtype))
+    return dh.to(hidden.dtype), dw.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------- TP plumbing
+def _world(group):
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _rank(group):
+    return dist.get_rank(group) if group is not None else 0
+
+
+def combine_partials(row_max, sumexp, ez, target, group):
+    """Merge partial statistics ([n, T] each, n splits of this rank's vocab) over splits and ranks.
+    -> (lse, logprobs, entropy), each [T] fp32; entropy = lse - sum_v p_v z_v."""
+    local_max = row_max.amax(0)
+    global_max = local_max.clone()
+    if _world(group) > 1:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    rescale = torch.exp(row_max - global_max)
+    sums = torch.stack([(sumexp * rescale).sum(0), (ez * rescale).sum(0), target.sum(0)])  # [3, T]
+    if _world(group) > 1:
+        dist.all_reduce(sums, group=group)
+    total, total_ez, target = sums.unbind(0)
+    lse = global_max + total.log()
+    return lse, target - lse, lse - total_ez / total
+
+
+def reduce_hidden_grad(dh, group, sequence_parallel):
+    """Sum d hidden over the vocab shards: all-reduce, or reduce-scatter along tokens under SP."""
+    if _world(group) == 1:
+        return dh
+    if not sequence_parallel:
+        dist.all_reduce(dh, group=group)
+        return dh
+    world = _world(group)
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter_tensor
+        dist.all_reduce(dh, group=group)
+        return dh.chunk(world)[_rank(group)].contiguous()
+    out = dh.new_empty(dh.shape[0] // world, *dh.shape[1:])
+    dist.reduce_scatter_tensor(out, dh.contiguous(), group=group)
+    return out
+
+
+def gather_sequence_parallel(hidden, group):
+    """[T/tp, H] slices -> [T, H] on every rank (megatron's SP gather before the output layer)."""
+    world = _world(group)
+    if world == 1:
+        return hidden
+    out = hidden.new_empty(hidden.shape[0] * world, *hidden.shape[1:])
+    dist.all_gather_into_tensor(out, hidden.contiguous(), group=group)
+    return out
+
+
+# ------------------------------------------------------------------------------ torch path
+def torch_block_rows(vocab_local):
+    low, high = TORCH_BLOCK_ROWS
+    return max(low, min(high, TORCH_BLOCK_ELEMENTS // max(vocab_local, 1)))
+
+
+def block_logits(hidden_block, weight, temperature):
+    """[Tb, H] x [V, H] -> fp32 [Tb, V] logits / temperature (one new buffer)."""
+    z = torch.mm(hidden_block, weight.t()).float()
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def block_stats(z, labels_block, vocab_start, group, need_entropy):
+    """Statistics of one logits block, all-reduced over TP. Consumes z: returns e = exp(z - max)
+    (in z's storage unless the entropy needs z), sumexp, lse, logprobs and entropy (or None), [Tb]."""
+    V = z.shape[1]
+    local = labels_block.long() - vocab_start
+    owned = (local >= 0) & (local < V)
+    target = z.gather(1, local.clamp(0, V - 1).unsqueeze(1)).squeeze(1) * owned
+    row_max = z.amax(1)
+    if _world(group) > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    z.sub_(row_max.unsqueeze(1))
+    if need_entropy:
+        e = torch.exp(z)
+        ez = torch.linalg.vecdot(e, z)  # sum e * (z - max)
+    else:
+        e, ez = z.exp_(), torch.zeros_like(row_max)
+    sums = torch.stack([e.sum(1), ez, target])
+    if _world(group) > 1:
+        dist.all_reduce(sums, group=group)
+    sumexp, ez, target = sums.unbind(0)
+    log_sumexp = sumexp.log()
+    lse = row_max + log_sumexp
+    entropy = log_sumexp - ez / sumexp if need_entropy else None
+    return e, sumexp, lse, target - lse, entropy
+
+
+def add_onehot_(dz, labels_block, vocab_start, values):
+    """dz[t, label_t] += values[t] for the labels this rank owns."""
+    local = labels_block.long() - vocab_start
+    owned = (local >= 0) & (local < dz.shape[1])
+    dz.scatter_add_(1, local.clamp(0, dz.shape[1] - 1).unsqueeze(1), (values * owned).unsqueeze(1))
+
+
+def logprobs_fwd_torch(hidden, weight, labels, temperature, vocab_start, group, need_entropy):
+    """Token-block forward -> (lse, logprobs, entropy or None), [T] fp32, TP-reduced."""
+    T = hidden.shape[0]
+    rows = torch_block_rows(weight.shape[0])
+    lse, logprobs = hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32)
+    entropy = hidden.new_empty(T, dtype=torch.float32) if need_entropy else None
+    for start in range(0, T, rows):
+        block = slice(start, min(start + rows, T))
+        z = block_logits(hidden[block], weight, temperature)
+        _, _, lse[block], logprobs[block], ent = block_stats(z, labels[block], vocab_start, group, need_entropy)
+        if need_entropy:
+            entropy[block] = ent
+    return lse, logprobs, entropy
+
+
+def logprobs_bwd_torch(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp, g_ent):
+    """Token-block backward (recomputes each block's logits once) -> (d hidden partial, d weight)."""
+    T = hidden.shape[0]
+    rows = torch_block_rows(weight.shape[0])
+    fp32 = hidden.dtype == torch.float32
+    weight32 = weight if fp32 else weight.float()
+    dh = torch.empty(T, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, T, rows):
+        block = slice(start, min(start + rows, T))
+        logp_all = block_logits(hidden[block], weight, temperature).sub_(lse[block].unsqueeze(1))
+        g = g_logp[block].unsqueeze(1)
+        if g_ent is None:
+            dz = logp_all.exp_().mul_(-g)
+        else:  # -p * (g + g_ent * (log p + entropy))
+            p = torch.exp(logp_all)
+            coef = logp_all.add_(entropy[block].unsqueeze(1)).mul_(g_ent[block].unsqueeze(1)).add_(g)
+            dz = p.mul_(coef).neg_()
+        add_onehot_(dz, labels[block], vocab_start, g_logp[block])
+        if temperature != 1.0:
+            dz.div_(temperature)
+        torch.mm(dz, weight32, out=dh[block])
+        dw.addmm_(dz.t(), hidden[block] if fp32 else hidden[block].float())
+    return dh.to(hidden.dtype), dw.to(weight.dtype)
+
+
+# ------------------------------------------------------------------------------- dispatch
+def resolve_impl(impl, tensor):
+    """"auto" -> "triton" on CUDA tensors, "torch" elsewhere."""
+    if impl == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    return impl
+
+
+def head_forward(hidden, weight, labels, temperature, group, need_entropy, impl):
+    """(lse, logprobs, entropy or None), [T] fp32, for the full-sequence hidden on this rank."""
+    vocab_start = _rank(group) * weight.shape[0]
+    if impl == "triton":
+        partials = logprobs_fwd_triton(hidden, weight, labels, temperature, vocab_start, need_entropy)
+        lse, logprobs, entropy = combine_partials(*partials, group)
+        return lse, logprobs, entropy if need_entropy else None
+    return logprobs_fwd_torch(hidden, weight, labels, temperature, vocab_start, group, need_entropy)
+
+
+def head_backward(hidden, weight, labels, temperature, group, lse, entropy, g_logp, g_ent, impl):
+    """(d hidden summed over this rank's vocab only, d weight) for upstream g_logp / g_ent [T]."""
+    vocab_start = _rank(group) * weight.shape[0]
+    bwd = logprobs_bwd_triton if impl == "triton" else logprobs_bwd_torch
+    return bwd(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp.float(),
+               None if g_ent is None else g_ent.float())
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """logprobs, entropy = f(hidden, weight); backward recomputes the logits block by block."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, tp_group, sequence_parallel, impl):
+        hidden_full = gather_sequence_parallel(hidden, tp_group) if sequence_parallel else hidden
+        lse, logprobs, entropy = head_forward(hidden_full, weight, labels, temperature, tp_group, True, impl)
+        ctx.save_for_backward(hidden_full, weight, labels, lse, entropy)
+        ctx.args = (temperature, tp_group, sequence_parallel, impl)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden_full, weight, labels, lse, entropy = ctx.saved_tensors
+        temperature, tp_group, sequence_parallel, impl = ctx.args
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        dh, dw = head_backward(hidden_full, weight, labels, temperature, tp_group, lse, entropy, g_logp, g_ent, impl)
+        dh = reduce_hidden_grad(dh, tp_group, sequence_parallel)
+        return dh, dw, None, None, None, None, None
+
+
+def linear_logprobs(hidden, weight, labels, temperature: float = 1.0, tp_group=None,
+                    sequence_parallel: bool = False, impl: str = "auto"):
+    """Log-probs and entropy of the head's softmax at `labels`; never holds [T, V] fp32 logits.
+
+    hidden [T, H] ([T/tp, H] under sequence parallelism), weight [V/tp, H] (this rank's vocab rows),
+    labels [T] global vocabulary ids -> (logprobs [T] fp32, entropy [T] fp32), identical on every
+    rank of `tp_group`. Log-probs are <= 0 by construction (target logit minus a log-sum-exp that
+    includes it); both outputs are differentiable w.r.t. hidden and weight.
+    """
+    impl = resolve_impl(impl, hidden)
+    return LinearLogProbs.apply(hidden, weight, labels, float(temperature), tp_group, sequence_parallel, impl)
