@@ -1,0 +1,119 @@
+"""Full (unsharded, TP=PP=EP=1) megatron tensors <-> this rank's shards, for any TP/PP/EP/ETP.
+
+The full state dict uses the names a TP=1, PP=1, EP=1 model has: global layer numbers and global
+expert ids. A rank's model uses local names (layer numbers restart at 0 on each pipeline stage,
+experts restart at 0 on each expert-parallel rank). `global_name` maps one to the other, and
+`shard_tensor` cuts a full tensor the way megatron splits it:
+
+- tensor-parallel params carry `tensor_model_parallel` / `partition_dim` (set by megatron's linear
+  and embedding layers): contiguous split along that dim over TP (expert-TP for experts);
+- SwiGLU `linear_fc1` holds [gate; up] stacked on dim 0: each half is split separately, so a rank
+  holds [gate_r; up_r];
+- `linear_qkv` is stored grouped per query group ([q heads of group g; k_g; v_g] for each g), so a
+  contiguous split hands each rank whole groups.
+
+This is the layer between HF conversion (checkpoint/hf.py builds the full megatron tensors from HF
+names) and a sharded model; the equivalence tests use it to load the same weights into every layout.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_LAYER = re.compile(r"(^|\.)decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Where this rank sits: what `global_name` and `shard_tensor` need to know."""
+    tp_rank: int
+    tp_size: int
+    etp_rank: int
+    etp_size: int
+    ep_rank: int
+    ep_size: int
+    layer_offset: int        # global index of this pipeline stage's first layer
+    num_local_experts: int
+    gated_linear_unit: bool = True
+
+    @classmethod
+    def current(cls, config, vp_stage=None) -> "RankLayout":
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        experts = config.num_moe_experts or 1
+        return cls(
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            layer_offset=get_transformer_layer_offset(config, vp_stage=vp_stage),
+            num_local_experts=experts // ps.get_expert_model_parallel_world_size(),
+            gated_linear_unit=config.gated_linear_unit,
+        )
+
+
+def is_expert_param(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def global_name(local_name: str, layout: RankLayout) -> str:
+    """Local parameter name on this rank -> name in the full (TP=PP=EP=1) model."""
+    def layer(m):
+        return f"{m.group(1)}decoder.layers.{int(m.group(2)) + layout.layer_offset}."
+
+    name = _LAYER.sub(layer, local_name, count=1)
+
+    def expert(m):
+        return f".mlp.experts.local_experts.{int(m.group(1)) + layout.ep_rank * layout.num_local_experts}."
+
+    return _EXPERT.sub(expert, name, count=1)
+
+
+def shard_tensor(full: torch.Tensor, local_name: str, param, layout: RankLayout) -> torch.Tensor:
+    """This rank's piece of `full`, shaped like `param`."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if is_expert_param(local_name):
+        rank, size = layout.etp_rank, layout.etp_size
+    else:
+        rank, size = layout.tp_rank, layout.tp_size
+    if size == 1:
+        return full
+    if layout.gated_linear_unit and local_name.endswith("linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim)
+    return full.chunk(size, dim=dim)[rank]
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module, layout: RankLayout,
+                     tied_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """Cut a full state dict into `model`'s local parameters (names as `model.named_parameters`)."""
+    local = {}
+    for name, param in model.named_parameters():
+        key = global_name(name, layout)
+        if key not in full and tied_embeddings and key.endswith("output_layer.weight"):
+            key = key.replace("output_layer.weight", "embedding.word_embeddings.weight")
+        if key not in full:
+            raise KeyError(f"no tensor for parameter {name!r} (global name {key!r}) in the source")
+        piece = shard_tensor(full[key], name, param, layout)
+        if piece.shape != param.shape:
+            raise ValueError(f"tensor {key!r}: expected shape {tuple(param.shape)} for this rank, "
+                             f"found {tuple(piece.shape)} (from {tuple(full[key].shape)})")
+        local[name] = piece
+    return local
+
+
+@torch.no_grad()
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], layout: RankLayout,
+                         tied_embeddings: bool = False) -> None:
+    """Copy the full model's tensors into this rank's parameters."""
+    pieces = shard_state_dict(full, model, layout, tied_embeddings)
+    for name, param in model.named_parameters():
+        param.copy_(pieces[name])

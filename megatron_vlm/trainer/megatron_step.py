@@ -1,0 +1,142 @@
+"""One optimizer step of a megatron model over micro-batches, on any layout.
+
+Wraps megatron's DDP, optimizer and pipeline schedules (1F1B when PP > 1). Losses are per-token
+sums with the token count returned beside them (`calculate_per_token_loss=True`): megatron then
+sums gradients over DP (and CP) and divides by the global token count once, so any split of a batch
+over micro-batches, DP ranks and CP ranks gives the gradient of the full-batch token mean.
+
+A micro-batch is a dict of [b, s_local] tensors: `tokens`, `position_ids`, `labels`, `loss_mask`
+(already split for CP with `parallel.batching.split_for_cp`; sequence parallelism splits inside the
+model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0     # 0 disables clipping
+    warmup_steps: int = 0
+    decay_style: str = "constant"  # megatron OptimizerParamScheduler styles: constant|linear|cosine
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.decay_style must be constant|linear|cosine, "
+                             f"got {self.decay_style!r}")
+
+
+def wrap_ddp(model: torch.nn.Module, distributed_optimizer: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model_chunks: list, optim: OptimConfig, distributed_optimizer: bool,
+                    total_steps: int):
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = model_chunks[0].config
+    if not config.calculate_per_token_loss:
+        raise ValueError("build the TransformerConfig with calculate_per_token_loss=True: losses "
+                         "here are token sums normalised once by the global token count")
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad, use_distributed_optimizer=distributed_optimizer,
+            bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+        ),
+        model_chunks,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [chunk.no_sync for chunk in model_chunks]
+    if len(model_chunks) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+        min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(total_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def token_loss(labels: torch.Tensor, loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """(sum of masked token losses, token count, metrics) as megatron's schedules expect."""
+    mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def lm_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token_loss, partial(token_loss, batch["labels"], batch["loss_mask"])
+
+
+def forward_backward(model_chunks: list, microbatches: list[dict], forward_only: bool = False,
+                     forward_step: Callable = lm_forward_step) -> dict[str, float]:
+    """Run megatron's schedule over `microbatches`; returns the token-mean loss over all DP ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    first = microbatches[0]["tokens"]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=model_chunks,
+        num_microbatches=len(microbatches), seq_length=first.shape[1],
+        micro_batch_size=first.shape[0], forward_only=forward_only,
+    )
+    totals = torch.zeros(2)
+    for item in losses:  # only the last pipeline stage has losses
+        totals += item["lm loss"].detach().float().cpu()
+    totals = totals.to(first.device)
+    # Sum over DP x CP (each holds different tokens), then share with the other pipeline stages.
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(
+        with_context_parallel=True))
+    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "tokens": int(totals[1].item())}
+
+
+def train_step(model_chunks: list, optimizer, scheduler, microbatches: Iterable[dict],
+               forward_step: Callable = lm_forward_step) -> dict[str, float]:
+    """Zero grads, forward/backward every micro-batch, optimizer step. Returns loss and grad norm."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = forward_backward(model_chunks, list(microbatches), forward_step=forward_step)
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:
+        raise FloatingPointError("optimizer step skipped: non-finite gradients")
+    scheduler.step(increment=1)
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    return metrics
