@@ -1,0 +1,170 @@
+"""The scoring service: a batch of samples in, per-sample rewards and metrics out.
+
+    scorer = RewardScorer(RewardConfig(verifiers={"gsm8k": "math", "mcq": "choice"}))
+    result = scorer.score(samples)     # result.rewards feed the group advantages
+
+Verifiers and user rewards (dotted paths) run in a `WorkerPool` with a hard timeout; tasks whose
+verifier is `"reward_model"` are scored in this process by the reward model given to the scorer
+(it owns a device). A sample whose reward raises, hangs or dies gets `failure_score`, is listed in
+`result.failures` with its id, and is counted in the metrics; the batch always completes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+from megatron_vlm.rewards.normalization import RunningStats, normalization_modes, normalize_by_task
+from megatron_vlm.rewards.pool import START_METHODS, Job, WorkerPool
+from megatron_vlm.rewards.registry import registered_verifiers, resolve_reward_fn
+
+REWARD_MODEL = "reward_model"  # the verifier name that routes a task to the reward model
+_DOTTED_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    verifiers: dict[str, str]                                # task -> verifier name | "pkg.mod:fn" | "reward_model"
+    weights: dict[str, float] = field(default_factory=dict)  # task -> weight after normalisation (default 1)
+    timeout_s: float = 10.0      # per sample, enforced by killing the worker
+    failure_score: float = 0.0   # reward of a sample whose reward raised, hung or crashed
+    num_workers: int = 2
+    normalization: str = "none"  # none | mean_std | rank, per task (see normalization.py)
+    start_method: str = "forkserver"  # or spawn; never fork (torch thread pools deadlock)
+
+    def __post_init__(self):
+        if not self.verifiers:
+            raise ValueError(f"reward.verifiers must name at least one task, got {self.verifiers!r}")
+        known = set(registered_verifiers()) | {REWARD_MODEL}
+        for task, name in self.verifiers.items():
+            if name not in known and not _DOTTED_PATH.match(name):
+                raise ValueError(f"reward.verifiers[{task!r}] must be one of {sorted(known)} or "
+                                 f"'pkg.module:function', got {name!r}")
+        for task, weight in self.weights.items():
+            if task not in self.verifiers:
+                raise ValueError(f"reward.weights has task {task!r} without a verifier; tasks: {sorted(self.verifiers)}")
+            if not weight >= 0:
+                raise ValueError(f"reward.weights[{task!r}] must be >= 0, got {weight}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        if not self.num_workers >= 1:
+            raise ValueError(f"reward.num_workers must be >= 1, got {self.num_workers}")
+        if self.normalization not in normalization_modes():
+            raise ValueError(f"reward.normalization must be one of {normalization_modes()}, got {self.normalization!r}")
+        if self.start_method not in START_METHODS:
+            raise ValueError(f"reward.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+
+
+@dataclass(kw_only=True)
+class RewardSample:
+    sample_id: Any
+    task: str
+    prompt: str
+    response: str
+    reference: Any = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardFailure:
+    sample_id: Any
+    task: str
+    kind: str     # "timeout" | "error"
+    message: str
+    elapsed_s: float = 0.0  # from the job's start in a worker to its failure (or the kill)
+
+
+@dataclass
+class RewardResult:
+    raw: list[float]       # each sample's reward before normalisation (failure_score on failure)
+    rewards: list[float]   # normalised per task and weighted: the input to group advantages
+    metrics: dict[str, float]
+    failures: list[RewardFailure]
+
+
+class RewardModel(Protocol):
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              references: Sequence[Any] | None = None) -> list[float]: ...
+
+
+class RewardScorer:
+    def __init__(self, cfg: RewardConfig, reward_model: RewardModel | None = None):
+        specs = sorted({name for name in cfg.verifiers.values() if name != REWARD_MODEL})
+        for spec in specs:  # fail at start-up, not mid-run, on a bad name or import path
+            resolve_reward_fn(spec)
+        if REWARD_MODEL in cfg.verifiers.values() and reward_model is None:
+            raise ValueError("reward.verifiers routes a task to 'reward_model' but no reward model was given")
+        self.cfg, self.reward_model = cfg, reward_model
+        self.stats: dict[str, RunningStats] = {}
+        self.pool = WorkerPool(cfg.num_workers, start_method=cfg.start_method, warm_specs=specs)
+
+    def score(self, samples: Sequence[RewardSample]) -> RewardResult:
+        unknown = sorted({s.task for s in samples} - set(self.cfg.verifiers))
+        if unknown:
+            raise KeyError(f"samples have tasks {unknown} without a verifier; configured: {sorted(self.cfg.verifiers)}")
+        raw: list[float] = [self.cfg.failure_score] * len(samples)
+        failures = self._score_with_pool(samples, raw) + self._score_with_reward_model(samples, raw)
+        rewards, self.stats = normalize_by_task(raw, [s.task for s in samples], self.cfg.normalization,
+                                                self.cfg.weights, self.stats)
+        return RewardResult(raw, rewards, task_metrics(samples, raw, rewards, failures), failures)
+
+    def _score_with_pool(self, samples: Sequence[RewardSample], raw: list[float]) -> list[RewardFailure]:
+        indices = [i for i, s in enumerate(samples) if self.cfg.verifiers[s.task] != REWARD_MODEL]
+        jobs = [Job(self.cfg.verifiers[samples[i].task],
+                    (samples[i].response, samples[i].reference, dict(samples[i].metadata))) for i in indices]
+        failures = []
+        for i, result in zip(indices, self.pool.run(jobs, self.cfg.timeout_s)):
+            if result.value is not None:
+                raw[i] = result.value
+            else:
+                failures.append(RewardFailure(samples[i].sample_id, samples[i].task,
+                                              "timeout" if result.timed_out else "error", result.error or "",
+                                              result.elapsed_s))
+        return failures
+
+    def _score_with_reward_model(self, samples: Sequence[RewardSample], raw: list[float]) -> list[RewardFailure]:
+        indices = [i for i, s in enumerate(samples) if self.cfg.verifiers[s.task] == REWARD_MODEL]
+        if not indices:
+            return []
+        try:
+            scores = self.reward_model.score([samples[i].prompt for i in indices],
+                                             [samples[i].response for i in indices],
+                                             [samples[i].reference for i in indices])
+        except Exception as e:  # the run goes on; every sample of the call is reported
+            message = f"reward model failed: {type(e).__name__}: {e}"
+            return [RewardFailure(samples[i].sample_id, samples[i].task, "error", message) for i in indices]
+        for i, value in zip(indices, scores):
+            raw[i] = float(value)
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {task: vars(stats).copy() for task, stats in self.stats.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.stats = {task: RunningStats(**values) for task, values in state.items()}
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "RewardScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards: Sequence[float],
+                 failures: Sequence[RewardFailure]) -> dict[str, float]:
+    """Per task: raw mean, normalised mean, share of non-zero rewards (sparsity), failures."""
+    metrics: dict[str, float] = {"reward/failures": float(len(failures)),
+                                 "reward/timeouts": float(sum(f.kind == "timeout" for f in failures))}
+    for task in dict.fromkeys(s.task for s in samples):
+        indices = [i for i, s in enumerate(samples) if s.task == task]
+        n = len(indices)
+        metrics[f"reward/{task}/count"] = float(n)
+        metrics[f"reward/{task}/raw_mean"] = sum(raw[i] for i in indices) / n
+        metrics[f"reward/{task}/mean"] = sum(rewards[i] for i in indices) / n
+        metrics[f"reward/{task}/nonzero_frac"] = sum(raw[i] != 0 for i in indices) / n
+        metrics[f"reward/{task}/failures"] = float(sum(f.task == task for f in failures))
+        metrics[f"reward/{task}/timeouts"] = float(sum(f.task == task and f.kind == "timeout" for f in failures))
+    return metrics

@@ -1,0 +1,161 @@
+"""The scoring service on a real worker pool: hanging, raising and crashing rewards, timeouts
+measured against their setting, metrics with sample ids, and the run going on afterwards.
+
+One scorer (two forkserver workers) is shared by the module: worker start-up is the slow part.
+"""
+import time
+
+import pytest
+
+from megatron_vlm.rewards import RewardConfig, RewardSample, RewardScorer
+from megatron_vlm.rewards.pool import Job, WorkerPool
+
+from . import user_rewards
+
+USER = user_rewards.__name__
+TIMEOUT_S = 1.0
+FAILURE_SCORE = -1.0
+HANGING_MATH = "\\boxed{10^{10^{10^{10}}}}"  # math-verify's verify never returns on this
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    cfg = RewardConfig(
+        verifiers={"math": "math", "mcq": "choice", "exact": f"{USER}:exact_match",
+                   "hang": f"{USER}:hangs", "raise": f"{USER}:raises",
+                   "base_exception": f"{USER}:raises_base_exception", "crash": f"{USER}:exits",
+                   "nan": f"{USER}:returns_nan", "sleep": f"{USER}:sleeps"},
+        timeout_s=TIMEOUT_S, failure_score=FAILURE_SCORE, num_workers=2)
+    with RewardScorer(cfg) as s:
+        # wait for both workers and their first math-verify call once, here
+        warm = s.score([sample(f"warm-{i}", "math", "\\boxed{1}", "1") for i in range(4)])
+        assert warm.failures == [], warm.failures
+        yield s
+
+
+def sample(sample_id, task, response, reference=None, **metadata):
+    return RewardSample(sample_id=sample_id, task=task, prompt="p", response=response,
+                        reference=reference, metadata=metadata)
+
+
+def test_hanging_raising_and_crashing_rewards_do_not_stop_the_batch(scorer):
+    batch = [
+        sample("ok-math", "math", "\\boxed{4}", "4"),
+        sample("hang-user", "hang", "x"),
+        sample("ok-mcq", "mcq", "The answer is (B).", "B"),
+        sample("raise", "raise", "x"),
+        sample("base-exception", "base_exception", "x"),
+        sample("hang-math", "math", HANGING_MATH, "2"),
+        sample("crash", "crash", "x"),
+        sample("nan", "nan", "x"),
+        sample("ok-exact", "exact", "yes", "yes"),
+        sample("wrong-math", "math", "\\boxed{5}", "4"),
+    ]
+    start = time.monotonic()
+    result = scorer.score(batch)
+    wall_s = time.monotonic() - start
+
+    by_id = dict(zip([s.sample_id for s in batch], result.raw))
+    assert [by_id[i] for i in ("ok-math", "ok-mcq", "ok-exact", "wrong-math")] == [1.0, 1.0, 1.0, 0.0], result.failures
+    failed = {f.sample_id: f for f in result.failures}
+    assert set(failed) == {"hang-user", "raise", "base-exception", "hang-math", "crash", "nan"}
+    assert all(by_id[i] == FAILURE_SCORE for i in failed)
+    assert {i for i, f in failed.items() if f.kind == "timeout"} == {"hang-user", "hang-math"}
+    assert "RuntimeError: user reward failed" in failed["raise"].message
+    assert "_NotAnException" in failed["base-exception"].message  # a BaseException is caught too
+    assert "worker died (exit code 3)" in failed["crash"].message
+    assert "non-finite" in failed["nan"].message
+    # the timeout holds within 2x its setting, per sample and for the whole batch (two workers,
+    # two hangs: they run side by side)
+    for i in ("hang-user", "hang-math"):
+        assert TIMEOUT_S <= failed[i].elapsed_s < 2 * TIMEOUT_S, failed[i]
+    assert wall_s < 2 * TIMEOUT_S, wall_s
+    print(f"\nbatch of 10 with 2 hangs: {wall_s:.3f} s; hang elapsed "
+          f"{failed['hang-user'].elapsed_s:.3f} s / {failed['hang-math'].elapsed_s:.3f} s (timeout {TIMEOUT_S} s)")
+
+    assert result.metrics["reward/failures"] == 6.0
+    assert result.metrics["reward/timeouts"] == 2.0
+    assert result.metrics["reward/math/failures"] == 1.0
+    assert result.metrics["reward/math/timeouts"] == 1.0
+    assert result.metrics["reward/math/raw_mean"] == pytest.approx((1.0 + FAILURE_SCORE + 0.0) / 3)
+
+
+def test_the_run_continues_after_workers_were_killed(scorer):
+    restarts = scorer.pool.restarts
+    result = scorer.score([sample(i, "exact", "a", "a") for i in range(6)])
+    assert result.raw == [1.0] * 6 and result.failures == []
+    assert scorer.pool.restarts == restarts  # nothing killed this time
+
+
+@pytest.mark.parametrize("seconds, timed_out", [(0.3, False), (30.0, True)])
+def test_timeout_is_measured_from_the_start_of_the_job(scorer, seconds, timed_out):
+    # four slow samples on two workers: the ones that wait for a worker are not charged for it
+    batch = [sample(f"sleep-{i}", "sleep", "x", seconds=seconds) for i in range(4)]
+    start = time.monotonic()
+    result = scorer.score(batch)
+    wall_s = time.monotonic() - start
+    if timed_out:
+        assert [f.kind for f in result.failures] == ["timeout"] * 4
+        assert all(TIMEOUT_S <= f.elapsed_s < 2 * TIMEOUT_S for f in result.failures)
+        assert wall_s < 2 * 2 * TIMEOUT_S  # two rounds of two
+    else:
+        assert result.failures == [] and result.raw == [1.0] * 4
+
+
+def test_unknown_task_is_an_error_naming_the_configured_ones(scorer):
+    with pytest.raises(KeyError, match="without a verifier"):
+        scorer.score([sample("x", "essay", "x")])
+
+
+def test_spawn_pool_kills_and_replaces_a_hung_worker():
+    with WorkerPool(1, start_method="spawn", warm_specs=[f"{USER}:exact_match"]) as pool:
+        jobs = [Job(f"{USER}:hangs", ("x", None, {})), Job(f"{USER}:exact_match", ("a", "a", {}))]
+        results = pool.run(jobs, timeout_s=0.5)
+        assert results[0].timed_out and 0.5 <= results[0].elapsed_s < 1.0
+        assert results[1].value == 1.0
+        assert pool.restarts == 1
+
+
+class FakeRewardModel:
+    def __init__(self, fail=False):
+        self.fail, self.calls = fail, []
+
+    def score(self, prompts, responses, references=None):
+        self.calls.append(list(responses))
+        if self.fail:
+            raise RuntimeError("CUDA out of memory")
+        return [float(len(r)) for r in responses]
+
+
+def test_reward_model_tasks_are_scored_in_process_and_its_failures_reported():
+    cfg = RewardConfig(verifiers={"chat": "reward_model", "mcq": "choice"}, num_workers=1,
+                       weights={"chat": 0.5})
+    with RewardScorer(cfg, reward_model=FakeRewardModel()) as s:
+        result = s.score([sample(0, "chat", "abc"), sample(1, "mcq", "B", "B"), sample(2, "chat", "abcdef")])
+        assert result.raw == [3.0, 1.0, 6.0]
+        assert result.rewards == [1.5, 1.0, 3.0]
+        s.reward_model = FakeRewardModel(fail=True)
+        result = s.score([sample(0, "chat", "abc"), sample(1, "mcq", "B", "B")])
+        assert [f.sample_id for f in result.failures] == [0] and result.raw == [0.0, 1.0]
+    with pytest.raises(ValueError, match="no reward model was given"):
+        RewardScorer(cfg)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(verifiers={}), "reward.verifiers must name at least one task"),
+    (dict(verifiers={"t": "maths"}), "reward.verifiers\\['t'\\] must be one of"),
+    (dict(verifiers={"t": "math"}, weights={"u": 1.0}), "reward.weights has task 'u'"),
+    (dict(verifiers={"t": "math"}, weights={"t": -1.0}), "reward.weights\\['t'\\] must be >= 0, got -1.0"),
+    (dict(verifiers={"t": "math"}, timeout_s=0), "reward.timeout_s must be > 0, got 0"),
+    (dict(verifiers={"t": "math"}, num_workers=0), "reward.num_workers must be >= 1, got 0"),
+    (dict(verifiers={"t": "math"}, normalization="zscore"), "reward.normalization must be one of"),
+    (dict(verifiers={"t": "math"}, start_method="fork"), "reward.start_method must be one of"),
+])
+def test_config_errors_name_the_field_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RewardConfig(**kwargs)
+
+
+def test_bad_user_reward_fails_at_startup_not_mid_run():
+    with pytest.raises(TypeError, match="must accept"):
+        RewardScorer(RewardConfig(verifiers={"t": f"{USER}:wrong_signature"}))
