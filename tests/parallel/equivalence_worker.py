@@ -150,12 +150,6 @@ def run_layout(runtime, name, ref, batch):
             grads = {n: p.main_grad for n, p in model.named_parameters()}
             ref_grads = shard_state_dict(ref["grads"], model, layout)
             result["grad_max_abs"], result["grad_rel_err"] = rel_err(grads, ref_grads)
-            import os
-            if os.environ.get("EQ_DEBUG"):
-                for n in grads:
-                    e = float((grads[n] - ref_grads[n]).abs().max())
-                    if e > 1e-6:
-                        print("GRADDIFF", runtime.rank, n, e, float(ref_grads[n].abs().max()), float((grads[n]*ref_grads[n]).sum()/ref_grads[n].pow(2).sum()), flush=True)
         optimizer.step()
         params = {n: p.detach() for n, p in model.named_parameters()}
         key = "distopt" if dist_opt else "ddp"
