@@ -16,12 +16,13 @@ USER = user_rewards.__name__
 TIMEOUT_S = 1.0
 FAILURE_SCORE = -1.0
 HANGING_MATH = "\\boxed{10^{10^{10^{10}}}}"  # math-verify's verify never returns on this
+HANGING_FORMULA = "(x+1)^(2^20)"             # sympy's simplify runs for minutes on this
 
 
 @pytest.fixture(scope="module")
 def scorer():
     cfg = RewardConfig(
-        verifiers={"math": "math", "mcq": "choice", "exact": f"{USER}:exact_match",
+        verifiers={"math": "math", "mcq": "choice", "formula": "formula", "exact": f"{USER}:exact_match",
                    "hang": f"{USER}:hangs", "raise": f"{USER}:raises",
                    "base_exception": f"{USER}:raises_base_exception", "crash": f"{USER}:exits",
                    "nan": f"{USER}:returns_nan", "sleep": f"{USER}:sleeps"},
@@ -78,6 +79,16 @@ def test_hanging_raising_and_crashing_rewards_do_not_stop_the_batch(scorer):
     assert result.metrics["reward/math/failures"] == 1.0
     assert result.metrics["reward/math/timeouts"] == 1.0
     assert result.metrics["reward/math/raw_mean"] == pytest.approx((1.0 + FAILURE_SCORE + 0.0) / 3)
+
+
+def test_hanging_formula_is_killed_and_the_next_formula_scored(scorer):
+    start = time.monotonic()
+    result = scorer.score([sample("slow", "formula", HANGING_FORMULA, "x"),
+                           sample("fast", "formula", "\\boxed{x^2+2x+1}", "(x+1)^2")])
+    wall_s = time.monotonic() - start
+    assert result.raw == [FAILURE_SCORE, 1.0]
+    assert [(f.sample_id, f.kind) for f in result.failures] == [("slow", "timeout")]
+    assert TIMEOUT_S <= result.failures[0].elapsed_s < 2 * TIMEOUT_S and wall_s < 2 * TIMEOUT_S
 
 
 def test_the_run_continues_after_workers_were_killed(scorer):
