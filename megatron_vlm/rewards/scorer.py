@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
+from megatron_vlm.rewards.hacking import HackingMonitor, HackingMonitorConfig, HackingReport
 from megatron_vlm.rewards.normalization import RunningStats, normalization_modes, normalize_by_task
 from megatron_vlm.rewards.pool import START_METHODS, Job, WorkerPool
 from megatron_vlm.rewards.registry import registered_verifiers, resolve_reward_fn
@@ -31,6 +32,8 @@ class RewardConfig:
     num_workers: int = 2
     normalization: str = "none"  # none | mean_std | rank, per task (see normalization.py)
     start_method: str = "forkserver"  # or spawn; never fork (torch thread pools deadlock)
+    monitor_tasks: list[str] = field(default_factory=list)  # verifier tasks also scored by the RM, to catch RM hacking
+    hacking: HackingMonitorConfig = field(default_factory=HackingMonitorConfig)
 
     def __post_init__(self):
         if not self.verifiers:
@@ -51,6 +54,9 @@ class RewardConfig:
             raise ValueError(f"reward.num_workers must be >= 1, got {self.num_workers}")
         if self.normalization not in normalization_modes():
             raise ValueError(f"reward.normalization must be one of {normalization_modes()}, got {self.normalization!r}")
+        for task in self.monitor_tasks:
+            if self.verifiers.get(task, REWARD_MODEL) == REWARD_MODEL:
+                raise ValueError(f"reward.monitor_tasks has {task!r}, which needs a verifier other than the reward model")
         if self.start_method not in START_METHODS:
             raise ValueError(f"reward.start_method must be one of {START_METHODS}, got {self.start_method!r}")
 
@@ -80,6 +86,7 @@ class RewardResult:
     rewards: list[float]   # normalised per task and weighted: the input to group advantages
     metrics: dict[str, float]
     failures: list[RewardFailure]
+    hacking: HackingReport | None = None  # when monitor_tasks are configured
 
 
 class RewardModel(Protocol):
@@ -92,10 +99,11 @@ class RewardScorer:
         specs = sorted({name for name in cfg.verifiers.values() if name != REWARD_MODEL})
         for spec in specs:  # fail at start-up, not mid-run, on a bad name or import path
             resolve_reward_fn(spec)
-        if REWARD_MODEL in cfg.verifiers.values() and reward_model is None:
-            raise ValueError("reward.verifiers routes a task to 'reward_model' but no reward model was given")
+        if (REWARD_MODEL in cfg.verifiers.values() or cfg.monitor_tasks) and reward_model is None:
+            raise ValueError("reward.verifiers or reward.monitor_tasks need a reward model, but none was given")
         self.cfg, self.reward_model = cfg, reward_model
         self.stats: dict[str, RunningStats] = {}
+        self.monitor = HackingMonitor(cfg.hacking) if cfg.monitor_tasks else None
         self.pool = WorkerPool(cfg.num_workers, start_method=cfg.start_method, warm_specs=specs)
 
     def score(self, samples: Sequence[RewardSample]) -> RewardResult:
@@ -106,7 +114,27 @@ class RewardScorer:
         failures = self._score_with_pool(samples, raw) + self._score_with_reward_model(samples, raw)
         rewards, self.stats = normalize_by_task(raw, [s.task for s in samples], self.cfg.normalization,
                                                 self.cfg.weights, self.stats)
-        return RewardResult(raw, rewards, task_metrics(samples, raw, rewards, failures), failures)
+        metrics = task_metrics(samples, raw, rewards, failures)
+        hacking = self._monitor(samples, raw, failures)
+        if hacking is not None:
+            metrics.update(hacking.metrics)
+        return RewardResult(raw, rewards, metrics, failures, hacking)
+
+    def _monitor(self, samples: Sequence[RewardSample], raw: Sequence[float],
+                 failures: Sequence[RewardFailure]) -> HackingReport | None:
+        """Score verified samples of `monitor_tasks` with the RM too and compare (not rewarded)."""
+        failed = {(f.sample_id, f.task) for f in failures}
+        indices = [i for i, s in enumerate(samples)
+                   if s.task in self.cfg.monitor_tasks and (s.sample_id, s.task) not in failed]
+        if self.monitor is None or not indices:
+            return None
+        try:
+            rm_scores = self.reward_model.score([samples[i].prompt for i in indices],
+                                                [samples[i].response for i in indices],
+                                                [samples[i].reference for i in indices])
+        except Exception:  # monitoring must not stop the run; the RM task path reports RM errors
+            return None
+        return self.monitor.update([samples[i].sample_id for i in indices], rm_scores, [raw[i] for i in indices])
 
     def _score_with_pool(self, samples: Sequence[RewardSample], raw: list[float]) -> list[RewardFailure]:
         indices = [i for i, s in enumerate(samples) if self.cfg.verifiers[s.task] != REWARD_MODEL]

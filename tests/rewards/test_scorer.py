@@ -8,6 +8,7 @@ import time
 import pytest
 
 from megatron_vlm.rewards import RewardConfig, RewardSample, RewardScorer
+from megatron_vlm.rewards.hacking import HackingMonitorConfig
 from megatron_vlm.rewards.pool import Job, WorkerPool
 
 from . import user_rewards
@@ -148,8 +149,21 @@ def test_reward_model_tasks_are_scored_in_process_and_its_failures_reported():
         s.reward_model = FakeRewardModel(fail=True)
         result = s.score([sample(0, "chat", "abc"), sample(1, "mcq", "B", "B")])
         assert [f.sample_id for f in result.failures] == [0] and result.raw == [0.0, 1.0]
-    with pytest.raises(ValueError, match="no reward model was given"):
+    with pytest.raises(ValueError, match="need a reward model, but none was given"):
         RewardScorer(cfg)
+
+
+def test_monitor_tasks_compare_the_reward_model_with_the_verifier():
+    cfg = RewardConfig(verifiers={"mcq": "choice"}, num_workers=1, monitor_tasks=["mcq"],
+                       hacking=HackingMonitorConfig(window=16, min_samples=4))
+    # the fake RM scores by length: long wrong answers outscore the short right ones
+    batch = [sample(f"right-{i}", "mcq", "B", "B") for i in range(3)] + \
+            [sample(f"long-wrong-{i}", "mcq", "The answer is C, for many reasons.", "B") for i in range(3)]
+    with RewardScorer(cfg, reward_model=FakeRewardModel()) as s:
+        result = s.score(batch)
+    assert result.raw == [1.0] * 3 + [0.0] * 3  # the RM does not change the reward
+    assert result.hacking.flagged and result.metrics["hacking/flagged"] == 1.0
+    assert result.hacking.suspicious_ids == [f"long-wrong-{i}" for i in range(3)]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -161,6 +175,7 @@ def test_reward_model_tasks_are_scored_in_process_and_its_failures_reported():
     (dict(verifiers={"t": "math"}, num_workers=0), "reward.num_workers must be >= 1, got 0"),
     (dict(verifiers={"t": "math"}, normalization="zscore"), "reward.normalization must be one of"),
     (dict(verifiers={"t": "math"}, start_method="fork"), "reward.start_method must be one of"),
+    (dict(verifiers={"t": "reward_model"}, monitor_tasks=["t"]), "reward.monitor_tasks has 't'"),
 ])
 def test_config_errors_name_the_field_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
