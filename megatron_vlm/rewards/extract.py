@@ -22,8 +22,9 @@ _ANCHOR = re.compile(
     r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=)?\s*[:：]?\s*(.+)", re.IGNORECASE)
 
 
-def final_answer(response: str) -> str:
-    """The part of `response` after the think block ('' when the think block is never closed)."""
+def final_answer(response: str, max_chars: int | None = MAX_ANSWER_CHARS) -> str:
+    """The part of `response` after the think block ('' when the think block is never closed),
+    cut to its last `max_chars` characters (None: uncut, for checks that need the full length)."""
     close = response.rfind(THINK_CLOSE)
     if close >= 0:
         text = response[close + len(THINK_CLOSE):]
@@ -31,7 +32,7 @@ def final_answer(response: str) -> str:
         return ""
     else:
         text = response
-    return text[-MAX_ANSWER_CHARS:].strip()
+    return (text if max_chars is None else text[-max_chars:]).strip()
 
 
 def boxed_contents(text: str) -> list[str]:

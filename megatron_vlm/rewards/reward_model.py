@@ -79,7 +79,8 @@ class SequenceRewardModel:
         return cls(model, tokenizer, cfg)
 
     def _answer(self, response: str) -> str:
-        return final_answer(response) if self.cfg.strip_think else response
+        # uncut here: the tokenizer keeps the last max_length tokens
+        return final_answer(response, max_chars=None) if self.cfg.strip_think else response
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str],
               references: Sequence[Any] | None = None) -> list[str]:

@@ -19,6 +19,10 @@ CASES = [
     ("The answer is (C).", "B", 0.0, "wrong letter"),
     ("A, C", "AC", 1.0, "multi-select, exact set"),
     ("The answer is A and C", ["A", "C"], 1.0, "multi-select in words"),
+    ("\\boxed{AC}", "AC", 1.0, "multi-select packed letters"),
+    ("ABCD", "AC", 0.0, "packed: every letter"),
+    ("\\boxed{AAC}", "AC", 0.0, "packed with a repeat is not an answer"),
+    ("The answer is: None of the above", "B", 0.0, "no option"),
     # games
     ("A B C D", "B", 0.0, "listing every letter"),
     ("The answer is A or B", "B", 0.0, "hedging between two letters"),

@@ -26,6 +26,7 @@ CASES = [
     ("Short.", [{"type": "max_words", "value": 5}, {"type": "include_keywords", "keywords": ["cat"]}], 0.5,
      "partial credit"),
     ("<think>unfinished", [{"type": "max_words", "value": 5}], 0.0, "no final answer meets nothing"),
+    ("x" * 20_000, [{"type": "max_chars", "value": 10_000}], 0.0, "an enormous answer is measured whole"),
     ("cat " * 100_000, [{"type": "include_keywords", "keywords": ["cat"]}, {"type": "max_words", "value": 300}],
      0.5, "keyword stuffing fails the length limit"),
 ]

@@ -25,7 +25,11 @@ def _letter_group(letters: str) -> re.Pattern:
 
 def _letters_in(text: str, letters: str) -> set[str] | None:
     """The letters a span opens with: 'B', '(B) Paris', 'A or B', 'A, C'. None if it opens with none."""
-    match = _letter_group(letters).match(strip_latex_text(text))
+    text = strip_latex_text(text)
+    packed = re.fullmatch(rf"\W*([{letters}]{{2,{len(letters)}}})\W*", text)
+    if packed and len(set(packed.group(1))) == len(packed.group(1)):  # 'AC' in multi-select
+        return set(packed.group(1))
+    match = _letter_group(letters).match(text)
     if not match:
         return None
     # Lower-case words such as 'a' in 'a or b' count only when the span is nothing but letters.

@@ -141,7 +141,7 @@ def instructions_verifier(response: str, reference: Any, metadata: Mapping[str, 
     An empty final answer (e.g. an unclosed think block) meets nothing.
     """
     constraints = metadata["constraints"]
-    answer = final_answer(response)
+    answer = final_answer(response, max_chars=None)  # length limits need the whole answer
     if not answer:
         return 0.0
     met = []
