@@ -84,3 +84,38 @@ def check_reward_signature(fn: Any, spec: str) -> None:
 def _load_builtins() -> None:
     # The built-in verifiers register on import; imported lazily so that `registry` has no cycle.
     from megatron_vlm.rewards import verifiers  # noqa: F401
+
+
+CONTRACT_EXAMPLES = (
+    ("The answer is \\boxed{4}.", "4", {}),
+    ("<think>maybe 3</think>4", "4", {"note": "a think block"}),
+    ("", None, {}),
+)
+
+
+def check_reward_contract(spec: str, examples=CONTRACT_EXAMPLES) -> list[float]:
+    """The contract test for a user reward, runnable in the user's own test suite:
+
+        from megatron_vlm.rewards.registry import check_reward_contract
+        def test_my_reward(): check_reward_contract("my_pkg.verifiers:boxed_answer", my_examples)
+
+    Checks that `spec` resolves by name (so that a worker process can import it), accepts
+    (response, reference, metadata), returns a finite real number (bool and int count) for each
+    example, and returns the same number when called twice. Returns the scores.
+    """
+    import math
+    import numbers
+
+    fn = resolve_reward_fn(spec)
+    scores = []
+    for response, reference, metadata in examples:
+        value = fn(response, reference, dict(metadata))
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"reward {spec!r} returned {type(value).__name__} {value!r} for "
+                            f"{response[:60]!r}; it must return a real number")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"reward {spec!r} returned {value} for {response[:60]!r}; it must be finite")
+        if fn(response, reference, dict(metadata)) != value:
+            raise ValueError(f"reward {spec!r} is not deterministic on {response[:60]!r}")
+        scores.append(float(value))
+    return scores

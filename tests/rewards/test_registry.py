@@ -2,7 +2,8 @@
 import pytest
 
 from megatron_vlm.rewards import registry
-from megatron_vlm.rewards.registry import register_verifier, registered_verifiers, resolve_reward_fn
+from megatron_vlm.rewards.registry import (check_reward_contract, register_verifier, registered_verifiers,
+                                           resolve_reward_fn)
 
 from . import user_rewards
 
@@ -53,3 +54,19 @@ def test_dotted_path_resolves_user_function():
 def test_dotted_path_errors_say_what_is_wrong(spec, error, message):
     with pytest.raises(error, match=message):
         resolve_reward_fn(spec)
+
+
+def test_contract_passes_for_builtins_and_a_user_reward():
+    assert check_reward_contract("math") == [1.0, 1.0, 0.0]
+    assert check_reward_contract(f"{USER}:exact_match", [("4", 4, {}), ("5", 4, {})]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("fn, error, message", [
+    ("returns_text", TypeError, "returned str '1.0'"),
+    ("returns_nan", ValueError, "must be finite"),
+    ("not_deterministic", ValueError, "not deterministic"),
+    ("raises", RuntimeError, "user reward failed"),
+])
+def test_contract_catches_broken_user_rewards(fn, error, message):
+    with pytest.raises(error, match=message):
+        check_reward_contract(f"{USER}:{fn}")

@@ -46,3 +46,15 @@ def returns_nan(response: str, reference, metadata) -> float:
 
 def wrong_signature(response: str) -> float:
     return 0.0
+
+
+def returns_text(response: str, reference, metadata) -> float:
+    return "1.0"
+
+
+_calls = [0]
+
+
+def not_deterministic(response: str, reference, metadata) -> float:
+    _calls[0] += 1
+    return float(_calls[0])
