@@ -20,6 +20,8 @@ Vocab parallelism follows megatron's ColumnParallelLinear output layer: rank r h
 sequence parallelism (hidden arrives as this rank's [T/tp, H] slice) all-gathered in the forward and
 reduce-scattered in the backward.
 """
+import os
+
 import torch
 import torch.distributed as dist
 import triton
@@ -38,14 +40,25 @@ TILES_PER_SPLIT = 16
 # [T, V] it replaces.
 TORCH_BLOCK_ELEMENTS = 1 << 23
 TORCH_BLOCK_ROWS = (64, 512)  # clamp for very small / very large vocabularies
+# Triton 3.9's interpreter (TRITON_INTERPRET=1, CPU tests) returns garbage from tl.dot on bf16
+# tiles (e.g. 2e10 for a 16x16 product). bf16 x bf16 products are exact in fp32, so upcasting the
+# tiles before the dot gives what the GPU's bf16 dot with fp32 accumulation computes.
+UPCAST_DOT_OPERANDS = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------- Triton
 @triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_ptr,
                 T, V, H, vocab_start, inv_temp, tiles_per_split,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                NEED_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                NEED_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Partial statistics of one token block over one vocab split, written at [split, t]."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -67,7 +80,7 @@ def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_pt
             h_mask = offs_h < H
             h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
             w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc = _dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
         z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_T, BLOCK_V]
         new_max = tl.maximum(row_max, tl.max(z, 1))
         rescale = tl.exp(row_max - new_max)
@@ -88,7 +101,7 @@ def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_pt
 def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, dh_ptr, dw_ptr,
                 T, V, H, vocab_start, inv_temp,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                HAS_G_ENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                HAS_G_ENT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One [BLOCK_T, BLOCK_V] tile: recompute logits, form d logits, atomically add its share of
     d hidden [BLOCK_T, H] and d weight [BLOCK_V, H] (fp32 buffers)."""
     pid_t = tl.program_id(0)
@@ -105,7 +118,7 @@ def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_en
         h_mask = offs_h < H
         h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
         w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        acc = _dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     g_logp = tl.load(g_logp_ptr + offs_t, mask=t_mask, other=0.0)
     local_label = tl.load(labels_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64) - vocab_start
@@ -124,9 +137,9 @@ def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_en
         h_mask = offs_h < H
         h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
         w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        dh = tl.dot(dz, w, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_H]
+        dh = _dot(dz, w, None, DOT_PRECISION, UPCAST)  # [BLOCK_T, BLOCK_H]
         tl.atomic_add(dh_ptr + h_rows[:, None] + offs_h[None, :], dh, mask=t_mask[:, None] & h_mask[None, :])
-        dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_H]
+        dw = _dot(tl.trans(dz), h, None, DOT_PRECISION, UPCAST)  # [BLOCK_V, BLOCK_H]
         tl.atomic_add(dw_ptr + w_rows[:, None] + offs_h[None, :], dw, mask=v_mask[:, None] & h_mask[None, :])
 
 
@@ -147,7 +160,7 @@ def logprobs_fwd_triton(hidden, weight, labels, temperature, vocab_start, need_e
     _fwd_kernel[grid](hidden, weight, labels, partials[0], partials[1], partials[2], partials[3],
                       T, V, H, vocab_start, 1.0 / temperature, tiles_per_split,
                       BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, NEED_ENTROPY=need_entropy,
-                      DOT_PRECISION=_dot_precision(hidden.dtype))
+                      DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=UPCAST_DOT_OPERANDS)
     return partials.unbind(0)
 
 
@@ -163,7 +176,7 @@ def logprobs_bwd_triton(hidden, weight, labels, temperature, vocab_start, lse, e
     _bwd_kernel[grid](hidden, weight, labels, lse, entropy if entropy is not None else lse,
                       g_logp.float().contiguous(), g_ent, dh, dw, T, V, H, vocab_start, 1.0 / temperature,
                       BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, HAS_G_ENT=has_g_ent,
-                      DOT_PRECISION=_dot_precision(hidden.dtype))
+                      DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=UPCAST_DOT_OPERANDS)
     return dh.to(hidden.dtype), dw.to(weight.dtype)
 
 
@@ -338,9 +351,9 @@ class LinearLogProbs(torch.autograd.Function):
     """logprobs, entropy = f(hidden, weight); backward recomputes the logits block by block."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, tp_group, sequence_parallel, impl):
+    def forward(ctx, hidden, weight, labels, temperature, tp_group, sequence_parallel, with_entropy, impl):
         hidden_full = gather_sequence_parallel(hidden, tp_group) if sequence_parallel else hidden
-        lse, logprobs, entropy = head_forward(hidden_full, weight, labels, temperature, tp_group, True, impl)
+        lse, logprobs, entropy = head_forward(hidden_full, weight, labels, temperature, tp_group, with_entropy, impl)
         ctx.save_for_backward(hidden_full, weight, labels, lse, entropy)
         ctx.args = (temperature, tp_group, sequence_parallel, impl)
         return logprobs, entropy
@@ -353,17 +366,19 @@ class LinearLogProbs(torch.autograd.Function):
             g_logp = torch.zeros_like(lse)
         dh, dw = head_backward(hidden_full, weight, labels, temperature, tp_group, lse, entropy, g_logp, g_ent, impl)
         dh = reduce_hidden_grad(dh, tp_group, sequence_parallel)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_logprobs(hidden, weight, labels, temperature: float = 1.0, tp_group=None,
-                    sequence_parallel: bool = False, impl: str = "auto"):
+                    sequence_parallel: bool = False, with_entropy: bool = True, impl: str = "auto"):
     """Log-probs and entropy of the head's softmax at `labels`; never holds [T, V] fp32 logits.
 
     hidden [T, H] ([T/tp, H] under sequence parallelism), weight [V/tp, H] (this rank's vocab rows),
-    labels [T] global vocabulary ids -> (logprobs [T] fp32, entropy [T] fp32), identical on every
-    rank of `tp_group`. Log-probs are <= 0 by construction (target logit minus a log-sum-exp that
-    includes it); both outputs are differentiable w.r.t. hidden and weight.
+    labels [T] global vocabulary ids -> (logprobs [T] fp32, entropy [T] fp32 or None without
+    with_entropy, which saves one elementwise pass), identical on every rank of `tp_group`.
+    Log-probs are <= 0 by construction (target logit minus a log-sum-exp that includes it); both
+    outputs are differentiable w.r.t. hidden and weight.
     """
     impl = resolve_impl(impl, hidden)
-    return LinearLogProbs.apply(hidden, weight, labels, float(temperature), tp_group, sequence_parallel, impl)
+    return LinearLogProbs.apply(hidden, weight, labels, float(temperature), tp_group, sequence_parallel,
+                                with_entropy, impl)

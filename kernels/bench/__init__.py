@@ -1,0 +1,1 @@
+"""Microbenchmarks for kernels/: `python -m kernels.bench` (see __main__.py)."""
