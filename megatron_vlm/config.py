@@ -1,0 +1,167 @@
+"""RunConfig: one run's configuration, made of the small dataclasses that live next to their code.
+
+A recipe in configs/*.yaml overrides only what differs from the defaults; `key.sub=value` on the
+command line overrides the recipe (values are parsed as YAML: `parallel.tp=2`, `model.dense_layers=[0]`).
+Unknown keys are errors that name the full key and list the known ones, so a typo never silently
+falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_vlm.models.language import LanguageModelConfig
+from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.trainer.megatron_step import OptimConfig
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    device: str | None = None   # None: cuda when available, else cpu
+    seed: int = 1234
+    nproc: int = 1              # local ranks `megatron-vlm train` starts itself (CPU / one node)
+    nodes: int = 1              # cluster size, for `plan` and the SLURM script
+    gpus_per_node: int = 8
+    params_dtype: str = "float32"  # float32 | bfloat16
+
+    def __post_init__(self):
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"runtime.device must be cpu, cuda or null, got {self.device!r}")
+        for name in ("nproc", "nodes", "gpus_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
+        if self.params_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"runtime.params_dtype must be float32 or bfloat16, "
+                             f"got {self.params_dtype!r}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 100
+    seq_length: int = 64
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    log_every: int = 10
+    eval_every: int = 50
+    out_dir: str = "runs/lm"
+
+    def __post_init__(self):
+        for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "log_every",
+                     "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a "
+                             f"multiple of train.micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    task: str = "arithmetic"    # generated data: "arithmetic" (a+b=c, char-level)
+    max_operand: int = 99
+    eval_samples: int = 64
+
+    def __post_init__(self):
+        if self.task not in ("arithmetic",):
+            raise ValueError(f"data.task must be one of ['arithmetic'], got {self.task!r}")
+        if self.max_operand < 1:
+            raise ValueError(f"data.max_operand must be >= 1, got {self.max_operand}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def world_size(self) -> int:
+        return self.runtime.nproc if self.runtime.nproc > 1 else (
+            self.runtime.nodes * self.runtime.gpus_per_node if self.runtime.nodes > 1 else 1)
+
+    def check(self, world_size: int) -> None:
+        """Every layout error, before any process group is created."""
+        self.model.check_layout(self.parallel)
+        self.parallel.data_parallel_size(world_size)
+        if self.parallel.cp > 1 and self.train.seq_length % (2 * self.parallel.cp):
+            raise ValueError(f"train.seq_length ({self.train.seq_length}) must be divisible by "
+                             f"2 * parallel.cp ({2 * self.parallel.cp}) for context parallelism")
+        dp = self.parallel.data_parallel_size(world_size)
+        if self.train.global_batch_size % (self.train.micro_batch_size * dp):
+            raise ValueError(f"train.global_batch_size ({self.train.global_batch_size}) must be a "
+                             f"multiple of train.micro_batch_size x DP "
+                             f"({self.train.micro_batch_size} x {dp})")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['a.b=1', 'c=[0, 1]'] -> {'a': {'b': 1}, 'c': [0, 1]}."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys by their full name."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, "
+                         f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key '{prefix}{unknown[0]}' (known under "
+                         f"'{prefix.rstrip('.') or '<root>'}': {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    data = merge(data, parse_overrides(overrides or []))
+    return from_dict(RunConfig, data)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
