@@ -1,7 +1,8 @@
 """Generated data for the language-model job: 'a+b=' -> the digits of a+b, least significant first.
 
-Writing the sum least-significant digit first lets a small causal model compute each digit from
-the operands and the carry it has already written (the usual trick for learnable addition).
+Operands are zero-padded to a fixed width and the sum is written least-significant digit first,
+also at a fixed width, so that a small causal model can compute each digit from the operand digits
+at fixed offsets and the carry it has just written (the usual trick for learnable addition).
 
 Every rank generates the same global batch from (seed, step), so no data has to be shipped or
 broadcast; `parallel.batching.local_batch` then gives each rank its share. Held-out problems are
@@ -30,7 +31,8 @@ class ArithmeticTask:
 
     def __init__(self, seq_length: int, max_operand: int = 99, seed: int = 0):
         self.seq_length, self.max_operand, self.seed = seq_length, max_operand, seed
-        longest = len(f"{max_operand}+{max_operand}={2 * max_operand}") + 2
+        self.width = len(str(max_operand))
+        longest = 3 * self.width + 5  # BOS a + b = sum(width + 1) EOS
         if longest > seq_length + 1:
             raise ValueError(f"train.seq_length ({seq_length}) is too short for problems up to "
                              f"{max_operand} (need {longest - 1})")
@@ -53,7 +55,9 @@ class ArithmeticTask:
         tokens = torch.full((size, self.seq_length + 1), PAD, dtype=torch.long)
         mask = torch.zeros(size, self.seq_length)
         for row, (a, b) in enumerate(self._pairs(size, generator, held_out)):
-            prompt, answer = [BOS] + encode(f"{a}+{b}="), encode(str(a + b)[::-1]) + [EOS]
+            w = self.width
+            prompt = [BOS] + encode(f"{a:0{w}d}+{b:0{w}d}=")
+            answer = encode(f"{a + b:0{w + 1}d}"[::-1]) + [EOS]
             ids = prompt + answer
             tokens[row, : len(ids)] = torch.tensor(ids)
             mask[row, len(prompt) - 1: len(ids) - 1] = 1.0  # positions that predict the answer

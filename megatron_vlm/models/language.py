@@ -118,7 +118,8 @@ def transformer_config(model: LanguageModelConfig, parallel: ParallelConfig, dev
         # Pipeline stages exchange shapes first, so packed micro-batches may differ in length;
         # megatron's allgather dispatcher refuses this, so with it every micro-batch is one length.
         pipeline_dtype=params_dtype,
-        variable_seq_lengths=not (moe and parallel.token_dispatcher == "allgather"),
+        variable_seq_lengths=parallel.token_dispatcher != "allgather",
+        moe_token_dispatcher_type=parallel.token_dispatcher,  # megatron checks it even when dense
     )
     if moe:
         kwargs.update(
@@ -127,7 +128,7 @@ def transformer_config(model: LanguageModelConfig, parallel: ParallelConfig, dev
             moe_router_score_function="softmax", moe_layer_freq=model.moe_layer_pattern,
             moe_router_load_balancing_type="aux_loss" if model.aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=model.aux_loss_coeff,
-            moe_token_dispatcher_type=parallel.token_dispatcher, moe_router_dtype="fp32",
+            moe_router_dtype="fp32",
         )
     if device_type == "cpu":
         kwargs.update(cpu_safe_overrides())

@@ -1,0 +1,77 @@
+"""Config loading, overrides and the one-line errors a broken config or layout gives."""
+import pytest
+import torch
+
+from megatron_vlm.cli import main
+from megatron_vlm.config import RunConfig, load_config, parse_overrides
+from megatron_vlm.parallel.config import ParallelConfig
+
+
+def test_overrides_are_parsed_as_yaml():
+    assert parse_overrides(["parallel.tp=2", "model.dense_layers=[0, 1]", "train.out_dir=x"]) == {
+        "parallel": {"tp": 2}, "model": {"dense_layers": [0, 1]}, "train": {"out_dir": "x"}}
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("parallel:\n  tp: 2\nmodel:\n  num_layers: 4\n")
+    cfg = load_config(recipe, ["model.num_layers=6"])
+    assert (cfg.parallel.tp, cfg.model.num_layers, cfg.model.hidden_size) == (2, 6, RunConfig().model.hidden_size)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.hiden_size=3"], "unknown config key 'model.hiden_size'"),
+    (["paralel.tp=2"], "unknown config key 'paralel'"),
+    (["parallel.tp=0"], "parallel.tp must be a positive integer, got 0"),
+    (["parallel.token_dispatcher=flex"], "parallel.token_dispatcher"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size"),
+    (["parallel.ep=1", "parallel.etp=2"], "parallel.etp"),
+    (["model=3"], "config section model must be a mapping"),
+])
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tp=2"], 3, r"world size 3 is not divisible by tp\*pp\*cp = 2\*1\*1 = 2"),
+    (["parallel.ep=3"], 6, r"parallel.ep \(3\) does not divide model.num_experts \(4\)"),
+    (["parallel.pp=3"], 3, r"model.num_layers \(2\) is not divisible by parallel.pp \(3\)"),
+    (["parallel.cp=2", "train.seq_length=66"], 2, "train.seq_length"),
+    (["parallel.tp=4"], 4, "num_query_groups"),
+])
+def test_layout_errors(overrides, world, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides).check(world)
+
+
+def test_cli_reports_layout_error_in_one_line_before_any_process_group(capsys):
+    code = main(["train", "--config", "configs/lm_demo.yaml", "parallel.ep=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "parallel.ep (3) does not divide model.num_experts (4)" in err
+    assert not torch.distributed.is_initialized()
+
+
+def test_plan_for_a_realistic_cluster(capsys):
+    assert main(["plan", "--config", "configs/qwen3_vl_30b_a3b.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in out and "EP=8" in out
+    assert "30.53B parameters, 3.35B active" in out  # Qwen3-30B-A3B: 30.5B total, 3.3B active
+    assert "0-23" in out and "24-47" in out
+
+
+def test_parallel_config_sizes():
+    p = ParallelConfig(tp=2, pp=2, ep=8, etp=1)
+    assert p.data_parallel_size(32) == 8 and p.expert_data_parallel_size(32) == 2
+    assert ParallelConfig(tp=2).expert_tp == 2 and ParallelConfig(tp=2).use_sequence_parallel
