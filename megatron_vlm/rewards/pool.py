@@ -6,7 +6,8 @@ reward can loop forever, and some math-verify inputs hang after `parse` returned
 process is safe. Design:
 - workers start with the spawn or forkserver method (forking a process whose torch thread pools
   are running can deadlock); with forkserver the verifier modules are preloaded once in the fork
-  server, so a replacement worker is ready in milliseconds;
+  server, and exercised once there (`warmup`), so a replacement worker is a fork that is ready,
+  warm, in milliseconds;
 - one job at a time per worker over its own pipe; a job's clock starts when it is sent, so time
   spent waiting for a free worker never counts against it;
 - the dispatcher sleeps in `multiprocessing.connection.wait` until the nearest deadline, then
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Sequence
 
-DEFAULT_PRELOAD = ("megatron_vlm.rewards.verifiers", "math_verify", "latex2sympy2_extended")
+DEFAULT_PRELOAD = ("megatron_vlm.rewards.warmup",)  # imports and exercises every built-in verifier
 START_METHODS = ("forkserver", "spawn")
 MAX_ERROR_CHARS = 500
 

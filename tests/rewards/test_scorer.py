@@ -26,7 +26,8 @@ def scorer():
         verifiers={"math": "math", "mcq": "choice", "formula": "formula", "exact": f"{USER}:exact_match",
                    "hang": f"{USER}:hangs", "raise": f"{USER}:raises",
                    "base_exception": f"{USER}:raises_base_exception", "crash": f"{USER}:exits",
-                   "nan": f"{USER}:returns_nan", "sleep": f"{USER}:sleeps"},
+                   "nan": f"{USER}:returns_nan", "sleep": f"{USER}:sleeps",
+                   "torch": f"{USER}:torch_imported"},
         timeout_s=TIMEOUT_S, failure_score=FAILURE_SCORE, num_workers=2)
     with RewardScorer(cfg) as s:
         # wait for both workers and their first math-verify call once, here
@@ -112,6 +113,11 @@ def test_timeout_is_measured_from_the_start_of_the_job(scorer, seconds, timed_ou
         assert wall_s < 2 * 2 * TIMEOUT_S  # two rounds of two
     else:
         assert result.failures == [] and result.raw == [1.0] * 4
+
+
+def test_workers_do_not_import_torch(scorer):
+    # the trainer process has torch loaded; workers started by forkserver or spawn do not inherit it
+    assert scorer.score([sample("t", "torch", "x")]).raw == [0.0]
 
 
 def test_unknown_task_is_an_error_naming_the_configured_ones(scorer):

@@ -58,3 +58,8 @@ _calls = [0]
 def not_deterministic(response: str, reference, metadata) -> float:
     _calls[0] += 1
     return float(_calls[0])
+
+
+def torch_imported(response: str, reference, metadata) -> float:
+    import sys
+    return float("torch" in sys.modules)
