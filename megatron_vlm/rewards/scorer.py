@@ -45,7 +45,8 @@ class RewardConfig:
                                  f"'pkg.module:function', got {name!r}")
         for task, weight in self.weights.items():
             if task not in self.verifiers:
-                raise ValueError(f"reward.weights has task {task!r} without a verifier; tasks: {sorted(self.verifiers)}")
+                raise ValueError(f"reward.weights has task {task!r} without a verifier; "
+                                 f"tasks: {sorted(self.verifiers)}")
             if not weight >= 0:
                 raise ValueError(f"reward.weights[{task!r}] must be >= 0, got {weight}")
         if not self.timeout_s > 0:
@@ -53,10 +54,12 @@ class RewardConfig:
         if not self.num_workers >= 1:
             raise ValueError(f"reward.num_workers must be >= 1, got {self.num_workers}")
         if self.normalization not in normalization_modes():
-            raise ValueError(f"reward.normalization must be one of {normalization_modes()}, got {self.normalization!r}")
+            raise ValueError(f"reward.normalization must be one of {normalization_modes()}, "
+                             f"got {self.normalization!r}")
         for task in self.monitor_tasks:
             if self.verifiers.get(task, REWARD_MODEL) == REWARD_MODEL:
-                raise ValueError(f"reward.monitor_tasks has {task!r}, which needs a verifier other than the reward model")
+                raise ValueError(f"reward.monitor_tasks has {task!r}, which needs a verifier "
+                                 f"other than the reward model")
         if self.start_method not in START_METHODS:
             raise ValueError(f"reward.start_method must be one of {START_METHODS}, got {self.start_method!r}")
 

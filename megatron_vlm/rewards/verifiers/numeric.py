@@ -81,7 +81,10 @@ def numeric_verifier(response: str, reference: Any, metadata: Mapping[str, Any])
     given in another unit of the same dimension. A percentage matches its fraction or its number
     ('50%' matches 0.5 and 50).
     """
-    gold = parse_numbers(str(reference)) if not isinstance(reference, (int, float)) else [(float(reference), False, None)]
+    if isinstance(reference, (int, float)):
+        gold = [(float(reference), False, None)]
+    else:
+        gold = parse_numbers(str(reference))
     answer = extract_number(response)
     if not gold or answer is None:
         return 0.0
