@@ -18,8 +18,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MAX_ANSWER_CHARS = 8192   # the tail of the final answer that verifiers read
 MAX_BOXED_CHARS = 512     # a longer \boxed{} is not an answer (and could stall a parser)
 
-_ANCHOR = re.compile(
-    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=)?\s*[:：]?\s*(.+)", re.IGNORECASE)
+# 'answer is X', 'Answer: X', 'final answer = X'; not 'answered', not 'check the answer carefully'
+_ANCHOR = re.compile(r"\banswer\b\W{0,3}\s*(?:is\b|:|：|=)\s*[:：]?\s*(.+)", re.IGNORECASE)
 
 
 def final_answer(response: str, max_chars: int | None = MAX_ANSWER_CHARS) -> str:

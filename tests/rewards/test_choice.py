@@ -33,6 +33,7 @@ CASES = [
     ("<think>maybe A</think>B", "B", 1.0, "think block stripped, final answer read"),
     ("A\n...\nOn reflection: C", "C", 0.0, "first and last line disagree"),
     ("", "B", 0.0, "empty"),
+    ("I answered this before.\nB", "B", 1.0, "'answered' is no anchor"),
 ]
 
 
@@ -44,6 +45,11 @@ def test_choice_cases(response, reference, expected, why):
 def test_letters_beyond_the_options_are_not_answers():
     assert choice_verifier("E", "E", {"options": ["a", "b", "c", "d"]}) == 0.0
     assert choice_verifier("E", "E", {}) == 1.0  # without options, A-J are valid
+
+
+def test_options_given_as_a_mapping():
+    options = {"options": {"A": "Paris", "B": "London"}}
+    assert choice_verifier("The answer is London.", "B", options) == 1.0
 
 
 def test_enormous_letter_spam():

@@ -21,6 +21,8 @@ CASES = [
     ("The answer is 3.2.", "3.1416", {"abs_tol": 0.1}, 1.0, "absolute tolerance"),
     ("The answer is 42 because 6*7=42", "42", {}, 1.0, "reasoning after the anchored answer"),
     ("\\boxed{1e400}", "1", {}, 0.0, "overflow is not a number"),
+    ("Let me check the answer carefully.\nSo we get 7", "7", {}, 1.0, "'answer' without 'is' or ':' is no anchor"),
+    ("I answered that before; now 8", "8", {}, 1.0, "'answered' is no anchor"),
     # games
     ("The answer is 5 or 6", "6", {}, 0.0, "hedging between numbers"),
     ("\\boxed{5}\\boxed{6}", "6", {}, 0.0, "boxing two numbers"),
