@@ -19,6 +19,7 @@ CASES = [
     ("\\boxed{\\sqrt{2}}", "\\sqrt 2", 1.0, "LaTeX variants"),
     ("\\boxed{5}", "4", 0.0, "wrong answer"),
     ("\\boxed{2} and again \\boxed{2}", "2", 1.0, "the same answer boxed twice is not a hedge"),
+    ("\\boxed{\\frac{1}{2}} = \\boxed{0.5}", "0.5", 1.0, "one value restated in two forms is not a hedge"),
     # games and traps
     ("\\boxed{3} or \\boxed{4}", "4", 0.0, "hedge: several distinct boxed answers (math-verify merges them)"),
     ("\\boxed{1} \\boxed{2} \\boxed{3} \\boxed{4} \\boxed{5}", "4", 0.0, "boxing every candidate"),

@@ -8,8 +8,9 @@ the trainer's process only through `RewardScorer`.
 
 Departures from calling `math_verify.verify(parse(gold), parse(response))` directly:
 - only the final answer after `</think>` is read (math-verify reads inside think blocks);
-- several distinct `\\boxed{}` answers score 0 (math-verify merges them into one set, which
-  both rewards hedging and can fail a correct final answer next to a boxed draft);
+- boxed answers that disagree score 0 (math-verify merges them into one set, which both
+  rewards hedging and can fail a correct final answer next to a boxed draft); boxes that restate
+  one value (`\\boxed{1/2} = \\boxed{0.5}`) count once;
 - without a box, only the last line is parsed (a long list of numbers is not an answer);
 - two exact rationals must be equal exactly (math-verify compares floats: 1/2^99 == 1/2^98).
 """
@@ -20,6 +21,8 @@ from typing import Any, Mapping
 
 from megatron_vlm.rewards.extract import boxed_contents, distinct, final_answer, last_line
 from megatron_vlm.rewards.registry import register_verifier
+
+MAX_EQUAL_BOXES = 3  # more boxed answers than this is spraying, even if they agree
 
 # math-verify warns on every call that its timeout is off; the pool enforces the timeout.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -63,14 +66,17 @@ def math_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) ->
 
     answer = final_answer(response)
     boxes = distinct(boxed_contents(answer))
-    if len(boxes) > 1:
+    if len(boxes) > MAX_EQUAL_BOXES:
         return 0.0
-    candidate = f"\\boxed{{{boxes[0]}}}" if boxes else last_line(answer)[-300:]
+    candidate = f"\\boxed{{{boxes[-1]}}}" if boxes else last_line(answer)[-300:]
     if not candidate:
         return 0.0
     gold, pred = _parse(_gold_latex(reference)), _parse(candidate)
     if not gold or not pred:
         return 0.0
     rounding = int(metadata.get("float_rounding", 6))
+    for other in boxes[:-1]:  # '\boxed{1/2} = \boxed{0.5}' restates; '\boxed{3} or \boxed{4}' hedges
+        if not verify(pred, _parse(f"\\boxed{{{other}}}"), float_rounding=rounding, timeout_seconds=None):
+            return 0.0
     equal = verify(gold, pred, float_rounding=rounding, timeout_seconds=None)
     return float(equal and not _exact_rationals_differ(gold, pred))
