@@ -6,4 +6,10 @@ Layout (dependencies point one way: trainer -> rollout, rl, rewards, models -> p
   models/      model providers; one folder per HF family
   data/ rl/ rewards/ rollout/ trainer/ checkpoint/
 """
+import warnings
+
 __version__ = "0.1.0"
+
+# megatron-core warns at import that Transformer Engine / apex are missing: expected on CPU, where
+# the local layer spec and torch optimizers are the intended path (parallel/optional.py).
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")

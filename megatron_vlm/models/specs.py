@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+from megatron_vlm.parallel.optional import transformer_engine_available
 
 
 def use_transformer_engine(device_type: str) -> bool:

@@ -65,6 +65,9 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234, device: str | None 
     `cpu_patches` names the CPU compatibility patches to apply (default: all); the tests leave one
     out to show the megatron site it covers failing.
     """
+    from megatron_vlm.parallel.optional import check_apex
+
+    check_apex()
     rank, world_size, local_rank = ranks_from_env()
     parallel.data_parallel_size(world_size)  # layout errors before any process group exists
     dev = pick_device(local_rank, device)
