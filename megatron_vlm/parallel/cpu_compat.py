@@ -38,6 +38,9 @@ Sites (megatron/core/...):
  10. optimizer/distrib_optimizer.py, optimizer/optimizer.py (Float16 optimizer) and
      optimizer/clip_grads.py accept only `torch.cuda.*Tensor` type strings: inside those calls,
      CPU type strings read as their CUDA names.
+ 12. models/common/language_module/language_module.py moves the tied word embedding to CUDA
+     (`weight.data.cuda()`) before syncing it between the first and last pipeline stage: inside
+     that call `.cuda()` leaves tensors on the CPU.
  (11. transformer/dot_product_attention.py refuses context parallelism without Transformer Engine:
      not a patch; `megatron_vlm.parallel.cp_attention` is the core attention the CPU spec uses.)
 """
@@ -304,6 +307,30 @@ def _patch_cuda_type_names() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip  # imported by name there
 
 
+# 12 ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _tensor_cuda_stays_on_cpu():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _patch_tied_embedding_sync() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(setup)
+    def wrapper(self, *args, **kwargs):
+        with _tensor_cuda_stays_on_cpu():
+            return setup(self, *args, **kwargs)
+
+    LanguageModule.setup_embeddings_and_output_layer = wrapper
+
+
 PATCHES = {
     "current_device": _patch_current_device,
     "cuda_synchronize": _patch_cuda_synchronize,
@@ -314,4 +341,5 @@ PATCHES = {
     "cuda_factories": _patch_cuda_factories,
     "rope_cp": _patch_rope_cp,
     "cuda_type_names": _patch_cuda_type_names,
+    "tied_embedding_sync": _patch_tied_embedding_sync,
 }

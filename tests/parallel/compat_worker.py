@@ -17,6 +17,7 @@ from megatron_vlm.parallel.runtime import init_runtime
 from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, forward_backward, wrap_ddp
 
 MODEL = LanguageModelConfig(num_layers=2, dense_layers=[0])
+TIED = LanguageModelConfig(num_layers=2, num_experts=None, tie_word_embeddings=True)
 
 # site -> (parallel layout, what to run)
 SCENARIOS = {
@@ -29,6 +30,7 @@ SCENARIOS = {
     "cuda_factories": (dict(), "train"),
     "rope_cp": (dict(cp=2), "forward"),
     "cuda_type_names": (dict(), "train_distopt"),
+    "tied_embedding_sync": (dict(pp=2), "build_tied"),
 }
 
 
@@ -38,8 +40,11 @@ def run(site):
     runtime = init_runtime(parallel, seed=3, cpu_patches=set(cpu_compat.PATCHES) - {site})
     if action == "init":
         return
-    config = transformer_config(MODEL, parallel, "cpu", calculate_per_token_loss=True)
-    model = build_language_model(MODEL, config, "cpu")
+    model_cfg = TIED if action == "build_tied" else MODEL
+    config = transformer_config(model_cfg, parallel, "cpu", calculate_per_token_loss=True)
+    model = build_language_model(model_cfg, config, "cpu")
+    if action == "build_tied":
+        return
     seq = 16
     g = torch.Generator().manual_seed(runtime.rank // (parallel.tp * parallel.cp))
     tokens = torch.randint(0, MODEL.vocab_size, (1, seq), generator=g)

@@ -9,6 +9,7 @@ For each layout, built from the reference weights cut with checkpoint/sharding.p
   loss        token mean over the global batch
   grads       megatron DDP main_grad after finalize_model_grads vs the cut reference gradient
   params      after one Adam step with gradient clipping, plain DDP and distributed optimizer
+  counts      this rank's parameter count equals the planner's (parallel/plan.py)
 Writes the maxima over ranks as JSON to argv[1].
 """
 import json
@@ -21,6 +22,7 @@ from megatron_vlm.checkpoint.sharding import RankLayout, shard_state_dict
 from megatron_vlm.models.language import LanguageModelConfig, build_language_model, transformer_config
 from megatron_vlm.parallel.batching import local_batch, merge_from_cp
 from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.parallel.plan import stage_counts
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
 from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, forward_backward, wrap_ddp
 
@@ -35,11 +37,19 @@ LAYOUTS = {
     "cp2_tp2": dict(cp=2, tp=2),
     "ep2_etp2_alltoall": dict(ep=2, etp=2, tp=2),
     "dp4": dict(),
+    # tied input/output embeddings split over pipeline stages: megatron all-reduces their grads
+    "pp2_tied": dict(pp=2, model="tied"),
 }
 
-MODEL = LanguageModelConfig(vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
-                            num_query_groups=2, head_dim=16, ffn_hidden_size=96, num_experts=4,
-                            moe_ffn_hidden_size=48, moe_router_topk=2, dense_layers=[0])
+MODELS = {
+    "moe": LanguageModelConfig(vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
+                               num_query_groups=2, head_dim=16, ffn_hidden_size=96, num_experts=4,
+                               moe_ffn_hidden_size=48, moe_router_topk=2, dense_layers=[0]),
+    "tied": LanguageModelConfig(vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
+                                num_query_groups=2, head_dim=16, ffn_hidden_size=96,
+                                num_experts=None, tie_word_embeddings=True),
+}
+MODEL = MODELS["moe"]
 OPTIM = OptimConfig(lr=1e-2, clip_grad=0.5, adam_eps=1e-3)
 BATCH, SEQ = 4, 16
 
@@ -53,13 +63,14 @@ def make_batch():
             "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous()}
 
 
-def build(runtime, parallel, distributed_optimizer, full_state=None):
-    config = transformer_config(MODEL, parallel, "cpu", calculate_per_token_loss=True)
-    model = build_language_model(MODEL, config, "cpu")
+def build(model_cfg, parallel, distributed_optimizer, full_state=None):
+    config = transformer_config(model_cfg, parallel, "cpu", calculate_per_token_loss=True)
+    model = build_language_model(model_cfg, config, "cpu")
     if full_state is not None:
         layout = RankLayout.current(config)
+        tied = model_cfg.tie_word_embeddings
         with torch.no_grad():
-            for name, piece in shard_state_dict(full_state, model, layout).items():
+            for name, piece in shard_state_dict(full_state, model, layout, tied).items():
                 dict(model.named_parameters())[name].copy_(piece)
     ddp = wrap_ddp(model, distributed_optimizer)
     optimizer, scheduler = build_optimizer([ddp], OPTIM, distributed_optimizer, total_steps=1)
@@ -103,9 +114,9 @@ def gathered_logits(ddp, mbs):
     return logits
 
 
-def run_reference(runtime, batch):
+def run_reference(runtime, batch, model_cfg):
     set_layout(runtime, ParallelConfig(), seed=7)
-    model, ddp, optimizer = build(runtime, ParallelConfig(), False)
+    model, ddp, optimizer = build(model_cfg, ParallelConfig(), False)
     full = {n: p.detach().clone() for n, p in model.named_parameters()}
     for tensor in full.values():  # every rank must start from rank 0's weights
         torch.distributed.broadcast(tensor, src=0)
@@ -128,15 +139,21 @@ def rel_err(local: dict, ref_cut: dict) -> tuple[float, float]:
     return max_abs, (diff / max(norm, 1e-30)) ** 0.5
 
 
-def run_layout(runtime, name, ref, batch):
+def run_layout(runtime, name, ref, batch, model_cfg):
     from megatron.core import parallel_state as ps
 
-    parallel = ParallelConfig(**LAYOUTS[name])
+    layout_kwargs = {k: v for k, v in LAYOUTS[name].items() if k != "model"}
+    parallel = ParallelConfig(**layout_kwargs)
     runtime = set_layout(runtime, parallel, seed=7)
+    tied = model_cfg.tie_word_embeddings
     result = {}
     for dist_opt in (False, True):
-        model, ddp, optimizer = build(runtime, parallel, dist_opt, ref["state"])
+        model, ddp, optimizer = build(model_cfg, parallel, dist_opt, ref["state"])
         layout = RankLayout.current(model.config)
+        stage = stage_counts(model_cfg, parallel.tp, parallel.pp, parallel.ep,
+                             parallel.expert_tp)[ps.get_pipeline_model_parallel_rank()]
+        result["param_count_mismatch"] = abs(sum(p.numel() for p in model.parameters())
+                                             - stage.dense_params - stage.expert_params)
         mbs = microbatches(batch)
         if not dist_opt:
             logits = gathered_logits(ddp, mbs)
@@ -148,12 +165,12 @@ def run_layout(runtime, name, ref, batch):
         result["loss_abs_diff"] = abs(metrics["loss"] - ref["loss"])
         if not dist_opt:
             grads = {n: p.main_grad for n, p in model.named_parameters()}
-            ref_grads = shard_state_dict(ref["grads"], model, layout)
+            ref_grads = shard_state_dict(ref["grads"], model, layout, tied)
             result["grad_max_abs"], result["grad_rel_err"] = rel_err(grads, ref_grads)
         optimizer.step()
         params = {n: p.detach() for n, p in model.named_parameters()}
         key = "distopt" if dist_opt else "ddp"
-        result[f"param_{key}_max_abs"], _ = rel_err(params, shard_state_dict(ref["after"], model, layout))
+        result[f"param_{key}_max_abs"], _ = rel_err(params, shard_state_dict(ref["after"], model, layout, tied))
     return result
 
 
@@ -161,17 +178,20 @@ def main():
     out_path, names = sys.argv[1], sys.argv[2].split(",")
     runtime = init_runtime(ParallelConfig(), seed=7)
     batch = make_batch()
-    ref = run_reference(runtime, batch)
+    refs = {}
     report = {}
     for name in names:
-        local = run_layout(runtime, name, ref, batch)
+        model_name = LAYOUTS[name].get("model", "moe")
+        if model_name not in refs:
+            refs[model_name] = run_reference(runtime, batch, MODELS[model_name])
+        local = run_layout(runtime, name, refs[model_name], batch, MODELS[model_name])
         keys = ["logits_max_abs", "loss_abs_diff", "grad_max_abs", "grad_rel_err",
-                "param_ddp_max_abs", "param_distopt_max_abs"]
+                "param_ddp_max_abs", "param_distopt_max_abs", "param_count_mismatch"]
         values = torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
         report[name] = dict(zip(keys, values.tolist()))
     if runtime.rank == 0:
-        report["_reference_loss"] = ref["loss"]
+        report["_reference_loss"] = {k: r["loss"] for k, r in refs.items()}
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
 

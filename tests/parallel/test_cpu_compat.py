@@ -26,6 +26,7 @@ EXPECTED = {
     "cuda_synchronize": (2, "Torch not compiled with CUDA"),
     "rope_cp": (2, "pin_memory=True requires"),
     "uneven_collectives": (4, "ProcessGroupGloo::allgather: invalid tensor size"),
+    "tied_embedding_sync": (2, "Torch not compiled with CUDA"),
 }
 
 

@@ -17,11 +17,12 @@ from megatron_vlm.parallel.launch import launch_local
 
 WORKER = os.path.join(os.path.dirname(__file__), "equivalence_worker.py")
 LAUNCHES = {
-    2: ["tp2_sp", "ep2_alltoall", "ep2_allgather", "pp2_1f1b", "cp2"],
+    2: ["tp2_sp", "ep2_alltoall", "ep2_allgather", "pp2_1f1b", "cp2", "pp2_tied"],
     4: ["tp2_ep2", "pp2_tp2", "cp2_tp2", "ep2_etp2_alltoall", "dp4"],
 }
 TOLERANCE = {"logits_max_abs": 1e-6, "loss_abs_diff": 1e-6, "grad_max_abs": 1e-6,
-             "grad_rel_err": 2e-6, "param_ddp_max_abs": 1e-6, "param_distopt_max_abs": 1e-6}
+             "grad_rel_err": 2e-6, "param_ddp_max_abs": 1e-6, "param_distopt_max_abs": 1e-6,
+             "param_count_mismatch": 0}
 
 
 @pytest.fixture(scope="module")
