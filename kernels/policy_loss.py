@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.logprobs import (add_onehot_, block_logits, block_stats, gather_sequence_parallel, head_backward,
+from kernels.logprobs import (block_logits, block_stats, gather_sequence_parallel, head_backward,
                               head_forward, reduce_hidden_grad, resolve_impl, torch_block_rows, _rank)
 from kernels.reference import AGGREGATIONS, KL_ESTIMATORS
 
@@ -343,13 +343,18 @@ def _one_pass_torch(hidden, weight, labels, old_logprobs, advantages, ref_logpro
         ref = ref_logprobs[block] if ref_logprobs is not None else None
         block_terms = token_terms_torch(logp - old_logprobs[block].float(), advantages[block], logp, ref, cfg,
                                         TOKEN_LOG_RATIO_BOUNDS)
-        coef = token_coefficients(block_terms, weights[block], cfg)
-        dz = e.mul_((-coef / sumexp).unsqueeze(1))  # d loss / d z = coef * (onehot - p)
-        add_onehot_(dz, labels[block], vocab_start, coef)
-        if temperature != 1.0:
-            dz.div_(temperature)
-        torch.mm(dz, weight32, out=dh[block])
-        dw.addmm_(dz.t(), hidden[block] if fp32 else hidden[block].float())
+        coef = token_coefficients(block_terms, weights[block], cfg) / temperature
+        # d loss / d logits = coef * (onehot - e / sumexp). The row scales and the one-hot term are
+        # applied to the [Tb, H] operands, not to the [Tb, V] block: one pass less over the block.
+        scale = (-coef / sumexp).unsqueeze(1)
+        hidden_block = hidden[block] if fp32 else hidden[block].float()
+        torch.mm(e, weight32, out=dh[block])
+        dh[block] *= scale
+        dw.addmm_(e.t(), hidden_block * scale)
+        local = labels[block].long() - vocab_start
+        owned = ((local >= 0) & (local < V)).nonzero().squeeze(1)
+        dh[block][owned] += coef[owned].unsqueeze(1) * weight32[local[owned]]
+        dw.index_add_(0, local[owned], coef[owned].unsqueeze(1) * hidden_block[owned])
         logprobs[block] = logp
         terms.store(block, block_terms)
         if compute_entropy:
@@ -386,7 +391,8 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         dh, dw = ctx.saved_tensors
-        return (grad_loss * dh, grad_loss * dw) + (None,) * 13
+        # In place: a second [V, H] buffer would add to the peak (so retain_graph=True is unsupported).
+        return (dh.mul_(grad_loss), dw.mul_(grad_loss)) + (None,) * 13
 
 
 def fused_linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens,
