@@ -91,7 +91,9 @@ def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_pt
         sumexp = sumexp * rescale + tl.sum(e, 1)
         if NEED_ENTROPY:
             ez = ez * rescale + tl.sum(e * tl.where(v_mask[None, :], z, 0.0), 1)  # no 0 * -inf
-        target += tl.sum(tl.where(offs_v[None, :] == local_label[:, None], z, 0.0), 1)
+        # a label owned by another TP rank can still equal a padded column index of this tile
+        is_target = (offs_v[None, :] == local_label[:, None]) & v_mask[None, :]
+        target += tl.sum(tl.where(is_target, z, 0.0), 1)
         row_max = new_max
     out = pid_s.to(tl.int64) * T + offs_t
     tl.store(max_ptr + out, row_max, mask=t_mask)
@@ -133,7 +135,7 @@ def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_en
         ent = tl.load(entropy_ptr + offs_t, mask=t_mask, other=0.0)
         g_ent = tl.load(g_ent_ptr + offs_t, mask=t_mask, other=0.0)
         dz -= p * (logp_all + ent[:, None]) * g_ent[:, None]
-    dz += tl.where(offs_v[None, :] == local_label[:, None], g_logp[:, None], 0.0)
+    dz += tl.where((offs_v[None, :] == local_label[:, None]) & v_mask[None, :], g_logp[:, None], 0.0)
     dz = (dz * inv_temp).to(h_ptr.dtype.element_ty)
     for k in range(0, H, BLOCK_H):
         offs_h = k + tl.arange(0, BLOCK_H)

@@ -74,3 +74,13 @@ def test_forward_only_under_no_grad_keeps_nothing():
     with torch.no_grad():
         logp, _ = linear_logprobs(hidden.requires_grad_(), weight, labels, impl="torch")
     assert logp.grad_fn is None
+
+
+def test_triton_partials_ignore_labels_owned_by_another_vocab_shard():
+    # Labels past this shard's V (here 619, padded to 640 by the vocab tiles) belong to another TP
+    # rank: this rank's target-logit partial must be 0, not the padded column's -inf.
+    from kernels.logprobs import logprobs_fwd_triton
+    hidden, weight, _, _, _ = _inputs(16, 619, 32, torch.float32)
+    labels = torch.arange(619, 635)
+    *_, target = logprobs_fwd_triton(hidden, weight, labels, 1.0, vocab_start=0, need_entropy=False)
+    assert torch.equal(target, torch.zeros_like(target))
