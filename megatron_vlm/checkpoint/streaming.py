@@ -1,0 +1,143 @@
+"""Stream full, HF-named tensors out of a sharded megatron model: `iter_hf_weights`.
+
+Every rank receives every tensor (the colocated rollout engines on all ranks need the full weights;
+an exporter on rank 0 just writes them). For each conversion rule, each megatron tensor it needs is
+gathered where it lives and then shared:
+  tensor parallel   all-gather over TP (expert TP for experts) along the param's partition dim;
+                    SwiGLU fc1 halves are gathered separately ([gate; up] per rank);
+  expert parallel   broadcast from the EP rank that owns the expert (global id e lives on EP rank
+                    e // local_experts);
+  pipeline          broadcast from the stage that holds the layer (shape first, as an object).
+DP and CP replicas already hold identical copies. Extra memory is one rule's tensors (at most one
+layer's experts), never the model. `bucket_bytes` groups consecutive tensors for the weight sync.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+
+from megatron_vlm.checkpoint.hf_rules import Rule
+from megatron_vlm.checkpoint.sharding import is_expert_param
+
+_LAYER = re.compile(r"language\.decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+class _Locator:
+    """Where a full megatron name lives on this layout, and its local name on the owner."""
+
+    def __init__(self, model: torch.nn.Module):
+        from megatron.core import parallel_state as ps
+
+        config = model.config
+        self.params = dict(model.named_parameters())
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.layers_per_stage = config.num_layers // self.pp_size
+        experts = config.num_moe_experts or 1
+        self.ep_size = ps.get_expert_model_parallel_world_size()
+        self.ep_rank = ps.get_expert_model_parallel_rank()
+        self.local_experts = experts // self.ep_size
+
+    def stage(self, name: str) -> int:
+        m = _LAYER.search(name)
+        if m:
+            return int(m.group(1)) // self.layers_per_stage
+        if name.startswith(("language.output_layer", "language.decoder.final_layernorm")):
+            return self.pp_size - 1
+        return 0
+
+    def local_name(self, name: str) -> tuple[str, int]:
+        """(name of the same tensor slot on this rank, EP rank owning the expert or -1)."""
+        name = _LAYER.sub(lambda m: f"language.decoder.layers.{int(m.group(1)) % self.layers_per_stage}.",
+                          name, count=1)
+        m = _EXPERT.search(name)
+        if not m:
+            return name, -1
+        expert = int(m.group(1))
+        local = _EXPERT.sub(f".local_experts.{expert % self.local_experts}.", name, count=1)
+        return local, expert // self.local_experts
+
+
+def _gather_tensor_parallel(param: torch.Tensor, name: str) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    # A copy, never a view of the parameter: broadcasts below write into the tensor on receivers.
+    if not getattr(param, "tensor_model_parallel", False):
+        return param.detach().clone()
+    if is_expert_param(name):
+        group, size = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size()
+    else:
+        group, size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    if size == 1:
+        return param.detach().clone()
+    pieces = [torch.empty_like(param) for _ in range(size)]
+    torch.distributed.all_gather(pieces, param.detach().contiguous(), group=group)
+    dim = param.partition_dim
+    if name.endswith("linear_fc1.weight"):  # [gate_r; up_r] on each rank
+        halves = [p.chunk(2, dim=dim) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(pieces, dim=dim)
+
+
+def gather_full(locator: _Locator, name: str) -> torch.Tensor:
+    """The full tensor `name` on every rank (collective: every rank calls it in the same order)."""
+    from megatron.core import parallel_state as ps
+
+    owner_stage = locator.stage(name)
+    tensor = None
+    if owner_stage == locator.pp_rank:
+        local, owner_ep = locator.local_name(name)
+        if local not in locator.params:
+            raise KeyError(f"{name!r}: no parameter {local!r} on pipeline stage {owner_stage}")
+        tensor = _gather_tensor_parallel(locator.params[local], local)
+        if owner_ep >= 0 and locator.ep_size > 1:
+            group = ps.get_expert_model_parallel_group()
+            src = torch.distributed.get_process_group_ranks(group)[owner_ep]
+            tensor = tensor.contiguous()
+            torch.distributed.broadcast(tensor, src=src, group=group)
+    if locator.pp_size > 1:
+        group = ps.get_pipeline_model_parallel_group()
+        src = torch.distributed.get_process_group_ranks(group)[owner_stage]
+        meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
+        torch.distributed.broadcast_object_list(meta, src=src, group=group)
+        if tensor is None:
+            tensor = torch.empty(meta[0][0], dtype=meta[0][1], device=_device(locator))
+        tensor = tensor.contiguous()
+        torch.distributed.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def _device(locator: _Locator) -> torch.device:
+    return next(iter(locator.params.values())).device
+
+
+def iter_hf_weights(model: torch.nn.Module, rules: list[Rule]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for every HF tensor of the model, one rule at a time, on every rank."""
+    locator = _Locator(_unwrap(model))
+    for rule in rules:
+        full = [gather_full(locator, name) for name in rule.mcore]
+        yield from zip(rule.hf, rule.to_hf(full))
+
+
+def iter_hf_buckets(model: torch.nn.Module, rules: list[Rule], bucket_bytes: int):
+    """Lists of (HF name, tensor) of at most `bucket_bytes` each (a single larger tensor goes
+    alone): the unit of the rollout engines' weight sync."""
+    bucket, size = [], 0
+    for name, tensor in iter_hf_weights(model, rules):
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
