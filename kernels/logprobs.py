@@ -186,11 +186,11 @@ def logprobs_bwd_triton(hidden, weight, labels, temperature, vocab_start, lse, e
 
 
 # ---------------------------------------------------------------------------- TP plumbing
-def _world(group):
+def tp_world_size(group):
     return dist.get_world_size(group) if group is not None else 1
 
 
-def _rank(group):
+def tp_rank(group):
     return dist.get_rank(group) if group is not None else 0
 
 
@@ -199,11 +199,11 @@ def combine_partials(row_max, sumexp, ez, target, group):
     -> (lse, logprobs, entropy), each [T] fp32; entropy = lse - sum_v p_v z_v."""
     local_max = row_max.amax(0)
     global_max = local_max.clone()
-    if _world(group) > 1:
+    if tp_world_size(group) > 1:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     rescale = torch.exp(row_max - global_max)
     sums = torch.stack([(sumexp * rescale).sum(0), (ez * rescale).sum(0), target.sum(0)])  # [3, T]
-    if _world(group) > 1:
+    if tp_world_size(group) > 1:
         dist.all_reduce(sums, group=group)
     total, total_ez, target = sums.unbind(0)
     lse = global_max + total.log()
@@ -212,15 +212,15 @@ def combine_partials(row_max, sumexp, ez, target, group):
 
 def reduce_hidden_grad(dh, group, sequence_parallel):
     """Sum d hidden over the vocab shards: all-reduce, or reduce-scatter along tokens under SP."""
-    if _world(group) == 1:
+    if tp_world_size(group) == 1:
         return dh
     if not sequence_parallel:
         dist.all_reduce(dh, group=group)
         return dh
-    world = _world(group)
+    world = tp_world_size(group)
     if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter_tensor
         dist.all_reduce(dh, group=group)
-        return dh.chunk(world)[_rank(group)].contiguous()
+        return dh.chunk(world)[tp_rank(group)].contiguous()
     out = dh.new_empty(dh.shape[0] // world, *dh.shape[1:])
     dist.reduce_scatter_tensor(out, dh.contiguous(), group=group)
     return out
@@ -228,7 +228,7 @@ def reduce_hidden_grad(dh, group, sequence_parallel):
 
 def gather_sequence_parallel(hidden, group):
     """[T/tp, H] slices -> [T, H] on every rank (megatron's SP gather before the output layer)."""
-    world = _world(group)
+    world = tp_world_size(group)
     if world == 1:
         return hidden
     out = hidden.new_empty(hidden.shape[0] * world, *hidden.shape[1:])
@@ -258,7 +258,7 @@ def block_stats(z, labels_block, vocab_start, group, need_entropy):
     owned = (local >= 0) & (local < V)
     target = z.gather(1, local.clamp(0, V - 1).unsqueeze(1)).squeeze(1) * owned
     row_max = z.amax(1)
-    if _world(group) > 1:
+    if tp_world_size(group) > 1:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     z.sub_(row_max.unsqueeze(1))
     if need_entropy:
@@ -267,7 +267,7 @@ def block_stats(z, labels_block, vocab_start, group, need_entropy):
     else:
         e, ez = z.exp_(), torch.zeros_like(row_max)
     sums = torch.stack([e.sum(1), ez, target])
-    if _world(group) > 1:
+    if tp_world_size(group) > 1:
         dist.all_reduce(sums, group=group)
     sumexp, ez, target = sums.unbind(0)
     log_sumexp = sumexp.log()
@@ -336,7 +336,7 @@ def resolve_impl(impl, tensor):
 
 def head_forward(hidden, weight, labels, temperature, group, need_entropy, impl):
     """(lse, logprobs, entropy or None), [T] fp32, for the full-sequence hidden on this rank."""
-    vocab_start = _rank(group) * weight.shape[0]
+    vocab_start = tp_rank(group) * weight.shape[0]
     if impl == "triton":
         partials = logprobs_fwd_triton(hidden, weight, labels, temperature, vocab_start, need_entropy)
         lse, logprobs, entropy = combine_partials(*partials, group)
@@ -346,7 +346,7 @@ def head_forward(hidden, weight, labels, temperature, group, need_entropy, impl)
 
 def head_backward(hidden, weight, labels, temperature, group, lse, entropy, g_logp, g_ent, impl):
     """(d hidden summed over this rank's vocab only, d weight) for upstream g_logp / g_ent [T]."""
-    vocab_start = _rank(group) * weight.shape[0]
+    vocab_start = tp_rank(group) * weight.shape[0]
     bwd = logprobs_bwd_triton if impl == "triton" else logprobs_bwd_torch
     return bwd(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp.float(),
                None if g_ent is None else g_ent.float())

@@ -109,9 +109,7 @@ def plan_packs(lengths, token_budget: int, dp_size: int = 1, image_tokens=None, 
     lengths = [int(n) for n in lengths]
     if max(lengths) > token_budget:
         raise ValueError(f"a sample of {max(lengths)} tokens exceeds token_budget={token_budget}")
-    cost = cost or PackCost()
-    images = image_tokens if image_tokens is not None else [0] * len(lengths)
-    costs = [cost(n, m) for n, m in zip(lengths, images)]
+    costs = sample_costs(lengths, image_tokens, cost)
     ranks = karmarkar_karp(costs, dp_size)
     k = max(1, microbatches_per_rank or max(-(-sum(lengths[i] for i in r) // token_budget) for r in ranks))
     while True:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.logprobs import (block_logits, block_stats, gather_sequence_parallel, head_backward,
-                              head_forward, reduce_hidden_grad, resolve_impl, torch_block_rows, _rank)
+                              head_forward, reduce_hidden_grad, resolve_impl, torch_block_rows, tp_rank)
 from kernels.reference import AGGREGATIONS, KL_ESTIMATORS
 
 TOKEN_LOG_RATIO_BOUNDS = (-20.0, 20.0)  # verl clamps the token log-ratio before exp
@@ -327,7 +327,7 @@ def _one_pass_torch(hidden, weight, labels, old_logprobs, advantages, ref_logpro
     """Token-level ratios on the torch path: one logits matmul per token block, gradients finished
     in the same pass. -> (logprobs, entropy, terms, d hidden partial fp32, d weight fp32)."""
     (T, H), V = hidden.shape, weight.shape[0]
-    vocab_start = _rank(group) * V
+    vocab_start = tp_rank(group) * V
     fp32 = hidden.dtype == torch.float32
     weight32 = weight if fp32 else weight.float()
     dh = torch.empty(T, H, dtype=torch.float32, device=hidden.device)
