@@ -261,7 +261,7 @@ def block_stats(z, labels_block, vocab_start, group, need_entropy):
     if tp_world_size(group) > 1:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     z.sub_(row_max.unsqueeze(1))
-    if need_entropy:
+    if need_entropy:  # the only case with two [Tb, V] buffers: e and z
         e = torch.exp(z)
         ez = torch.linalg.vecdot(e, z)  # sum e * (z - max)
     else:
@@ -293,9 +293,24 @@ def logprobs_fwd_torch(hidden, weight, labels, temperature, vocab_start, group, 
         block = slice(start, min(start + rows, T))
         z = block_logits(hidden[block], weight, temperature)
         _, _, lse[block], logprobs[block], ent = block_stats(z, labels[block], vocab_start, group, need_entropy)
+        del z  # before the next block is allocated: one [Tb, V] block alive, not two
         if need_entropy:
             entropy[block] = ent
     return lse, logprobs, entropy
+
+
+def block_grad_logits(z, block, labels, vocab_start, temperature, lse, entropy, g_logp, g_ent):
+    """d loss / d logits of one block from its logits z (consumed): g (onehot - p) - g_ent p (log p + H)."""
+    logp_all = z.sub_(lse[block].unsqueeze(1))
+    g = g_logp[block].unsqueeze(1)
+    if g_ent is None:
+        dz = logp_all.exp_().mul_(-g)
+    else:  # -p * (g + g_ent * (log p + entropy))
+        p = torch.exp(logp_all)
+        coef = logp_all.add_(entropy[block].unsqueeze(1)).mul_(g_ent[block].unsqueeze(1)).add_(g)
+        dz = p.mul_(coef).neg_()
+    add_onehot_(dz, labels[block], vocab_start, g_logp[block])
+    return dz.div_(temperature) if temperature != 1.0 else dz
 
 
 def logprobs_bwd_torch(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp, g_ent):
@@ -308,19 +323,12 @@ def logprobs_bwd_torch(hidden, weight, labels, temperature, vocab_start, lse, en
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, T, rows):
         block = slice(start, min(start + rows, T))
-        logp_all = block_logits(hidden[block], weight, temperature).sub_(lse[block].unsqueeze(1))
-        g = g_logp[block].unsqueeze(1)
-        if g_ent is None:
-            dz = logp_all.exp_().mul_(-g)
-        else:  # -p * (g + g_ent * (log p + entropy))
-            p = torch.exp(logp_all)
-            coef = logp_all.add_(entropy[block].unsqueeze(1)).mul_(g_ent[block].unsqueeze(1)).add_(g)
-            dz = p.mul_(coef).neg_()
-        add_onehot_(dz, labels[block], vocab_start, g_logp[block])
-        if temperature != 1.0:
-            dz.div_(temperature)
+        z = block_logits(hidden[block], weight, temperature)
+        dz = block_grad_logits(z, block, labels, vocab_start, temperature, lse, entropy, g_logp, g_ent)
+        del z
         torch.mm(dz, weight32, out=dh[block])
         dw.addmm_(dz.t(), hidden[block] if fp32 else hidden[block].float())
+        del dz  # before the next block is allocated: one [Tb, V] block alive, not two
     return dh.to(hidden.dtype), dw.to(weight.dtype)
 
 

@@ -359,6 +359,7 @@ def _one_pass_torch(hidden, weight, labels, old_logprobs, advantages, ref_logpro
         terms.store(block, block_terms)
         if compute_entropy:
             entropy[block] = ent
+        del z, e  # before the next block is allocated: one [Tb, V] block alive, not two
     return logprobs, entropy, terms, dh, dw
 
 
