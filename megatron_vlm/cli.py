@@ -2,6 +2,8 @@
 
   megatron-vlm train --config configs/lm_demo.yaml [key.sub=value ...]
   megatron-vlm plan  --config configs/qwen3_vl_30b_a3b.yaml [--nproc N]
+  megatron-vlm convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N --etp N --nproc N]
+  megatron-vlm convert mcore-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
   megatron-vlm bench kernels [...]
 
 `train` with runtime.nproc > 1 and no launcher around it (no RANK in the environment) starts the
@@ -48,6 +50,48 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from megatron_vlm.checkpoint import convert
+
+    if args.direction == "mcore-to-hf":
+        if not args.ckpt:
+            raise ValueError("mcore-to-hf needs --ckpt DIR")
+        out = convert.mcore_to_hf(args.ckpt, args.out, int(args.max_shard_gb * (1 << 30)))
+        print(f"wrote {out}")
+        return 0
+    if not args.hf:
+        raise ValueError("hf-to-mcore needs --hf DIR")
+    from megatron_vlm.parallel.config import ParallelConfig
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a worker of --nproc
+        part = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        convert.hf_to_mcore(args.hf, args.out, parallel, part=part, finalize=False)
+        return 0
+    if args.nproc > 1:
+        from megatron_vlm.parallel.launch import launch_local
+
+        argv = ["-m", "megatron_vlm.cli", "convert", "hf-to-mcore", "--hf", args.hf, "--out",
+                args.out, "--tp", str(args.tp), "--pp", str(args.pp), "--ep", str(args.ep)]
+        if args.etp is not None:
+            argv += ["--etp", str(args.etp)]
+        result = launch_local(argv, args.nproc, timeout=args.timeout)
+        if not result.ok:
+            print(result.summary(), file=sys.stderr)
+            return 1
+        from megatron_vlm.checkpoint.hf_io import HFCheckpointReader
+
+        hf_config = HFCheckpointReader(args.hf).config()
+        from megatron_vlm.models import family_for
+
+        lm = family_for(hf_config).language_config(hf_config)
+        out = convert.finalize_mcore(args.hf, __import__("pathlib").Path(args.out), parallel, hf_config, lm)
+    else:
+        out = convert.hf_to_mcore(args.hf, args.out, parallel)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what != "kernels":
         raise SystemExit(f"unknown benchmark {args.what!r}; known: kernels")
@@ -70,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--nproc", type=int, default=None, help="world size (default: from config)")
     plan.add_argument("overrides", nargs="*", help="key.sub=value")
     plan.set_defaults(func=cmd_plan)
+    conv = sub.add_parser("convert", help="HF <-> megatron checkpoints (streaming)")
+    conv.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    conv.add_argument("--hf", help="HF checkpoint directory (hf-to-mcore)")
+    conv.add_argument("--ckpt", help="megatron_vlm checkpoint directory (mcore-to-hf)")
+    conv.add_argument("--out", required=True, help="output directory (must not exist)")
+    for flag in ("tp", "pp", "ep"):
+        conv.add_argument(f"--{flag}", type=int, default=1)
+    conv.add_argument("--etp", type=int, default=None, help="expert TP (default: --tp)")
+    conv.add_argument("--nproc", type=int, default=1, help="processes for hf-to-mcore")
+    conv.add_argument("--max-shard-gb", type=float, default=2.0, help="HF shard size bound")
+    conv.add_argument("--timeout", type=float, default=7200)
+    conv.set_defaults(func=cmd_convert)
     bench = sub.add_parser("bench", help="microbenchmarks")
     bench.add_argument("what", help="kernels")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -81,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"megatron-vlm: error: {exc}", file=sys.stderr)
         return 2
 

@@ -38,6 +38,8 @@ class RankLayout:
     layer_offset: int        # global index of this pipeline stage's first layer
     num_local_experts: int
     gated_linear_unit: bool = True
+    layers_per_stage: int = 1 << 30
+    is_last_stage: bool = True
 
     @classmethod
     def current(cls, config, vp_stage=None) -> "RankLayout":
@@ -55,11 +57,60 @@ class RankLayout:
             layer_offset=get_transformer_layer_offset(config, vp_stage=vp_stage),
             num_local_experts=experts // ps.get_expert_model_parallel_world_size(),
             gated_linear_unit=config.gated_linear_unit,
+            layers_per_stage=config.num_layers // ps.get_pipeline_model_parallel_world_size(),
+            is_last_stage=ps.is_pipeline_last_stage(),
         )
 
 
 def is_expert_param(name: str) -> bool:
     return ".mlp.experts." in name
+
+
+# How megatron's local-spec layers split their weights over TP (None: replicated). Checked against
+# the parameters' own `partition_dim` whenever a model is at hand (shard_state_dict), and used
+# alone by offline conversion, which never builds the model.
+_PARTITION_DIMS = (
+    ("embedding.word_embeddings.weight", 0),
+    ("output_layer.weight", 0),
+    ("linear_qkv.weight", 0), ("linear_qkv.bias", 0),
+    ("linear_proj.weight", 1),
+    ("linear_fc1.weight", 0), ("linear_fc1.bias", 0),
+    ("linear_fc2.weight", 1),
+)
+
+
+def partition_dim_of(name: str) -> int | None:
+    if name.startswith("vision."):
+        return None
+    for suffix, dim in _PARTITION_DIMS:
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def local_name(full_name: str, layout: RankLayout) -> str | None:
+    """Name in the full model -> this rank's name, or None when the tensor lives elsewhere
+    (another pipeline stage or expert-parallel rank). Stage ranges come from `layer_offset` and
+    `layers_per_stage`; non-layer tensors: embedding / vision on the first stage, output layer and
+    final norm on the last."""
+    m = _LAYER.search(full_name)
+    if m:
+        layer = int(m.group(2)) - layout.layer_offset
+        if not 0 <= layer < layout.layers_per_stage:
+            return None
+        full_name = _LAYER.sub(lambda x: f"{x.group(1)}decoder.layers.{layer}.", full_name, count=1)
+    elif full_name.endswith(("output_layer.weight", "decoder.final_layernorm.weight")):
+        if not layout.is_last_stage:
+            return None
+    elif layout.layer_offset != 0:
+        return None
+    m = _EXPERT.search(full_name)
+    if m:
+        expert = int(m.group(1)) - layout.ep_rank * layout.num_local_experts
+        if not 0 <= expert < layout.num_local_experts:
+            return None
+        full_name = _EXPERT.sub(f".mlp.experts.local_experts.{expert}.", full_name, count=1)
+    return full_name
 
 
 def global_name(local_name: str, layout: RankLayout) -> str:
@@ -75,11 +126,10 @@ def global_name(local_name: str, layout: RankLayout) -> str:
     return _EXPERT.sub(expert, name, count=1)
 
 
-def shard_tensor(full: torch.Tensor, local_name: str, param, layout: RankLayout) -> torch.Tensor:
-    """This rank's piece of `full`, shaped like `param`."""
-    if not getattr(param, "tensor_model_parallel", False):
+def shard_tensor(full: torch.Tensor, local_name: str, dim: int | None, layout: RankLayout) -> torch.Tensor:
+    """This rank's piece of `full` for a tensor split along `dim` (None: replicated)."""
+    if dim is None:
         return full
-    dim = param.partition_dim
     if is_expert_param(local_name):
         rank, size = layout.etp_rank, layout.etp_size
     else:
@@ -102,7 +152,11 @@ def shard_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module, layo
             key = key.replace("output_layer.weight", "embedding.word_embeddings.weight")
         if key not in full:
             raise KeyError(f"no tensor for parameter {name!r} (global name {key!r}) in the source")
-        piece = shard_tensor(full[key], name, param, layout)
+        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        if dim != partition_dim_of(key):
+            raise AssertionError(f"{name}: megatron splits it along {dim}, the conversion table "
+                                 f"says {partition_dim_of(key)}")
+        piece = shard_tensor(full[key], name, dim, layout)
         if piece.shape != param.shape:
             raise ValueError(f"tensor {key!r}: expected shape {tuple(param.shape)} for this rank, "
                              f"found {tuple(piece.shape)} (from {tuple(full[key].shape)})")

@@ -26,9 +26,18 @@ LAUNCHES = {
 @pytest.mark.dist
 @pytest.mark.parametrize("family", list(LAUNCHES))
 def test_logits_and_weights_match_transformers(family, tmp_path):
+    from megatron_vlm.checkpoint.convert import hf_to_mcore
+    from megatron_vlm.parallel.config import ParallelConfig
+    from tests.checkpoint.test_convert import write_hub_checkpoint
+
+    # Sharded layouts are also loaded from `convert hf-to-mcore` output (load_into_model).
+    hub = write_hub_checkpoint(make_hf_model(family), tmp_path / "hub")
+    converted = {"tp2_ep2": dict(tp=2, ep=2, etp=1), "pp2": dict(pp=2), "tp2": dict(tp=2)}
+    for layout in set(LAUNCHES[family]) & set(converted):
+        hf_to_mcore(str(hub), str(tmp_path / "ckpt" / layout), ParallelConfig(**converted[layout]))
     out = tmp_path / "parity.json"
-    result = launch_local([WORKER, str(out), family, ",".join(LAUNCHES[family])], nproc=4,
-                          timeout=420, env={"PYTHONPATH": ROOT})
+    result = launch_local([WORKER, str(out), family, ",".join(LAUNCHES[family]),
+                           str(tmp_path / "ckpt")], nproc=4, timeout=420, env={"PYTHONPATH": ROOT})
     assert result.ok, result.summary()
     report = json.loads(out.read_text())
     print(family, json.dumps(report))
@@ -37,6 +46,8 @@ def test_logits_and_weights_match_transformers(family, tmp_path):
         assert r["logits_max_abs"] <= 1e-5, (layout, r)
         assert r["weights_mismatched"] == 0 and r["key_count_differs"] == 0, (layout, r)
         assert r["params_changed_by_export"] == 0, (layout, r)
+        if layout in converted:
+            assert r["checkpoint_logits_max_abs"] <= 1e-5, (layout, r)
 
 
 @pytest.mark.parametrize("family", list(LAUNCHES))

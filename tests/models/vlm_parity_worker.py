@@ -9,9 +9,11 @@ rank runs the whole batch (this checks the model, not the data split). Also chec
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 
+from megatron_vlm.checkpoint.convert import load_into_model
 from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
 from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
 from megatron_vlm.checkpoint.streaming import iter_hf_weights
@@ -62,6 +64,7 @@ def forward_logits(model, batch):
 
 def main():
     out_path, family_name, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    ckpt_root = Path(sys.argv[4]) if len(sys.argv) > 4 else None
     runtime = init_runtime(ParallelConfig(), seed=3)
     hf = make_hf_model(family_name)
     family = family_for(hf.config)
@@ -93,6 +96,16 @@ def main():
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
         report[name] = {"logits_max_abs": values[0].item(), "weights_mismatched": values[1].item(),
                         "key_count_differs": values[2].item(), "params_changed_by_export": values[3].item()}
+        if ckpt_root is not None and (ckpt_root / name).is_dir():
+            # the same layout loaded from `megatron-vlm convert hf-to-mcore` output instead
+            model = family.build(hf.config, parallel, "cpu")
+            load_into_model(model, str(ckpt_root / name))
+            model.eval()
+            with torch.no_grad():
+                logits = forward_logits(model, batch)
+            diff = torch.tensor(float((logits - reference).abs().max()) if logits is not None else 0.0)
+            torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+            report[name]["checkpoint_logits_max_abs"] = diff.item()
         if mismatched and runtime.rank == 0:
             print("mismatched", name, mismatched[:5], flush=True)
     if runtime.rank == 0:

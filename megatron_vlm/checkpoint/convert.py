@@ -1,0 +1,295 @@
+"""HF <-> megatron checkpoint conversion, streaming, single- or multi-process, no model built.
+
+The megatron checkpoint is a directory of per-rank safetensors files in local parameter names:
+  megatron_vlm_checkpoint.json   format, architecture, layout {tp, pp, ep, etp}, layer counts
+  hf/                            the HF config, tokenizer, processor and chat-template files
+  dense-pp{P}-tp{T}.safetensors            every non-expert tensor of stage P, TP rank T
+  experts-pp{P}-ep{E}-etp{X}.safetensors   the experts of stage P on EP rank E, expert-TP rank X
+A rank of any DP / CP replica loads the two files its (pp, tp, ep, etp) coordinates name
+(`load_into_model`). Files are independent, so conversion parallelises over them: with N
+processes, process i writes files i, i+N, ... (`part`), and the parent finalises.
+
+Memory: hf-to-mcore holds one output file plus the rule being converted (at most one layer's
+fused experts); mcore-to-hf holds one HF shard plus one rule's tensors, read lazily from the rank
+files. Errors name the file or tensor: a missing or truncated shard, a tensor whose shape disagrees
+with the config, a layout that does not divide the model.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_vlm.checkpoint.hf_io import HFCheckpointReader, ShardedWriter, copy_side_files
+from megatron_vlm.checkpoint.hf_rules import check_hf_keys
+from megatron_vlm.checkpoint.sharding import (RankLayout, is_expert_param, local_name,
+                                              partition_dim_of, shard_tensor)
+from megatron_vlm.models import family_for
+from megatron_vlm.parallel.config import ParallelConfig
+
+META = "megatron_vlm_checkpoint.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One output file: which tensors (dense or experts) of which rank coordinates."""
+    kind: str  # "dense" | "experts"
+    pp: int
+    tp: int = 0
+    ep: int = 0
+    etp: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.kind == "dense":
+            return f"dense-pp{self.pp}-tp{self.tp}.safetensors"
+        return f"experts-pp{self.pp}-ep{self.ep}-etp{self.etp}.safetensors"
+
+    def layout(self, lm, parallel: ParallelConfig) -> RankLayout:
+        per_stage = lm.num_layers // parallel.pp
+        return RankLayout(tp_rank=self.tp, tp_size=parallel.tp, etp_rank=self.etp,
+                          etp_size=parallel.expert_tp, ep_rank=self.ep, ep_size=parallel.ep,
+                          layer_offset=self.pp * per_stage,
+                          num_local_experts=(lm.num_experts or 1) // parallel.ep,
+                          layers_per_stage=per_stage, is_last_stage=self.pp == parallel.pp - 1)
+
+
+def file_specs(lm, parallel: ParallelConfig) -> list[FileSpec]:
+    specs = [FileSpec("dense", pp, tp=tp) for pp in range(parallel.pp) for tp in range(parallel.tp)]
+    if lm.num_experts:
+        specs += [FileSpec("experts", pp, ep=ep, etp=etp) for pp in range(parallel.pp)
+                  for ep in range(parallel.ep) for etp in range(parallel.expert_tp)]
+    return specs
+
+
+def _progress(label: str, done: int, total: int, start: float) -> None:
+    print(f"[{label}] {done}/{total} files, {time.time() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+# --- HF -> megatron ------------------------------------------------------------------------------
+def hf_to_mcore(hf_dir: str, out_dir: str, parallel: ParallelConfig, part: tuple[int, int] = (0, 1),
+                finalize: bool = True) -> Path:
+    reader = HFCheckpointReader(hf_dir)
+    hf_config = reader.config()
+    family = family_for(hf_config)
+    lm = family.language_config(hf_config)
+    lm.check_layout(parallel)
+    rules = family.hf_rules(hf_config)
+    # Some checkpoints store the tied output projection anyway; it is the embedding, so skip it.
+    tied_copy = {"lm_head.weight"} if lm.tie_word_embeddings else set()
+    check_hf_keys(rules, reader.keys() - tied_copy, hf_dir)
+    _check_hf_shapes(family, hf_config, reader)
+    out = Path(out_dir)
+    tmp = _partial_dir(out)
+    specs = file_specs(lm, parallel)
+    mine = specs[part[0]::part[1]]
+    start = time.time()
+    for done, spec in enumerate(mine, start=1):
+        tensors = _convert_file(spec, rules, reader, lm, parallel)
+        save_file(tensors, str(tmp / spec.name), metadata={"format": "pt"})
+        del tensors
+        _progress(f"hf-to-mcore {part[0]}/{part[1]}", done, len(mine), start)
+    if finalize:
+        finalize_mcore(hf_dir, out, parallel, hf_config, lm)
+    return out
+
+
+def _convert_file(spec: FileSpec, rules, reader, lm, parallel) -> dict[str, torch.Tensor]:
+    layout = spec.layout(lm, parallel)
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        wanted = [(i, name) for i, name in enumerate(rule.mcore)
+                  if is_expert_param(name) == (spec.kind == "experts")
+                  and local_name(name, layout) is not None]
+        if not wanted:
+            continue
+        full = rule.to_mcore([reader.get(n) for n in rule.hf])
+        for i, name in wanted:
+            local = local_name(name, layout)
+            tensors[local] = shard_tensor(full[i], local, partition_dim_of(name), layout).clone()
+    if lm.tie_word_embeddings and parallel.pp > 1 and spec.kind == "dense" and layout.is_last_stage:
+        # megatron keeps a synced copy of a tied embedding as the last stage's output layer
+        embed = next(r for r in rules if "language.embedding.word_embeddings.weight" in r.mcore)
+        full = embed.to_mcore([reader.get(n) for n in embed.hf])[0]
+        tensors["language.output_layer.weight"] = shard_tensor(
+            full, "language.output_layer.weight", 0, layout).clone()
+    return tensors
+
+
+def _check_hf_shapes(family, hf_config, reader) -> None:
+    """Compare every tensor with the shape the config implies (model built on the meta device)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in family.hf_model_class(hf_config).state_dict().items()}
+    for name in reader.keys():
+        found = reader.shape(name)
+        want = expected.get(name)
+        if want is None:
+            continue
+        fused_hub = len(want) == 3 and name.endswith(("gate_up_proj", "down_proj"))
+        if found != want and not (fused_hub and found == (want[0], want[2], want[1])):
+            raise ValueError(f"tensor {name!r}: the config expects shape {list(want)}, the "
+                             f"checkpoint has {list(found)}")
+
+
+def _partial_dir(out: Path) -> Path:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    tmp = out.parent / f"{out.name}.partial"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def finalize_mcore(hf_dir, out: Path, parallel: ParallelConfig, hf_config, lm) -> Path:
+    tmp = out.parent / f"{out.name}.partial"
+    missing = [s.name for s in file_specs(lm, parallel) if not (tmp / s.name).is_file()]
+    if missing:
+        raise RuntimeError(f"conversion incomplete, missing {missing[:3]} in {tmp}")
+    side = tmp / "hf"
+    side.mkdir(exist_ok=True)
+    copy_side_files(Path(hf_dir), side)
+    hf_config.save_pretrained(str(side))
+    meta = {"format": FORMAT, "architecture": hf_config.architectures[0],
+            "layout": {"tp": parallel.tp, "pp": parallel.pp, "ep": parallel.ep,
+                       "etp": parallel.expert_tp},
+            "num_layers": lm.num_layers, "num_experts": lm.num_experts}
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+# --- megatron -> HF ------------------------------------------------------------------------------
+class McoreCheckpoint:
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        meta_path = self.dir / META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.dir}: no {META} (not a megatron_vlm checkpoint, or an "
+                                    f"interrupted conversion)")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: format {self.meta.get('format')} is not {FORMAT}")
+        from transformers import AutoConfig
+
+        self.hf_config = AutoConfig.from_pretrained(str(self.dir / "hf"))
+        self.family = family_for(self.hf_config)
+        self.lm = self.family.language_config(self.hf_config)
+        self.parallel = ParallelConfig(**self.meta["layout"])
+        self._handles = {}
+
+    def _open(self, spec: FileSpec):
+        if spec.name not in self._handles:
+            path = self.dir / spec.name
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: rank file missing from the checkpoint")
+            try:
+                self._handles[spec.name] = safe_open(str(path), framework="pt")
+            except Exception as exc:
+                raise ValueError(f"{path}: unreadable or truncated ({exc})") from None
+        return self._handles[spec.name]
+
+    def full_tensor(self, name: str) -> torch.Tensor:
+        """Reassemble one full megatron tensor from the rank files that hold its pieces."""
+        p, expert = self.parallel, is_expert_param(name)
+        for spec in file_specs(self.lm, p):
+            if spec.kind != ("experts" if expert else "dense") or spec.tp or spec.etp:
+                continue
+            layout = spec.layout(self.lm, p)
+            local = local_name(name, layout)
+            if local is None:
+                continue
+            dim = partition_dim_of(name)
+            size = p.expert_tp if expert else p.tp
+            pieces = []
+            for rank in range(size if dim is not None else 1):
+                other = FileSpec(spec.kind, spec.pp, tp=0 if expert else rank, ep=spec.ep,
+                                 etp=rank if expert else 0)
+                pieces.append(self._open(other).get_tensor(local))
+            if dim is None:
+                return pieces[0]
+            if name.endswith("linear_fc1.weight"):
+                halves = [x.chunk(2, dim=dim) for x in pieces]
+                return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+            return torch.cat(pieces, dim=dim)
+        raise KeyError(f"{name!r} is in no rank file of {self.dir}")
+
+
+def mcore_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 2 << 30) -> Path:
+    ckpt = McoreCheckpoint(ckpt_dir)
+    rules = ckpt.family.hf_rules(ckpt.hf_config)
+    writer = ShardedWriter(out_dir, max_shard_bytes)
+    start = time.time()
+    try:
+        for done, rule in enumerate(rules, start=1):
+            for name, tensor in zip(rule.hf, rule.to_hf([ckpt.full_tensor(n) for n in rule.mcore])):
+                writer.add(name, tensor)
+            if done % max(1, len(rules) // 10) == 0 or done == len(rules):
+                print(f"[mcore-to-hf] {done}/{len(rules)} rules, {time.time() - start:.1f}s",
+                      file=sys.stderr, flush=True)
+        return writer.finish(config_json=ckpt.hf_config.to_dict(), side_files_from=ckpt.dir / "hf")
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# --- a live model ----------------------------------------------------------------------------------
+def load_into_model(model: torch.nn.Module, ckpt_dir: str) -> None:
+    """Copy this rank's tensors from a megatron_vlm checkpoint of the same layout into `model`."""
+    from megatron.core import parallel_state as ps
+
+    ckpt = McoreCheckpoint(ckpt_dir)
+    here = {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "etp": ps.get_expert_tensor_parallel_world_size()}
+    if here != ckpt.meta["layout"]:
+        raise ValueError(f"{ckpt_dir} was written for layout {ckpt.meta['layout']}, this run uses "
+                         f"{here}; convert it with `megatron-vlm convert` (via HF) first")
+    pp = ps.get_pipeline_model_parallel_rank()
+    dense = ckpt._open(FileSpec("dense", pp, tp=ps.get_tensor_model_parallel_rank()))
+    experts = None
+    if ckpt.lm.num_experts:
+        experts = ckpt._open(FileSpec("experts", pp, ep=ps.get_expert_model_parallel_rank(),
+                                      etp=ps.get_expert_tensor_parallel_rank()))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            source = experts if is_expert_param(name) else dense
+            if name not in source.keys():
+                raise KeyError(f"{ckpt_dir}: no tensor {name!r} for this rank")
+            tensor = source.get_tensor(name)
+            if tensor.shape != param.shape:
+                raise ValueError(f"{ckpt_dir}: tensor {name!r} has shape {list(tensor.shape)}, the "
+                                 f"model expects {list(param.shape)}")
+            param.copy_(tensor)
+
+
+def export_model(model, rules, hf_config, out_dir: str, side_files_from: str | None = None,
+                 max_shard_bytes: int = 2 << 30) -> Path | None:
+    """Write a live sharded model as an HF checkpoint (every rank gathers, rank 0 writes)."""
+    from megatron_vlm.checkpoint.streaming import iter_hf_weights
+
+    writer = ShardedWriter(out_dir, max_shard_bytes) if torch.distributed.get_rank() == 0 else None
+    try:
+        for name, tensor in iter_hf_weights(model, rules):
+            if writer is not None:
+                writer.add(name, tensor)
+        if writer is not None:
+            return writer.finish(config_json=hf_config.to_dict(), side_files_from=side_files_from)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return None
+
+
+def clean_partial(out_dir: str) -> None:
+    shutil.rmtree(Path(out_dir).parent / f"{Path(out_dir).name}.partial", ignore_errors=True)
