@@ -4,7 +4,8 @@ Two policies over the same mechanism. Prompts live in named pools (difficulty ti
 a policy decides each pool's share of the next batch; `allocate` turns shares into integer counts
 (largest remainder, deterministic); `PoolDrawer` draws that many prompts from each pool without
 replacement within an epoch of the pool, reshuffling per epoch from (seed, pool, epoch), so a run
-restarted with the same seed and state draws the same prompts.
+restarted with the same seed and cursor draws the same prompts. Both come from
+`megatron_vlm.data.transforms`, where the dataset mixtures use them too.
 
 - Difficulty-adaptive (GLM-4.1V-Thinking / GLM-4.5V's RLCS, arXiv 2507.01006): the next batch's
   mix follows the last batch's pass rate per tier. A tier's weight is the chance that a group of
@@ -19,52 +20,17 @@ restarted with the same seed and state draws the same prompts.
 """
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Hashable, Mapping, Sequence
 
+from megatron_vlm.data.transforms import PoolDrawer, allocate_counts
+
+allocate = allocate_counts  # shares -> integer counts, shared with the data mixtures
+__all__ = ["PoolDrawer", "allocate", "AdaptiveMixConfig", "adaptive_mix", "mixed_group_probability",
+           "pass_rates_by_pool", "stratify", "CurriculumConfig", "CurriculumState", "curriculum_mix",
+           "advance_curriculum"]
+
 ADVANCE_RULES = ("steps", "pass_rate")
-
-
-# ------------------------------------------------------------------------------ shares -> prompts
-def allocate(shares: Mapping[str, float], total: int) -> dict[str, int]:
-    """Integer counts summing to `total`, proportional to `shares` (largest remainder; ties go to
-    the pool listed first)."""
-    weight = sum(shares.values())
-    if total < 0 or not weight > 0:
-        raise ValueError(f"allocate needs total >= 0 and positive shares, got {total} and {dict(shares)}")
-    exact = {name: total * share / weight for name, share in shares.items()}
-    counts = {name: int(value) for name, value in exact.items()}
-    order = sorted(shares, key=lambda name: (-(exact[name] - counts[name]), list(shares).index(name)))
-    for name in order[: total - sum(counts.values())]:
-        counts[name] += 1
-    return counts
-
-
-@dataclass
-class PoolDrawer:
-    """Draws from named pools without replacement within each pool's epoch; deterministic from seed."""
-    pools: Mapping[str, Sequence[Hashable]]
-    seed: int = 0
-    cursor: dict[str, int] = field(default_factory=dict)  # items drawn so far from each pool (all epochs)
-
-    def draw(self, counts: Mapping[str, int]) -> list[tuple[str, Hashable]]:
-        out = []
-        for name, count in counts.items():
-            pool = self.pools[name]
-            if count and not pool:
-                raise ValueError(f"pool {name!r} is empty but {count} prompts were asked of it")
-            for _ in range(count):
-                position = self.cursor.get(name, 0)
-                epoch, offset = divmod(position, len(pool))
-                out.append((name, pool[self._order(name, epoch)[offset]]))
-                self.cursor[name] = position + 1
-        return out
-
-    def _order(self, name: str, epoch: int) -> list[int]:
-        order = list(range(len(self.pools[name])))
-        random.Random(f"{self.seed}/{name}/{epoch}").shuffle(order)
-        return order
 
 
 # ------------------------------------------------------------------------ difficulty-adaptive mix
