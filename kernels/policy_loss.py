@@ -290,7 +290,6 @@ class PolicyLoss(torch.autograd.Function):
                                             ref_logprobs, weights, impl)
         loss, metrics = finish(terms, weights, mask, cfg, logprobs, old_logprobs, entropy)
         ctx.save_for_backward(coef)
-        ctx.metric_names = list(metrics)
         ctx.mark_non_differentiable(*metrics.values())
         return loss, *metrics.values()
 
