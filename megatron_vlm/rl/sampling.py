@@ -58,8 +58,8 @@ def informative_groups(rewards: torch.Tensor, group_index: torch.Tensor, atol: f
     _, inverse = torch.unique(group_index, return_inverse=True)
     G = int(inverse.max()) + 1 if len(inverse) else 0
     r = rewards.double()
-    hi = torch.full((G,), float("-inf"), dtype=r.dtype).scatter_reduce_(0, inverse, r, "amax")
-    lo = torch.full((G,), float("inf"), dtype=r.dtype).scatter_reduce_(0, inverse, r, "amin")
+    hi = torch.full((G,), float("-inf"), dtype=r.dtype, device=r.device).scatter_reduce_(0, inverse, r, "amax")
+    lo = torch.full((G,), float("inf"), dtype=r.dtype, device=r.device).scatter_reduce_(0, inverse, r, "amin")
     return (hi - lo > atol)[inverse]
 
 
