@@ -122,16 +122,19 @@ def _random_inputs(T=23, seed=0):
 CU = torch.tensor([0, 5, 6, 14, 23])
 
 
-@pytest.mark.parametrize("name", ["ppo", "dapo", "dual_clip", "gspo"])
-@pytest.mark.parametrize("aggregation", [None, "seq-mean-token-mean", "token-mean"])
-def test_kernel_losses_equal_the_kernel_reference(name, aggregation):
-    logp, old, ref, adv, mask = _random_inputs()
-    cfg = LossConfig(name=name, aggregation=aggregation, kl_type="k3", kl_coef=0.05)
+@pytest.mark.parametrize("name,aggregation,impl", [
+    (name, aggregation, "auto") for name in ("ppo", "dapo", "dual_clip", "gspo")
+    for aggregation in (None, "seq-mean-token-mean", "token-mean")] + [("dapo", None, "triton"), ("gspo", None, "triton")])
+def test_kernel_losses_equal_the_kernel_reference(name, aggregation, impl):
+    """Also through the Triton kernel (interpreted on CPU): LossConfig.impl reaches the kernel."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"  # interpreter only on CPU
+    logp, old, ref, adv, mask = (t.to(device) for t in _random_inputs())
+    cfg = LossConfig(name=name, aggregation=aggregation, kl_type="k3", kl_coef=0.05, impl=impl)
     ours = logp.clone().requires_grad_()
-    loss, metrics = policy_loss_fn(LossInputs(ours, old, adv, mask, CU, ref_logprobs=ref), cfg)
+    loss, metrics = policy_loss_fn(LossInputs(ours, old, adv, mask, CU.to(device), ref_logprobs=ref), cfg)
     loss.backward()
     theirs = logp.clone().requires_grad_()
-    expected, expected_metrics = policy_loss_ref(theirs, old, adv, mask, CU, kernel_policy_config(cfg),
+    expected, expected_metrics = policy_loss_ref(theirs, old, adv, mask, CU.to(device), kernel_policy_config(cfg),
                                                  ref_logprobs=ref)
     expected.backward()
     assert_close(loss, expected, atol=1e-5, rtol=1e-5, name="loss")
