@@ -185,8 +185,10 @@ def gspo_loss(inputs: LossInputs, cfg: LossConfig):
 
 @register_policy_loss("intern_s1")
 def intern_s1_loss(inputs: LossInputs, cfg: LossConfig):
-    """Intern-S1's policy loss (arXiv 2508.15763, online RL; after OREAL, arXiv 2502.06781): no
-    ratio clipping; samples with a positive advantage are imitated, negative ones pushed down.
+    """Intern-S1's policy loss (arXiv 2508.15763, online RL; in the line of OREAL, arXiv 2502.06781):
+    no ratio clipping; samples with a positive advantage are imitated, negative ones pushed down.
+    The formula below is the one issue #6 specifies; it was not checked line by line against the
+    report's text.
 
         loss = agg_t( nll_coef * [A_t > 0] * (-logp_t)  +  [A_t < 0] * (-A_t r_t) ) + kl_coef * agg_t(kl_t)
         r_t = exp(clamp(logp_t - old_t, -20, 20))
