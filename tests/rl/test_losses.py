@@ -211,3 +211,18 @@ def test_registry_and_config_contract():
         LossConfig(kl_type="k4")
     with pytest.raises(ValueError, match=r"LossInputs.mask must be \[T\] = \[3\]"):
         LossInputs(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(2), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                         "seq-mean-token-sum-norm"])
+def test_intern_s1_aggregates_like_the_kernel_reference(aggregation):
+    """The vectorised aggregation weights it borrows from kernels.policy_loss give aggregate_ref's value."""
+    from kernels.reference import aggregate_ref, kl_penalty_ref
+
+    logp, old, ref, adv, mask = _random_inputs(seed=3)
+    mask[5] = 0  # sequence 1 (one token) empty
+    cfg = LossConfig(name="intern_s1", aggregation=aggregation, kl_type="k2", kl_coef=0.3, nll_coef=0.7)
+    loss, _ = policy_loss_fn(LossInputs(logp.clone().requires_grad_(), old, adv, mask, CU, ref_logprobs=ref), cfg)
+    per_token = (0.7 * (adv > 0) * -logp + (adv < 0) * -adv * (logp - old).exp()
+                 + 0.3 * kl_penalty_ref(logp, ref, "k2"))
+    assert_close(loss, aggregate_ref(per_token, mask, CU, aggregation), atol=1e-6, rtol=1e-5, name="loss")
