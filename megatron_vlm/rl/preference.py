@@ -39,7 +39,8 @@ class PreferenceInputs:
         P = self.chosen_logps.shape
         for name in ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_tokens"):
             if getattr(self, name).shape != P:
-                raise ValueError(f"PreferenceInputs.{name} must be [P] = {list(P)}, got {list(getattr(self, name).shape)}")
+                raise ValueError(f"PreferenceInputs.{name} must be [P] = {list(P)}, "
+                                 f"got {list(getattr(self, name).shape)}")
 
     @classmethod
     def from_packed(cls, logprobs, ref_logprobs, mask, cu_seqlens, **kwargs) -> "PreferenceInputs":
@@ -126,7 +127,8 @@ def mpo_loss(inputs: PreferenceInputs, cfg: PreferenceConfig):
     """MPO, mixed preference optimisation (Wang et al., arXiv 2411.10442; InternVL2.5 / 3 / 3.5):
 
         loss = w_p * L_dpo + w_q * L_bco + w_g * L_sft
-        L_bco = mean over pairs of  -log sigmoid(beta (logp_c - ref_c) - delta) - log sigmoid(-(beta (logp_r - ref_r) - delta))
+        L_bco = mean over pairs of  -log sigmoid(beta (logp_c - ref_c) - delta)
+                                    - log sigmoid(-(beta (logp_r - ref_r) - delta))
         L_sft = -sum(logp over chosen tokens) / (number of chosen tokens)
 
     Defaults w_p 0.8, w_q 0.2, w_g 1.0 (the paper's and TRL's). delta, the BCO reward shift, is a
@@ -139,7 +141,9 @@ def mpo_loss(inputs: PreferenceInputs, cfg: PreferenceConfig):
     delta = inputs.reward_shift
     bco_per_pair = -F.logsigmoid(cfg.beta * chosen - delta) - F.logsigmoid(-(cfg.beta * rejected - delta))
     bco = bco_per_pair.sum() / _pairs(inputs)
-    tokens = inputs.num_chosen_tokens if inputs.num_chosen_tokens is not None else inputs.chosen_tokens.sum().clamp_min(1)
+    tokens = inputs.num_chosen_tokens
+    if tokens is None:
+        tokens = inputs.chosen_tokens.sum().clamp_min(1)
     sft = -inputs.chosen_logps.sum() / tokens
     loss = cfg.preference_weight * dpo + cfg.quality_weight * bco + cfg.generation_weight * sft
     rewards = cfg.beta * torch.cat([chosen, rejected]).detach()

@@ -124,7 +124,8 @@ CU = torch.tensor([0, 5, 6, 14, 23])
 
 @pytest.mark.parametrize("name,aggregation,impl", [
     (name, aggregation, "auto") for name in ("ppo", "dapo", "dual_clip", "gspo")
-    for aggregation in (None, "seq-mean-token-mean", "token-mean")] + [("dapo", None, "triton"), ("gspo", None, "triton")])
+    for aggregation in (None, "seq-mean-token-mean", "token-mean")]
+    + [("dapo", None, "triton"), ("gspo", None, "triton")])
 def test_kernel_losses_equal_the_kernel_reference(name, aggregation, impl):
     """Also through the Triton kernel (interpreted on CPU): LossConfig.impl reaches the kernel."""
     device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"  # interpreter only on CPU

@@ -34,7 +34,8 @@ def encode(text):
 def test_forced_answer_plans_only_responses_cut_off_while_thinking():
     cfg = ForcedAnswerConfig(answer_budget=16, answer_prefix="<answer>")
     prompts = [[1, 2], [3], [4], [5]]
-    texts = ["<think>\nlong reasoning", "<think>\nshort</think>\nA", "<think>\nx</think>\nthe answer is", "<think>\nstill"]
+    texts = ["<think>\nlong reasoning", "<think>\nshort</think>\nA", "<think>\nx</think>\nthe answer is",
+             "<think>\nstill"]
     responses = [encode(t) for t in texts]
     finished = [False, True, False, True]
     plans = plan_forced_answers(prompts, responses, texts, finished, encode, cfg)
