@@ -120,6 +120,11 @@ def render_text_into_image(image, text: str, *, position: str = "top", font_size
     return out
 
 
+def question_into_image(image, question: str, **render_kwargs):
+    """(image with the question drawn into it, the text prompt that replaces the question)."""
+    return render_text_into_image(image, question, **render_kwargs), TEXT_IN_IMAGE_PROMPT
+
+
 def _wrap(text: str, font, max_width: int) -> list[str]:
     lines: list[str] = []
     for paragraph in text.splitlines() or [""]:

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from megatron_vlm.data.transforms import (FILL_BLANK, OPEN_INSTRUCTION, MixtureConfig, PoolDrawer, allocate_counts,
-                                          mcq_to_fill_blank, mixture, parse_choices, render_text_into_image)
+                                          mcq_to_fill_blank, mixture, parse_choices, question_into_image,
+                                          render_text_into_image, TEXT_IN_IMAGE_PROMPT)
 
 
 def test_mcq_parsed_from_text_becomes_open_with_the_option_text_as_reference():
@@ -63,6 +64,11 @@ def test_question_rendered_into_a_band_above_the_image():
     assert render_text_into_image(image, "How many red pixels are there?").tobytes() == out.tobytes()  # deterministic
     below = render_text_into_image(image, "q", position="bottom")
     assert below.crop((0, 0, 160, 60)).tobytes() == image.tobytes()
+
+
+def test_question_into_image_replaces_the_text_prompt():
+    image, prompt = question_into_image(_photo(), "What colour is the background?")
+    assert prompt == TEXT_IN_IMAGE_PROMPT and "background" not in prompt and image.height > 60
 
 
 def test_long_questions_wrap_to_the_image_width():

@@ -227,3 +227,42 @@ def test_intern_s1_aggregates_like_the_kernel_reference(aggregation):
     per_token = (0.7 * (adv > 0) * -logp + (adv < 0) * -adv * (logp - old).exp()
                  + 0.3 * kl_penalty_ref(logp, ref, "k2"))
     assert_close(loss, aggregate_ref(per_token, mask, CU, aggregation), atol=1e-6, rtol=1e-5, name="loss")
+
+
+def test_fused_head_path_gives_the_same_loss_with_kernel_policy_config():
+    """The trainer's fused LM-head route: kernel_policy_config(cfg) into fused_linear_policy_loss."""
+    from kernels.policy_loss import fused_linear_policy_loss
+    from kernels.reference import linear_logprobs_ref
+
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(23, 16, generator=g), torch.randn(37, 16, generator=g) * 0.3
+    labels = torch.randint(0, 37, (23,), generator=g)
+    _, old, ref, adv, mask = _random_inputs()
+    logp, _ = linear_logprobs_ref(hidden, weight, labels)
+    old = logp + 0.2 * torch.randn(23, generator=g)
+    for name in ("dapo", "gspo"):
+        cfg = LossConfig(name=name, kl_type="k3", kl_coef=0.1)
+        expected, _ = policy_loss_fn(LossInputs(logp, old, adv, mask, CU, ref_logprobs=ref), cfg)
+        fused, _ = fused_linear_policy_loss(hidden, weight, labels, old, adv, mask, CU, kernel_policy_config(cfg),
+                                            ref_logprobs=ref)
+        assert_close(fused, expected, atol=1e-5, rtol=1e-5, name=f"{name} loss")
+
+
+def test_padded_batch_through_flatten_padded_equals_packed():
+    from megatron_vlm.rl.tokens import flatten_padded
+
+    logp, old, _, adv, _ = _random_inputs(T=8)
+    lengths = [3, 5]
+    padded_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1.0]])
+
+    def pad(x):
+        out = torch.zeros(2, 5)
+        out[0, :3], out[1] = x[:3], x[3:]
+        return out
+    cfg = LossConfig(name="dapo", aggregation="seq-mean-token-mean")
+    flat = [flatten_padded(pad(x), padded_mask)[0] for x in (logp, old, adv)]
+    _, mask, cu = flatten_padded(pad(logp), padded_mask)
+    padded_loss, _ = policy_loss_fn(LossInputs(*flat, mask, cu), cfg)
+    packed_loss, _ = policy_loss_fn(LossInputs(logp, old, adv, torch.ones(8), torch.tensor([0, *lengths]).cumsum(0)),
+                                    cfg)
+    assert_close(padded_loss, packed_loss, atol=1e-6, rtol=1e-6, name="loss")
