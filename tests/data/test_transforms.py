@@ -4,9 +4,9 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from megatron_vlm.data.transforms import (FILL_BLANK, OPEN_INSTRUCTION, MixtureConfig, PoolDrawer, allocate_counts,
-                                          mcq_to_fill_blank, mixture, parse_choices, question_into_image,
-                                          render_text_into_image, TEXT_IN_IMAGE_PROMPT)
+from megatron_vlm.data.transforms import (FILL_BLANK, OPEN_INSTRUCTION, TEXT_IN_IMAGE_PROMPT, MixtureConfig,
+                                          PoolDrawer, allocate_counts, mcq_to_fill_blank, mixture, parse_choices,
+                                          question_into_image, render_text_into_image)
 
 
 def test_mcq_parsed_from_text_becomes_open_with_the_option_text_as_reference():
