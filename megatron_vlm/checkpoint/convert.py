@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_vlm.checkpoint.hf_io import HFCheckpointReader, ShardedWriter, copy_side_files
+from megatron_vlm.checkpoint.hf_io import (HFCheckpointReader, ShardedWriter, copy_side_files,
+                                           open_safetensors)
 from megatron_vlm.checkpoint.hf_rules import check_hf_keys
 from megatron_vlm.checkpoint.sharding import (RankLayout, is_expert_param, local_name,
                                               partition_dim_of, shard_tensor)
@@ -184,18 +184,13 @@ class McoreCheckpoint:
         self.family = family_for(self.hf_config)
         self.lm = self.family.language_config(self.hf_config)
         self.parallel = ParallelConfig(**self.meta["layout"])
-        self._handles = {}
 
     def _open(self, spec: FileSpec):
-        if spec.name not in self._handles:
-            path = self.dir / spec.name
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: rank file missing from the checkpoint")
-            try:
-                self._handles[spec.name] = safe_open(str(path), framework="pt")
-            except Exception as exc:
-                raise ValueError(f"{path}: unreadable or truncated ({exc})") from None
-        return self._handles[spec.name]
+        """Open one rank file (use as a context manager: it is unmapped on exit)."""
+        path = self.dir / spec.name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: rank file missing from the checkpoint")
+        return open_safetensors(path)
 
     def full_tensor(self, name: str) -> torch.Tensor:
         """Reassemble one full megatron tensor from the rank files that hold its pieces."""
@@ -213,7 +208,8 @@ class McoreCheckpoint:
             for rank in range(size if dim is not None else 1):
                 other = FileSpec(spec.kind, spec.pp, tp=0 if expert else rank, ep=spec.ep,
                                  etp=rank if expert else 0)
-                pieces.append(self._open(other).get_tensor(local))
+                with self._open(other) as handle:
+                    pieces.append(handle.get_tensor(local).clone())
             if dim is None:
                 return pieces[0]
             if name.endswith("linear_fc1.weight"):
@@ -255,21 +251,24 @@ def load_into_model(model: torch.nn.Module, ckpt_dir: str) -> None:
         raise ValueError(f"{ckpt_dir} was written for layout {ckpt.meta['layout']}, this run uses "
                          f"{here}; convert it with `megatron-vlm convert` (via HF) first")
     pp = ps.get_pipeline_model_parallel_rank()
-    dense = ckpt._open(FileSpec("dense", pp, tp=ps.get_tensor_model_parallel_rank()))
-    experts = None
+    files = {False: FileSpec("dense", pp, tp=ps.get_tensor_model_parallel_rank())}
     if ckpt.lm.num_experts:
-        experts = ckpt._open(FileSpec("experts", pp, ep=ps.get_expert_model_parallel_rank(),
-                                      etp=ps.get_expert_tensor_parallel_rank()))
+        files[True] = FileSpec("experts", pp, ep=ps.get_expert_model_parallel_rank(),
+                               etp=ps.get_expert_tensor_parallel_rank())
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            source = experts if is_expert_param(name) else dense
-            if name not in source.keys():
-                raise KeyError(f"{ckpt_dir}: no tensor {name!r} for this rank")
-            tensor = source.get_tensor(name)
-            if tensor.shape != param.shape:
-                raise ValueError(f"{ckpt_dir}: tensor {name!r} has shape {list(tensor.shape)}, the "
-                                 f"model expects {list(param.shape)}")
-            param.copy_(tensor)
+        for expert, spec in files.items():
+            with ckpt._open(spec) as source:
+                for name, param in params.items():
+                    if is_expert_param(name) != expert:
+                        continue
+                    if name not in source.keys():
+                        raise KeyError(f"{ckpt_dir}/{spec.name}: no tensor {name!r} for this rank")
+                    tensor = source.get_tensor(name)
+                    if tensor.shape != param.shape:
+                        raise ValueError(f"{ckpt_dir}/{spec.name}: tensor {name!r} has shape "
+                                         f"{list(tensor.shape)}, the model expects {list(param.shape)}")
+                    param.copy_(tensor)
 
 
 def export_model(model, rules, hf_config, out_dir: str, side_files_from: str | None = None,

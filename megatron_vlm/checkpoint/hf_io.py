@@ -26,27 +26,32 @@ SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
+def open_safetensors(path: Path):
+    """safe_open with an error that names the file (a truncated file fails at the header)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: unreadable or truncated safetensors file ({exc})") from None
+
+
 class HFCheckpointReader:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         if not (self.dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.dir}: no config.json (not a Hugging Face checkpoint dir)")
         self.weight_map = self._weight_map()
-        self._handles = {}
+        self._shapes = {}
         for file in sorted(set(self.weight_map.values())):
             path = self.dir / file
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: shard listed in {INDEX} is missing")
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise ValueError(f"{path}: unreadable or truncated safetensors file ({exc})") from None
-            listed = {k for k, f in self.weight_map.items() if f == file}
-            missing = sorted(listed - set(handle.keys()))
-            if missing:
-                raise ValueError(f"{path}: the index lists tensors the file does not contain, "
-                                 f"e.g. {missing[:3]}")
-            self._handles[file] = handle
+            with open_safetensors(path) as handle:
+                listed = {k for k, f in self.weight_map.items() if f == file}
+                missing = sorted(listed - set(handle.keys()))
+                if missing:
+                    raise ValueError(f"{path}: the index lists tensors the file does not contain, "
+                                     f"e.g. {missing[:3]}")
+                self._shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in listed})
 
     def _weight_map(self) -> dict[str, str]:
         index = self.dir / INDEX
@@ -67,12 +72,15 @@ class HFCheckpointReader:
         return set(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of its file; the file is unmapped again right away, so pages
+        of tensors already converted do not stay resident."""
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: no tensor {name!r}")
-        return self._handles[self.weight_map[name]].get_tensor(name)
+        with open_safetensors(self.dir / self.weight_map[name]) as handle:
+            return handle.get_tensor(name).clone()
 
     def config(self):
         from transformers import AutoConfig

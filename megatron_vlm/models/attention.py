@@ -77,6 +77,8 @@ class CoreAttention(MegatronModule):
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("CoreAttention: attention_bias is not supported")
+        if query.dim() == 3:  # THD: megatron squeezes the batch dim of packed sequences
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
         sq = query.shape[0]
         if cp_size > 1:

@@ -49,8 +49,11 @@ class Family:
               **config_overrides) -> VisionLanguageModel:
         lm = self.language_config(hf_config)
         vision = self.vision_spec(hf_config)
+        # apply_rope_fusion off: the fused THD kernel indexes rotary frequencies by position within
+        # each packed sequence, which is wrong for 3-D M-RoPE ids (they jump after images).
         config = transformer_config(lm, parallel, device_type, params_dtype,
-                                    mrope_section=vision.mrope_section, **config_overrides)
+                                    mrope_section=vision.mrope_section,
+                                    **{"apply_rope_fusion": False, **config_overrides})
         return VisionLanguageModel(lm, vision, config, device_type, pre_process, post_process)
 
 
