@@ -13,7 +13,6 @@ and GSPO differentiates through the geometric mean as in the paper (arXiv 2507.1
 per-sequence advantages and seq-mean-token-mean this gives verl's gradient exactly.
 """
 import torch
-import torch.nn.functional as F
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("none", "k1", "k2", "k3")
