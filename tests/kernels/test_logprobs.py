@@ -84,3 +84,17 @@ def test_triton_partials_ignore_labels_owned_by_another_vocab_shard():
     labels = torch.arange(619, 635)
     *_, target = logprobs_fwd_triton(hidden, weight, labels, 1.0, vocab_start=0, need_entropy=False)
     assert torch.equal(target, torch.zeros_like(target))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_without_entropy_the_logprob_gradient_is_unchanged(impl):
+    hidden, weight, labels, g_logp, _ = _inputs(47, 1237, 96, torch.float32)
+    no_entropy = torch.zeros(47)
+
+    def logprobs_only(h, w, y, t):
+        return linear_logprobs(h, w, y, t, with_entropy=False, impl=impl)[0], no_entropy
+
+    logp, _, dh, dw = _run(logprobs_only, hidden, weight, labels, 1.0, g_logp, no_entropy)
+    logp_ref, _, dh_ref, dw_ref = _run(linear_logprobs_ref, hidden, weight, labels, 1.0, g_logp, no_entropy)
+    for name, a, b in [("logprobs", logp, logp_ref), ("d_hidden", dh, dh_ref), ("d_weight", dw, dw_ref)]:
+        assert_close(a, b, atol=1e-4, rtol=1e-5, name=name)  # as in test_fp32_matches_reference
