@@ -98,14 +98,21 @@ class VisionLanguageModel(MegatronModule):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
+                image_grid_thw: torch.Tensor | None = None, packed_seq_params=None,
+                mm_token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids / labels [b, s] and position_ids [3, b, s] for the FULL sequence on every CP
-        rank. Returns per-token losses [b, s_local] with labels, else logits [b, s_local, V/tp]."""
+        rank. Returns per-token losses [b, s_local] with labels, else logits [b, s_local, V/tp].
+
+        Image features go where `mm_token_type_ids == 1` when given (so an image-placeholder id that
+        a policy happened to generate in its response stays a text token, as in transformers'
+        generation), else where input_ids equal the image token id."""
         cp = parallel_state.get_context_parallel_world_size()
         cp_rank = parallel_state.get_context_parallel_rank()
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, cp, cp_rank)
+            image_mask = (mm_token_type_ids == 1 if mm_token_type_ids is not None
+                          else input_ids == self.spec.image_token_id)
+            decoder_input = self._embed(input_ids, image_mask, pixel_values, image_grid_thw, cp, cp_rank)
         if labels is not None:
             labels = split_for_cp(labels, cp, cp_rank, seq_dim=1)
         try:
@@ -115,11 +122,10 @@ class VisionLanguageModel(MegatronModule):
         finally:
             self._deepstack = None
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw, cp, cp_rank) -> torch.Tensor:
+    def _embed(self, input_ids, image_mask, pixel_values, image_grid_thw, cp, cp_rank) -> torch.Tensor:
         embeds = self.language.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         if pixel_values is not None:
             features, deepstack = self.spec.image_features(self.vision, pixel_values, image_grid_thw)
-            image_mask = input_ids == self.spec.image_token_id  # [b, s]
             found = int(image_mask.sum())
             if found != features.shape[0]:
                 raise ValueError(f"{found} image tokens in input_ids but the images give "
