@@ -1,0 +1,95 @@
+"""One rank of the RL-step launch (2 gloo ranks): a full RL step of a tiny Qwen3-VL-MoE, twice.
+
+1. Sync the trainer's weights into the embedded engine, generate groups, check the engine's log-probs
+   against the trainer's, score the samples, GRPO advantages, trainer-side old log-probs.
+2. Update at TP=2 (DP=1, all rows in ONE micro-batch) and, from the same start, at EP=2 (DP=2, one
+   row per micro-batch: every rank runs several micro-batches). Exact normalisation means the same
+   parameters after the optimizer step. Writes the figures as JSON.
+"""
+import json
+import sys
+
+import torch
+
+from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
+from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
+from megatron_vlm.checkpoint.streaming import iter_hf_weights
+from megatron_vlm.models import family_for
+from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.parallel.runtime import init_runtime, set_layout
+from megatron_vlm.rl.losses import LossConfig
+from megatron_vlm.rollout.embedded import EmbeddedEngine
+from megatron_vlm.rollout.protocol import SamplingParams
+from megatron_vlm.rollout.weight_sync import check_logprobs, sync_weights
+from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
+from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, wrap_ddp
+from megatron_vlm.trainer.rl_step import UpdateConfig, score_rows, sequence_advantages, update
+from tests.models.vlm_fixtures import make_hf_model
+from tests.rollout.test_embedded import fixture_requests
+
+UPDATE = UpdateConfig(temperature=0.9, loss=LossConfig(name="dapo"))
+OPTIM = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
+
+
+def build(family, hf, full, parallel, runtime):
+    set_layout(runtime, parallel, seed=5)
+    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
+    load_full_state_dict(model, full, RankLayout.current(model.config))
+    ddp = wrap_ddp(model, distributed_optimizer=True)
+    optimizer, scheduler = build_optimizer([ddp], OPTIM, True, total_steps=1)
+    return model, ddp, optimizer, scheduler
+
+
+def main():
+    out_path = sys.argv[1]
+    runtime = init_runtime(ParallelConfig(), seed=5)
+    hf = make_hf_model("qwen3_vl_moe", seed=2)
+    # The router's load-balancing loss depends on how tokens are grouped into micro-batches, so
+    # it is off here: this test is about the policy loss's normalisation.
+    hf.config.text_config.router_aux_loss_coef = 0.0
+    family = family_for(hf.config)
+    rules = family.hf_rules(hf.config)
+    full = dict(hf_to_mcore(rules, hf.state_dict().__getitem__))
+    report = {}
+
+    model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(tp=2), runtime)
+    requests, prepared = fixture_requests()
+    engine = EmbeddedEngine(hf.config, prepare=lambda r: prepared[r.request_id])
+    stats = sync_weights(model, rules, engine, bucket_bytes=100_000)
+    sampling = SamplingParams(temperature=UPDATE.temperature, max_new_tokens=6, n=4, seed=9,
+                              stop_token_ids=[7])
+    samples = engine.generate(requests, sampling)
+    batch, images, patches = build_batch(samples, prepared, pad_id=0, spatial_merge_size=2)
+    old = score_rows(model, batch, images, patches, UPDATE.temperature, micro_batch_size=4)
+    check = check_logprobs([s.logprobs for s in samples], response_logprobs(old, batch), bound=1e-4)
+    rewards = torch.tensor([sum(t < 100 for t in s.response_ids) / max(1, len(s.response_ids))
+                            for s in samples])
+    advantages = sequence_advantages(rewards, [s.request_id for s in samples], batch.loss_mask,
+                                     UPDATE.advantage)
+    report.update(sync_seconds=stats.seconds, sync_tensors=stats.tensors, sync_buckets=stats.buckets,
+                  sync_max_abs=check.max_abs, sync_mean_abs=check.mean_abs, samples=len(samples),
+                  mixed_groups=int(sum(len(set(rewards[i * 4:(i + 1) * 4].tolist())) > 1 for i in range(3))))
+
+    one = UpdateConfig(temperature=UPDATE.temperature, loss=UPDATE.loss, micro_batch_size=len(samples))
+    metrics_one = update([ddp], optimizer, scheduler, batch, images, patches, old, advantages, one)
+    after_one = {k: v.clone() for k, v in iter_hf_weights(model, rules)}
+
+    model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(ep=2, etp=1), runtime)
+    many = UpdateConfig(temperature=UPDATE.temperature, loss=UPDATE.loss, micro_batch_size=1)
+    metrics_many = update([ddp], optimizer, scheduler, batch, images, patches, old, advantages, many)
+    after_many = dict(iter_hf_weights(model, rules))
+    moved = max(float((after_one[k] - full_hf).abs().max()) for k, full_hf in
+                hf.state_dict().items() if k in after_one and after_one[k].shape == full_hf.shape)
+    report.update(
+        loss_one=metrics_one["loss"], loss_many=metrics_many["loss"],
+        clip_metrics=sorted(k for k in metrics_one if k not in ("loss", "grad_norm", "lr")),
+        grad_norm_one=metrics_one["grad_norm"], grad_norm_many=metrics_many["grad_norm"],
+        param_max_abs_diff=max(float((after_one[k] - after_many[k]).abs().max()) for k in after_one),
+        param_max_update=moved)
+    if runtime.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
