@@ -1,0 +1,252 @@
+"""The digits task: two real handwritten digits in one image, questions on their sum, maximum or
+difference, exact answers. The demo's data, tokenizer, processor and model config come from here.
+
+    paths = build_demo_assets("demo/", seed=0)       # or: python -m megatron_vlm.data.digits demo/
+    # demo/model/          config.json (Qwen3VLMoeForConditionalGeneration), tokenizer, processor
+    # demo/sft.parquet     prompt + answer (+ a short think trace)
+    # demo/rl.parquet      prompts with a verifiable reference only
+    # demo/eval.parquet    held-out images
+    # demo/manifest.json   seed, counts, vision tokens per image, prompt lengths, parameter count
+
+Design decisions:
+- Digits are scikit-learn's 8x8 set (1797 samples, 16 grey levels; shipped with the package, no
+  download). Two samples side by side make an 8 x 16 image, upscaled 2x (nearest) to 16 x 32 so
+  that patch 4 / merge 2 gives a 4 x 8 patch grid: 8 vision tokens. Dark ink on white.
+- Held-out IMAGES: the digit samples are split once (stratified by label, a fixed fraction per
+  label, from the seed); train and RL images are made only of training samples, eval images only of
+  held-out ones. `source_ids` in every row names the two samples, so the split can be audited.
+- Questions: "sum" (a + b), "max" (max(a, b)), "difference" (left minus right, may be negative,
+  so the model must tell left from right). Answers are exact integers, checked by the `numeric`
+  verifier (metadata `task` = "digits").
+- Everything is drawn from `random.Random(seed)`: the same seed writes the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_vlm.data.processor import MultimodalProcessor, VisionPatchConfig, save_processor
+from megatron_vlm.data.templates import TemplateConfig, render_prompt, render_response
+from megatron_vlm.data.tokenizer import build_char_tokenizer, token_ids
+
+TASK, VERIFIER = "digits", "numeric"
+QUESTIONS = {
+    "sum": "What is the sum of the two digits?",
+    "max": "What is the larger of the two digits?",
+    "difference": "What is the left digit minus the right digit?",
+}
+
+
+@dataclass(kw_only=True)
+class DigitsConfig:
+    seed: int = 0
+    held_out_fraction: float = 0.2  # of the digit samples of each label, never in training images
+    num_sft: int = 1000
+    num_rl: int = 4000
+    num_eval: int = 500
+    scale: int = 2                  # nearest-neighbour upscaling of the 8 x 16 pair
+    mode: str = "think"             # think: SFT targets carry a short trace; nothink: answer only
+
+    def __post_init__(self):
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"digits.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        for name in ("num_sft", "num_rl", "num_eval", "scale"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"digits.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mode not in ("think", "nothink"):
+            raise ValueError(f"digits.mode must be 'think' or 'nothink', got {self.mode!r}")
+
+
+def load_digit_samples() -> tuple[np.ndarray, np.ndarray]:
+    """([1797, 8, 8] uint8 ink levels 0..16, [1797] labels) from scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.uint8), digits.target.astype(np.int64)
+
+
+def split_samples(labels: np.ndarray, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train sample ids, held-out sample ids): the same fraction of every label held out."""
+    rng = random.Random(seed)
+    train, held_out = [], []
+    for label in range(10):
+        ids = [int(i) for i in np.flatnonzero(labels == label)]
+        rng.shuffle(ids)
+        cut = max(1, round(len(ids) * held_out_fraction))
+        held_out += ids[:cut]
+        train += ids[cut:]
+    return sorted(train), sorted(held_out)
+
+
+def render_pair(left: np.ndarray, right: np.ndarray, scale: int):
+    """A PIL RGB image, 8*scale x 16*scale: dark ink (16) on white (0)."""
+    from PIL import Image
+
+    ink = np.concatenate([left, right], axis=1).astype(np.float32)          # [8, 16], 0..16
+    grey = np.round(255.0 * (1.0 - ink / 16.0)).astype(np.uint8)
+    grey = grey.repeat(scale, axis=0).repeat(scale, axis=1)
+    return Image.fromarray(grey).convert("RGB")  # uint8 [H, W] -> "L"
+
+
+def answer(kind: str, left: int, right: int) -> int:
+    return {"sum": left + right, "max": max(left, right), "difference": left - right}[kind]
+
+
+def thinking(kind: str, left: int, right: int) -> str:
+    """The short trace of an SFT target: read the digits, then one operation."""
+    step = {"sum": f"{left}+{right}={left + right}", "max": f"max({left},{right})={max(left, right)}",
+            "difference": f"{left}-{right}={left - right}"}[kind]
+    return f"Left {left}, right {right}. {step}"
+
+
+def make_problems(sample_ids: list[int], labels: np.ndarray, count: int, rng: random.Random,
+                  prefix: str) -> list[dict]:
+    """`count` problems, both digits drawn (with replacement) from `sample_ids`; question kinds
+    cycle so that each kind gets a third."""
+    problems = []
+    kinds = list(QUESTIONS)
+    for index in range(count):
+        left_id, right_id = rng.choice(sample_ids), rng.choice(sample_ids)
+        left, right = int(labels[left_id]), int(labels[right_id])
+        kind = kinds[index % len(kinds)]
+        problems.append({"id": f"{prefix}-{index:05d}", "kind": kind, "question": QUESTIONS[kind],
+                         "left": left, "right": right, "source_ids": [left_id, right_id],
+                         "answer": str(answer(kind, left, right))})
+    return problems
+
+
+def build_splits(cfg: DigitsConfig) -> dict[str, list[dict]]:
+    """{"sft", "rl", "eval"}: rows with a PIL image; SFT rows carry the target, RL / eval rows
+    only the reference (`reference`, with `task` and `verifier` for the reward scorer)."""
+    images, labels = load_digit_samples()
+    train_ids, held_out_ids = split_samples(labels, cfg.held_out_fraction, cfg.seed)
+    rng = random.Random(cfg.seed)
+    splits = {"sft": make_problems(train_ids, labels, cfg.num_sft, rng, "sft"),
+              "rl": make_problems(train_ids, labels, cfg.num_rl, rng, "rl"),
+              "eval": make_problems(held_out_ids, labels, cfg.num_eval, rng, "eval")}
+    rows = {}
+    for name, problems in splits.items():
+        rows[name] = []
+        for problem in problems:
+            left_id, right_id = problem["source_ids"]
+            row = {"id": problem["id"], "image": render_pair(images[left_id], images[right_id], cfg.scale),
+                   "question": problem["question"], "mode": cfg.mode, "kind": problem["kind"],
+                   "source_ids": problem["source_ids"]}
+            if name == "sft":
+                trace = thinking(problem["kind"], problem["left"], problem["right"]) if cfg.mode == "think" else None
+                row.update(answer=problem["answer"], thinking=trace or "", left=problem["left"], right=problem["right"],
+                           response=render_response(problem["answer"], trace, cfg.mode))
+            else:
+                row.update(reference=problem["answer"], task=TASK, verifier=VERIFIER)
+            rows[name].append(row)
+    return rows
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """Parquet through HF datasets, the image as an `Image` column (PNG bytes)."""
+    from datasets import Dataset, Image
+
+    dataset = Dataset.from_list(rows).cast_column("image", Image())
+    dataset.to_parquet(str(path))
+    return path
+
+
+def demo_model_config(tokenizer, vision: VisionPatchConfig):
+    """A ~1.2M-parameter Qwen3-VL-MoE: text hidden 128, 4 layers, 4 experts top-2 (expert width 96
+    != hidden), a 2-block vision tower with `vision`'s patching and one deepstack layer."""
+    from transformers import Qwen3VLMoeConfig
+
+    ids = token_ids(tokenizer)
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                max_position_embeddings=1024, moe_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                                 "mrope_interleaved": True},
+                eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    vision_cfg = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                      patch_size=vision.patch_size, spatial_merge_size=vision.merge_size,
+                      temporal_patch_size=vision.temporal_patch_size, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision_cfg, tie_word_embeddings=False,
+                              image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+                              vision_start_token_id=ids["vision_start_token_id"],
+                              vision_end_token_id=ids["vision_end_token_id"])
+    config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    return config
+
+
+def count_parameters(config) -> int:
+    """Parameters of the HF model built on the meta device (no memory, no init)."""
+    import torch
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen3VLMoeForConditionalGeneration(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def prompt_lengths(rows: list[dict], processor: MultimodalProcessor, template: TemplateConfig) -> list[int]:
+    """Expanded prompt lengths (text tokens + vision tokens) of rows, as the engine will see them."""
+    lengths = []
+    for row in rows:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+        ids = processor.tokenizer(render_prompt(messages, template, row["mode"]), add_special_tokens=False).input_ids
+        lengths.append(processor.expanded_length(ids, [row["image"]]))
+    return lengths
+
+
+def build_demo_assets(out_dir: str | Path, seed: int = 0, cfg: DigitsConfig | None = None,
+                      vision: VisionPatchConfig | None = None) -> dict[str, Path]:
+    """Write model/ (config + tokenizer + processor), sft / rl / eval parquet files and a manifest."""
+    cfg = cfg or DigitsConfig(seed=seed)
+    if cfg.seed != seed:
+        raise ValueError(f"seed ({seed}) and cfg.seed ({cfg.seed}) disagree")
+    vision = vision or VisionPatchConfig()
+    template = TemplateConfig(default_mode=cfg.mode)
+    out_dir = Path(out_dir)
+    model_dir = out_dir / "model"
+    tokenizer = build_char_tokenizer(template)
+    save_processor(model_dir, tokenizer, vision)
+    config = demo_model_config(tokenizer, vision)
+    config.save_pretrained(model_dir)
+    paths = {"model": model_dir}
+    rows = build_splits(cfg)
+    for name, split_rows in rows.items():
+        paths[name] = write_rows(split_rows, out_dir / f"{name}.parquet")
+    processor = MultimodalProcessor.from_pretrained(model_dir)
+    lengths = prompt_lengths(rows["rl"], processor, template)
+    grid = processor.process_images([rows["rl"][0]["image"]])["image_grid_thw"]
+    manifest = {"seed": seed, "digits": asdict(cfg), "vision": asdict(vision),
+                "counts": {name: len(split_rows) for name, split_rows in rows.items()},
+                "image_size": list(rows["rl"][0]["image"].size[::-1]),  # [height, width]
+                "vision_tokens_per_image": processor.tokens_per_image(grid)[0],
+                "rl_prompt_length": {"min": min(lengths), "max": max(lengths)},
+                "vocab_size": len(tokenizer), "parameters": count_parameters(config)}
+    paths["manifest"] = out_dir / "manifest.json"
+    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the digits demo: model config, tokenizer, processor, data.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-sft", type=int, default=DigitsConfig.num_sft)
+    parser.add_argument("--num-rl", type=int, default=DigitsConfig.num_rl)
+    parser.add_argument("--num-eval", type=int, default=DigitsConfig.num_eval)
+    parser.add_argument("--mode", choices=("think", "nothink"), default=DigitsConfig.mode)
+    args = parser.parse_args(argv)
+    cfg = DigitsConfig(seed=args.seed, num_sft=args.num_sft, num_rl=args.num_rl, num_eval=args.num_eval,
+                       mode=args.mode)
+    paths = build_demo_assets(args.out_dir, args.seed, cfg)
+    print(paths["manifest"].read_text())
+
+
+if __name__ == "__main__":
+    main()

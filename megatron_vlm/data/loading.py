@@ -1,0 +1,157 @@
+"""Load RL prompts from parquet or JSON-lines files (HF `datasets`) into rollout requests.
+
+    result = load_prompts(["train.parquet", "extra.jsonl"], processor, LoadConfig(max_prompt_length=512))
+    result.requests   # list[RolloutRequest]: prompt ids with one placeholder per image, PIL images
+    result.counts     # {"rows", "loaded", "dropped_too_long", "skipped_bad_image"}
+    result.problems   # one message per row not loaded, naming the file, the sample id and why
+
+Row schema (the demo's files follow it): `question` (the user's text), `image` (one image) or
+`images` (a list; the placeholders go before the question, in order), `reference` (or `answer`),
+optional `id`, `task` (the reward scorer's task name), `mode` (think / nothink); every other column
+is passed through in the request's metadata. An image is PIL, PNG/JPEG bytes, a `datasets` image
+dict ({"bytes", "path"}), or a path relative to the data file's folder.
+
+Bad input never disappears silently: a row whose expanded prompt (text + vision tokens) is longer
+than `max_prompt_length` is dropped and counted, or raises (`on_too_long="raise"`); a row whose
+image cannot be read (missing file, corrupt bytes, a shape the processor rejects) is skipped and
+counted, with its id in a logged warning. `rows == loaded + dropped_too_long + skipped_bad_image`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from megatron_vlm.data.processor import MultimodalProcessor
+from megatron_vlm.data.templates import TemplateConfig, render_prompt
+from megatron_vlm.rollout.protocol import RolloutRequest
+
+logger = logging.getLogger(__name__)
+FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+_RESERVED = ("id", "question", "image", "images", "reference", "answer", "task", "mode")
+
+
+@dataclass(kw_only=True)
+class LoadConfig:
+    max_prompt_length: int | None = None   # expanded prompt tokens; None: no limit
+    on_too_long: str = "drop"              # drop (counted) | raise
+    default_task: str = "default"          # the reward task of rows without a `task` column
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+
+    def __post_init__(self):
+        if self.on_too_long not in ("drop", "raise"):
+            raise ValueError(f"load.on_too_long must be 'drop' or 'raise', got {self.on_too_long!r}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"load.max_prompt_length must be >= 1 or None, got {self.max_prompt_length}")
+
+
+@dataclass
+class LoadResult:
+    requests: list[RolloutRequest]
+    counts: dict[str, int]
+    problems: list[str]
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def load_prompts(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
+                 cfg: LoadConfig | None = None, cache_dir: str | None = None) -> LoadResult:
+    """Every row of every file, in order, as a RolloutRequest (see the module docstring)."""
+    cfg = cfg or LoadConfig()
+    if not isinstance(processor, MultimodalProcessor):
+        processor = MultimodalProcessor.from_pretrained(processor)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    requests, problems = [], []
+    counts = {"rows": 0, "loaded": 0, "dropped_too_long": 0, "skipped_bad_image": 0}
+    for path in map(Path, paths):
+        for index, row in enumerate(_read_rows(path, cache_dir)):
+            counts["rows"] += 1
+            sample_id = str(row["id"]) if row.get("id") is not None else f"{path.name}:{index}"
+            try:
+                requests.append(_request(row, sample_id, path.parent, processor, cfg))
+                counts["loaded"] += 1
+            except PromptTooLong as error:
+                if cfg.on_too_long == "raise":
+                    raise
+                counts["dropped_too_long"] += 1
+                problems.append(f"{path}: dropped {error}")
+            except BadImage as error:
+                counts["skipped_bad_image"] += 1
+                problems.append(f"{path}: skipped sample {sample_id}: {error}")
+    for problem in problems:
+        logger.warning(problem)
+    logger.info("loaded prompts: %s", counts)
+    return LoadResult(requests=requests, counts=counts, problems=problems)
+
+
+def _read_rows(path: Path, cache_dir: str | None):
+    """Rows as dicts, images left undecoded (a corrupt image must fail its row, not the file)."""
+    from datasets import Image, List, load_dataset
+
+    if path.suffix not in FORMATS:
+        raise ValueError(f"{path}: expected one of {sorted(FORMATS)} files")
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    dataset = load_dataset(FORMATS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir)
+    for column, feature in dataset.features.items():
+        if isinstance(feature, Image):
+            dataset = dataset.cast_column(column, Image(decode=False))
+        elif isinstance(feature, List) and isinstance(feature.feature, Image):
+            dataset = dataset.cast_column(column, List(Image(decode=False)))
+    return iter(dataset)
+
+
+class BadImage(ValueError):
+    pass
+
+
+def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
+             cfg: LoadConfig) -> RolloutRequest:
+    if "question" not in row:
+        raise KeyError(f"sample {sample_id}: prompt rows need a 'question' column, got {sorted(row)}")
+    sources = row.get("images") if row.get("images") is not None else row.get("image")
+    sources = [] if sources is None else sources if isinstance(sources, list) else [sources]
+    images = [open_image(source, root) for source in sources]
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": row["question"]}]
+    text = render_prompt([{"role": "user", "content": content}], cfg.template, row.get("mode"))
+    prompt_ids = processor.tokenizer(text, add_special_tokens=False).input_ids
+    try:
+        length = processor.expanded_length(prompt_ids, images)
+    except ValueError as error:  # e.g. an aspect ratio over 200: the processor cannot patch it
+        raise BadImage(f"the processor rejects an image: {error}") from error
+    if cfg.max_prompt_length is not None and length > cfg.max_prompt_length:
+        raise PromptTooLong(f"sample {sample_id}: prompt of {length} tokens (text + vision) is longer than "
+                            f"max_prompt_length={cfg.max_prompt_length}")
+    reference = row.get("reference", row.get("answer"))
+    metadata = {key: value for key, value in row.items() if key not in _RESERVED}
+    metadata.update(task=row.get("task") or cfg.default_task, reference=reference,
+                    mode=row.get("mode") or cfg.template.default_mode, question=row["question"])
+    return RolloutRequest(request_id=sample_id, prompt_ids=prompt_ids, images=images, metadata=metadata)
+
+
+def open_image(source: Any, root: Path):
+    """A decoded RGB PIL image from PIL / bytes / {"bytes", "path"} / a path relative to `root`."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(source))
+        elif isinstance(source, str):
+            path = Path(source) if Path(source).is_absolute() else root / source
+            image = Image.open(path)
+        else:
+            raise BadImage(f"unsupported image value of type {type(source).__name__}")
+        image.load()  # decode now: a truncated file fails here, not inside the engine
+        return image.convert("RGB")
+    except BadImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImage(f"cannot read image: {type(error).__name__}: {error}") from error
