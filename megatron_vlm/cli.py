@@ -35,9 +35,14 @@ def cmd_train(args) -> int:
             print(result.summary(), file=sys.stderr)
             return 1
         return 0
-    from megatron_vlm.trainer import lm
+    if cfg.is_vlm:
+        from megatron_vlm.trainer import vlm_run
 
-    lm.run(cfg)
+        vlm_run.run(cfg)
+    else:
+        from megatron_vlm.trainer import lm
+
+        lm.run(cfg)
     return 0
 
 

@@ -16,7 +16,10 @@ import yaml
 
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.trainer.grpo import RolloutConfig
 from megatron_vlm.trainer.megatron_step import OptimConfig
+from megatron_vlm.trainer.rl_step import UpdateConfig
+from megatron_vlm.trainer.vlm_run import EvalConfig, StageConfig, VLMConfig
 
 
 @dataclass(kw_only=True)
@@ -80,6 +83,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # VLM post-training (used when vlm.assets is set; the sections above still apply)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vlm.assets is not None
 
     def world_size(self) -> int:
         return self.runtime.nproc if self.runtime.nproc > 1 else (
@@ -87,6 +100,11 @@ class RunConfig:
 
     def check(self, world_size: int) -> None:
         """Every layout error, before any process group is created."""
+        if self.is_vlm:
+            self.parallel.data_parallel_size(world_size)
+            if not self.stages:
+                raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo)")
+            return
         self.model.check_layout(self.parallel)
         self.parallel.data_parallel_size(world_size)
         if self.parallel.cp > 1 and self.train.seq_length % (2 * self.parallel.cp):
@@ -139,8 +157,13 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         if dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        elif item is not None and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise ValueError(f"config key '{prefix}{name}' must be a list, got {type(value).__name__}")
+            kwargs[name] = [from_dict(item, v, f"{prefix}{name}[{i}].") for i, v in enumerate(value)]
         else:
             kwargs[name] = value
     try:

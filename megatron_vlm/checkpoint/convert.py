@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from megatron_vlm.checkpoint.hf_io import (HFCheckpointReader, ShardedWriter, copy_side_files,
                                            open_safetensors)
 from megatron_vlm.checkpoint.hf_rules import check_hf_keys
-from megatron_vlm.checkpoint.sharding import (RankLayout, is_expert_param, local_name,
-                                              partition_dim_of, shard_tensor)
+from megatron_vlm.checkpoint.sharding import (RankLayout, canonical_name, is_expert_param,
+                                              local_name, partition_dim_of, shard_tensor)
 from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 
@@ -255,7 +255,7 @@ def load_into_model(model: torch.nn.Module, ckpt_dir: str) -> None:
     if ckpt.lm.num_experts:
         files[True] = FileSpec("experts", pp, ep=ps.get_expert_model_parallel_rank(),
                                etp=ps.get_expert_tensor_parallel_rank())
-    params = dict(model.named_parameters())
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
     with torch.no_grad():
         for expert, spec in files.items():
             with ckpt._open(spec) as source:

@@ -142,12 +142,31 @@ def shard_tensor(full: torch.Tensor, local_name: str, dim: int | None, layout: R
     return full.chunk(size, dim=dim)[rank]
 
 
+# Transformer Engine's layer spec (GPU) fuses the norms into the following linear layers and
+# groups the experts; its parameter names map onto the local-spec names every conversion uses.
+# Not exercised on this CPU machine (no Transformer Engine): checked as a string mapping only.
+_TE_ALIASES = (
+    (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
+    (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"),
+    (re.compile(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)$"),
+     r"mlp.experts.local_experts.\2.\1.weight"),
+)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name of either layer spec -> the local-spec name the conversion rules use."""
+    for pattern, replacement in _TE_ALIASES:
+        if pattern.search(name):
+            return pattern.sub(replacement, name)
+    return name
+
+
 def shard_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module, layout: RankLayout,
                      tied_embeddings: bool = False) -> dict[str, torch.Tensor]:
     """Cut a full state dict into `model`'s local parameters (names as `model.named_parameters`)."""
     local = {}
     for name, param in model.named_parameters():
-        key = global_name(name, layout)
+        key = global_name(canonical_name(name), layout)
         if key not in full and tied_embeddings and key.endswith("output_layer.weight"):
             key = key.replace("output_layer.weight", "embedding.word_embeddings.weight")
         if key not in full:

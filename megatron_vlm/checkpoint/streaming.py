@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from megatron_vlm.checkpoint.hf_rules import Rule
-from megatron_vlm.checkpoint.sharding import is_expert_param
+from megatron_vlm.checkpoint.sharding import canonical_name, is_expert_param
 
 _LAYER = re.compile(r"language\.decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
@@ -32,7 +32,7 @@ class _Locator:
         from megatron.core import parallel_state as ps
 
         config = model.config
-        self.params = dict(model.named_parameters())
+        self.params = {canonical_name(n): p for n, p in model.named_parameters()}
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.layers_per_stage = config.num_layers // self.pp_size

@@ -104,8 +104,8 @@ def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_
     rows = dp_rows(batch.input_ids.shape[0])
     metrics: dict[str, float] = {}
     for step_rows in _split(rows, cfg.optimizer_steps):
-        microbatches = _microbatches(batch, images_per_row, patches_per_image, step_rows, cfg,
-                                     old_logprobs, advantages, ref_logprobs)
+        microbatches = make_microbatches(batch, images_per_row, patches_per_image, step_rows,
+                                         cfg.micro_batch_size, old_logprobs, advantages, ref_logprobs)
         for chunk in model_chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -118,7 +118,7 @@ def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_
         if not ok:
             raise FloatingPointError("optimizer step skipped: non-finite gradients")
         scheduler.step(increment=1)
-        metrics = _reduce_metrics(out, model_chunks[0].config)
+        metrics = reduce_metrics(out)
         metrics["grad_norm"] = float(grad_norm or 0.0)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
     return metrics
@@ -130,20 +130,23 @@ def _split(rows: list[int], parts: int) -> list[list[int]]:
     return [c for c in chunks] if size else [[] for _ in range(parts)]
 
 
-def _microbatches(batch, images_per_row, patches, rows, cfg, old, adv, ref) -> list[dict]:
+def make_microbatches(batch, images_per_row, patches, rows, micro_batch_size: int, old, adv,
+                      ref) -> list[dict]:
+    """Micro-batches of `rows` with their per-token tensors (None where not needed)."""
     if not rows:  # this DP rank got no sample: one fully masked row keeps the reductions in step
         rows, silent = [0], True
     else:
         silent = False
     out = []
-    for start in range(0, len(rows), cfg.micro_batch_size):
-        chosen = rows[start:start + cfg.micro_batch_size]
+    for start in range(0, len(rows), micro_batch_size):
+        chosen = rows[start:start + micro_batch_size]
         mb = _take_rows(batch, images_per_row, patches, chosen)
         if silent:
             mb.loss_mask = torch.zeros_like(mb.loss_mask)
         index = torch.tensor(chosen)
-        out.append({"batch": mb, "old_logprobs": old[index], "advantages": adv[index],
-                    "ref_logprobs": ref[index] if ref is not None else None})
+        pick = lambda x: x[index] if x is not None else None  # noqa: E731
+        out.append({"batch": mb, "old_logprobs": pick(old), "advantages": pick(adv),
+                    "ref_logprobs": pick(ref)})
     return out
 
 
@@ -158,19 +161,18 @@ def _take_rows(batch: SequenceBatch, images_per_row, patches, rows: list[int]) -
         torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None)
 
 
-def _reduce_metrics(outputs: list[dict], config) -> dict[str, float]:
-    """Unit-weighted means over micro-batches and DP ranks (and shared across pipeline stages)."""
+def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
+    """Unit-weighted means over micro-batches and DP ranks, shared with every pipeline stage.
+
+    Each metric arrives as [value * units, units] per micro-batch (only the last stage has them)."""
     from megatron.core import parallel_state as ps
 
-    keys = sorted({k for o in outputs for k in o})
-    count = torch.tensor([float(len(keys))])
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX,
-                                 group=ps.get_pipeline_model_parallel_group())
-    names = keys
+    names = sorted({k for o in outputs for k in o})
+    pp_group = ps.get_pipeline_model_parallel_group()
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        holder = [keys]
-        src = torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[-1]
-        torch.distributed.broadcast_object_list(holder, src=src, group=ps.get_pipeline_model_parallel_group())
+        holder = [names]
+        last = torch.distributed.get_process_group_ranks(pp_group)[-1]
+        torch.distributed.broadcast_object_list(holder, src=last, group=pp_group)
         names = holder[0]
     totals = torch.zeros(len(names), 2)
     for o in outputs:
@@ -178,7 +180,7 @@ def _reduce_metrics(outputs: list[dict], config) -> dict[str, float]:
             if k in o:
                 totals[i] += o[k].detach().float().cpu()
     torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
-    torch.distributed.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(totals, group=pp_group)
     return {("loss" if k == "lm loss" else k): float(t[0] / t[1].clamp(min=1)) for k, t in zip(names, totals)}
 
 

@@ -179,3 +179,14 @@ def test_existing_output_is_not_overwritten(moe, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         convert.hf_to_mcore(str(hub), str(tmp_path / "taken"), ParallelConfig())
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
+
+
+def test_transformer_engine_names_map_to_the_local_spec():
+    from megatron_vlm.checkpoint.sharding import canonical_name
+
+    layer = "language.decoder.layers.3."
+    assert canonical_name(layer + "self_attention.linear_qkv.layer_norm_weight") == layer + "input_layernorm.weight"
+    assert canonical_name(layer + "mlp.linear_fc1.layer_norm_weight") == layer + "pre_mlp_layernorm.weight"
+    assert canonical_name(layer + "mlp.experts.linear_fc1.weight7") == layer + "mlp.experts.local_experts.7.linear_fc1.weight"
+    assert canonical_name(layer + "mlp.experts.linear_fc2.weight0") == layer + "mlp.experts.local_experts.0.linear_fc2.weight"
+    assert canonical_name(layer + "self_attention.linear_qkv.weight") == layer + "self_attention.linear_qkv.weight"

@@ -27,6 +27,7 @@ from tests.models.vlm_fixtures import make_hf_model, make_inputs
 LAYOUTS = {
     "tp1": dict(),
     "tp2_ep2": dict(tp=2, ep=2, etp=1),
+    "tp2_ep2_etp2": dict(tp=2, ep=2, etp=2),
     "pp2": dict(pp=2),
     "cp2": dict(cp=2),
     "tp2": dict(tp=2),

@@ -1,0 +1,299 @@
+"""A VLM post-training run: a list of stages (SFT, GRPO) over one model, ending in an HF export.
+
+    megatron-vlm train --config configs/digits_demo.yaml
+
+Setup builds the megatron VLM from the HF config in `vlm.assets/model` (weights from transformers'
+initialiser, seeded, identical on every rank), a colocated embedded engine on every rank, and the
+reward scorer. Each stage runs its steps; held-out accuracy (greedy decoding through the engine,
+scored by the task's verifier) is measured before training, every `eval.every` steps and at the end
+of each stage. Metrics: `train.out_dir/metrics.jsonl` (one object per step with its stage), the
+curves in `curves.png`; the final policy is exported to `train.out_dir/hf_export/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_vlm.rollout.embedded import Prepared
+from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    kind: str                 # sft | grpo
+    steps: int
+    batch_size: int = 32      # sft: labelled examples per step (grpo uses rollout.prompts_per_step)
+
+    def __post_init__(self):
+        if self.kind not in ("sft", "grpo"):
+            raise ValueError(f"stages[].kind must be sft or grpo, got {self.kind!r}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"stages[] {self.kind}: steps must be >= 0 and batch_size >= 1")
+
+
+@dataclass(kw_only=True)
+class VLMConfig:
+    assets: str | None = None        # dir with model/ (HF config, tokenizer, processor) + data
+    build_demo_assets: bool = False  # write the digits demo assets there first when missing
+    sft_data: str = "sft.parquet"
+    prompt_data: str = "rl.parquet"
+    eval_data: str = "eval.parquet"
+    max_prompt_length: int = 256
+    verifier: str = "numeric"        # for every task of the prompt files
+    export: bool = True
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 20
+    samples: int = 128
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        if self.every < 1 or self.samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.every, eval.samples and eval.max_new_tokens must be >= 1")
+
+
+class PromptCache:
+    """Processor outputs by request id: the engine and the trainer both need them."""
+
+    def __init__(self, processor):
+        self.processor, self.items = processor, {}
+
+    def __call__(self, request: RolloutRequest) -> Prepared:
+        if request.request_id not in self.items:
+            out = self.processor(request.prompt_ids, request.images)
+            self.items[request.request_id] = Prepared(out["input_ids"][0], out["mm_token_type_ids"][0],
+                                                      out.get("pixel_values"), out.get("image_grid_thw"))
+        return self.items[request.request_id]
+
+    def get(self, request_id: str) -> Prepared:
+        return self.items[request_id]
+
+
+def run(cfg) -> list[dict]:
+    from megatron_vlm.parallel.runtime import shutdown
+
+    r = _Run(cfg)
+    try:
+        r.log(dict(stage="init", step=0, **r.evaluate()))
+        for stage in cfg.stages:
+            for step in range(1, stage.steps + 1):
+                start = time.perf_counter()
+                metrics = r.sft_step(stage, step) if stage.kind == "sft" else r.grpo_step(step)
+                metrics.update(stage=stage.kind, step=step, step_seconds=time.perf_counter() - start)
+                if step % cfg.eval.every == 0 or step == stage.steps:
+                    metrics.update(r.evaluate())
+                r.log(metrics)
+        if cfg.vlm.export:
+            r.export()
+        return r.log.rows
+    finally:
+        r.close()
+        shutdown()
+
+
+class _Run:
+    def __init__(self, cfg):
+        from transformers import AutoConfig
+
+        from megatron_vlm.data.loading import LoadConfig, load_prompts
+        from megatron_vlm.data.processor import MultimodalProcessor
+        from megatron_vlm.models import family_for
+        from megatron_vlm.parallel.runtime import init_runtime
+        from megatron_vlm.rewards.scorer import RewardConfig, RewardScorer
+        from megatron_vlm.rollout.embedded import EmbeddedEngine
+        from megatron_vlm.trainer.grpo import Actor
+
+        self.cfg = cfg
+        self.assets = _assets(cfg)
+        self.runtime = init_runtime(cfg.parallel, cfg.runtime.seed, cfg.runtime.device)
+        self.hf_config = AutoConfig.from_pretrained(str(self.assets / "model"))
+        self.family = family_for(self.hf_config)
+        self.processor = MultimodalProcessor.from_pretrained(self.assets / "model")
+        self.tokenizer = self.processor.tokenizer
+        self.cache = PromptCache(self.processor)
+        load = LoadConfig(max_prompt_length=cfg.vlm.max_prompt_length)
+        self.prompts = load_prompts(self.assets / cfg.vlm.prompt_data, self.processor, load).requests
+        self.evals = load_prompts(self.assets / cfg.vlm.eval_data, self.processor, load).requests[: cfg.eval.samples]
+        sft_path = self.assets / cfg.vlm.sft_data
+        self.sft = load_prompts(sft_path, self.processor, load).requests if sft_path.exists() else []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        stops = {self.tokenizer.eos_token_id}
+        model, ddp, optimizer, scheduler = _build_policy(cfg, self.runtime, self.family, self.hf_config)
+        self.actor = Actor(model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
+                           rules=self.family.hf_rules(self.hf_config), prepared=self.cache.get,
+                           pad_id=pad, spatial_merge_size=self.hf_config.vision_config.spatial_merge_size,
+                           stop_token_ids=sorted(t for t in stops if t is not None))
+        self.engine = EmbeddedEngine(self.hf_config, prepare=self.cache, pad_token_id=pad)
+        tasks = {r.metadata.get("task", "default") for r in self.prompts + self.evals}
+        self.scorer = RewardScorer(RewardConfig(verifiers={t: cfg.vlm.verifier for t in tasks},
+                                                num_workers=1))
+        self.rng = random.Random(cfg.runtime.seed)
+        self.log = _Logger(Path(cfg.train.out_dir), self.runtime.rank == 0)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def sft_step(self, stage, step: int) -> dict:
+        from megatron_vlm.trainer.actor_batch import build_batch
+        from megatron_vlm.trainer.sft import labelled_sample, sft_step
+
+        if not self.sft:
+            raise ValueError(f"an sft stage needs labelled data: {self.assets / self.cfg.vlm.sft_data}")
+        chosen = self.rng.sample(self.sft, min(stage.batch_size, len(self.sft)))
+        samples = []
+        for request in chosen:
+            target = self.tokenizer(request.metadata["response"], add_special_tokens=False).input_ids
+            samples.append(labelled_sample(request.request_id, self.cache(request).input_ids.tolist(),
+                                           target + [self.tokenizer.eos_token_id]))
+        batch, images, patches = build_batch(samples, {s.request_id: self.cache.get(s.request_id)
+                                                       for s in samples},
+                                             self.actor.pad_id, self.actor.spatial_merge_size)
+        return sft_step([self.actor.ddp], self.actor.optimizer, self.actor.scheduler, batch, images,
+                        patches, self.cfg.update.micro_batch_size)
+
+    def grpo_step(self, step: int) -> dict:
+        from megatron_vlm.trainer.grpo import grpo_step
+
+        requests = self.rng.sample(self.prompts, self.cfg.rollout.prompts_per_step)
+        for request in requests:
+            self.cache(request)
+        return grpo_step(self.actor, self.engine, requests, self.rewards, self.cfg.rollout,
+                         self.cfg.update, step)
+
+    def rewards(self, samples: list[RolloutSample]) -> torch.Tensor:
+        from megatron_vlm.rewards.scorer import RewardSample
+
+        batch = [RewardSample(sample_id=f"{s.request_id}#{s.index}", task=s.metadata.get("task", "default"),
+                              prompt=s.metadata.get("question", ""), response=self._text(s.response_ids),
+                              reference=s.metadata.get("reference"), metadata=s.metadata)
+                 for s in samples]
+        return torch.tensor(self.scorer.score(batch).rewards, dtype=torch.float)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False).replace(self.tokenizer.eos_token or "", "")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out accuracy: greedy answers to unseen images, checked by the verifier."""
+        from megatron_vlm.rollout.weight_sync import sync_weights
+        from megatron_vlm.trainer.grpo import generate_share
+
+        sync_weights(self.actor.model, self.actor.rules, self.engine, int(self.cfg.rollout.bucket_mb * 2**20))
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, n=1,
+                                stop_token_ids=self.actor.stop_token_ids)
+        samples = generate_share(self.actor, self.engine, self.evals, greedy)
+        self.engine.sleep()
+        rewards = self.rewards(samples)
+        return {"eval_accuracy": float((rewards >= 1.0).float().mean()), "eval_samples": len(samples)}
+
+    def export(self) -> None:
+        from megatron_vlm.checkpoint.convert import export_model
+
+        out = Path(self.cfg.train.out_dir) / "hf_export"
+        if self.runtime.rank == 0 and out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        torch.distributed.barrier()
+        export_model(self.actor.model, self.actor.rules, self.hf_config, str(out),
+                     side_files_from=str(self.assets / "model"))
+
+    def close(self) -> None:
+        self.scorer.close()
+        self.log.close()
+        if self.runtime.rank == 0 and self.log.rows:
+            plot_curves(self.log.rows, Path(self.cfg.train.out_dir) / "curves.png")
+
+
+def _assets(cfg) -> Path:
+    if cfg.vlm.assets is None:
+        raise ValueError("vlm.assets must name the assets directory (model/ + data files)")
+    assets = Path(cfg.vlm.assets)
+    if (assets / "model" / "config.json").is_file():
+        return assets
+    if not cfg.vlm.build_demo_assets:
+        raise FileNotFoundError(f"{assets / 'model' / 'config.json'} not found; set "
+                                f"vlm.build_demo_assets=true to write the digits demo there")
+    ready = assets / ".ready"
+    if int(os.environ.get("RANK", 0)) == 0:
+        from megatron_vlm.data.digits import build_demo_assets
+
+        build_demo_assets(assets, seed=cfg.runtime.seed)
+        ready.write_text("ok")
+    deadline = time.monotonic() + 600
+    while not ready.exists():  # other ranks wait for rank 0 (no process group exists yet)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not finish writing {assets}")
+        time.sleep(0.5)
+    return assets
+
+
+def _build_policy(cfg, runtime, family, hf_config):
+    from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
+    from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
+    from megatron_vlm.trainer.megatron_step import build_optimizer, wrap_ddp
+
+    torch.manual_seed(cfg.runtime.seed)  # transformers' initialisation, identical on every rank
+    hf_model = family.hf_model_class(hf_config)
+    full = dict(hf_to_mcore(family.hf_rules(hf_config), hf_model.state_dict().__getitem__))
+    del hf_model
+    model = family.build(hf_config, cfg.parallel, runtime.device.type, calculate_per_token_loss=True)
+    load_full_state_dict(model, full, RankLayout.current(model.config), hf_config.tie_word_embeddings)
+    ddp = wrap_ddp(model, cfg.parallel.distributed_optimizer)
+    total = sum(stage.steps for stage in cfg.stages) or 1
+    optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.parallel.distributed_optimizer, total)
+    return model, ddp, optimizer, scheduler
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x = list(range(len(rows)))
+    for ax, key, title in zip(axes, ("eval_accuracy", "reward", "loss"),
+                              ("held-out accuracy", "GRPO reward", "training loss")):
+        points = [(i, r[key]) for i, r in zip(x, rows) if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_accuracy" else None)
+        ax.set_title(title)
+        ax.set_xlabel("step (all stages)")
+        for i, row in enumerate(rows):
+            if i and row.get("stage") != rows[i - 1].get("stage"):
+                ax.axvline(i, color="grey", linestyle=":")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class _Logger:
+    """Metrics as JSON lines and progress lines, from rank 0."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled, self.rows, self.file = enabled, [], None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(out_dir / "metrics.jsonl", "w")
+
+    def __call__(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        keys = ("stage", "step", "loss", "reward", "mixed_group_share", "eval_accuracy",
+                "sync_logprob_max_abs", "step_seconds")
+        print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                       for k in keys if k in row), flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
