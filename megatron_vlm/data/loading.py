@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megatron_vlm.data.processor import MultimodalProcessor
-from megatron_vlm.data.templates import TemplateConfig, render_prompt
+from megatron_vlm.data.templates import TemplateConfig, render_prompt, resolve_mode
 from megatron_vlm.rollout.protocol import RolloutRequest
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,9 @@ def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcess
     sources = [] if sources is None else sources if isinstance(sources, list) else [sources]
     images = [open_image(source, root) for source in sources]
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": row["question"]}]
-    text = render_prompt([{"role": "user", "content": content}], cfg.template, row.get("mode"))
+    messages = [{"role": "user", "content": content}]
+    mode = resolve_mode(messages, cfg.template, row.get("mode"))  # the column, else the /think flag, else default
+    text = render_prompt(messages, cfg.template, mode)
     prompt_ids = processor.tokenizer(text, add_special_tokens=False).input_ids
     try:
         length = processor.expanded_length(prompt_ids, images)
@@ -129,7 +131,7 @@ def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcess
     reference = row.get("reference", row.get("answer"))
     metadata = {key: value for key, value in row.items() if key not in _RESERVED}
     metadata.update(task=row.get("task") or cfg.default_task, reference=reference,
-                    mode=row.get("mode") or cfg.template.default_mode, question=row["question"])
+                    mode=mode, question=row["question"])
     return RolloutRequest(request_id=sample_id, prompt_ids=prompt_ids, images=images, metadata=metadata)
 
 

@@ -1,0 +1,96 @@
+"""The digits task: exact answers, held-out digit samples, determinism, and the demo assets."""
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, Qwen3VLMoeForConditionalGeneration
+
+from megatron_vlm.data.digits import (QUESTIONS, DigitsConfig, answer, build_splits, load_digit_samples, main,
+                                      render_pair, split_samples)
+from megatron_vlm.data.processor import MultimodalProcessor
+from megatron_vlm.data.templates import TemplateConfig, is_well_formed, render_prompt
+from megatron_vlm.rewards.registry import get_verifier
+from tests.data.digits_fixtures import SMALL, demo_assets
+
+
+def test_answers_and_images_come_from_the_real_digits():
+    images, labels = load_digit_samples()
+    assert images.shape == (1797, 8, 8) and images.max() == 16 and set(labels.tolist()) == set(range(10))
+    assert [answer(kind, 3, 7) for kind in QUESTIONS] == [10, 7, -4]
+    pair = np.asarray(render_pair(images[0], images[1], scale=2).convert("L"))
+    assert pair.shape == (16, 32)
+    assert np.array_equal(pair[::2, ::2], np.round(255 * (1 - np.concatenate([images[0], images[1]], 1) / 16)))
+
+
+def test_held_out_samples_never_appear_in_training_images():
+    _, labels = load_digit_samples()
+    train, held_out = split_samples(labels, 0.2, seed=3)
+    assert not set(train) & set(held_out) and len(train) + len(held_out) == 1797
+    for label in range(10):  # stratified: every label is held out in proportion
+        share = np.isin(np.flatnonzero(labels == label), held_out).mean()
+        assert 0.15 < share < 0.25
+    rows = build_splits(DigitsConfig(seed=3, **SMALL))
+    used = {name: {i for row in split for i in row["source_ids"]} for name, split in rows.items()}
+    assert used["eval"] <= set(held_out) and used["rl"] | used["sft"] <= set(train)
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    first, again, other = (build_splits(DigitsConfig(seed=s, **SMALL)) for s in (0, 0, 1))
+    key = lambda rows: [(r["id"], r["source_ids"], r["kind"], r.get("reference", r.get("answer"))) for r in rows]
+    for name in first:
+        assert key(first[name]) == key(again[name])
+        assert [r["image"].tobytes() for r in first[name]] == [r["image"].tobytes() for r in again[name]]
+    assert key(first["rl"]) != key(other["rl"])
+
+
+def test_sft_targets_and_rl_references_verify():
+    numeric = get_verifier("numeric")
+    rows = build_splits(DigitsConfig(seed=0, **SMALL))
+    for row in rows["sft"]:
+        assert is_well_formed(row["response"], "think")
+        assert numeric(row["response"], row["answer"], {}) == 1.0
+        assert row["answer"] == str(answer(row["kind"], row["left"], row["right"]))
+    assert {row["kind"] for row in rows["rl"]} == set(QUESTIONS)
+    for row in rows["rl"] + rows["eval"]:
+        assert set(row) >= {"reference", "task", "verifier"} and "answer" not in row and "thinking" not in row
+        assert numeric(f"<think>\nx\n</think>\n\n{row['reference']}", row["reference"], {}) == 1.0
+        assert numeric(f"<think>\nx\n</think>\n\n{int(row['reference']) + 1}", row["reference"], {}) == 0.0
+
+
+def test_demo_assets_build_a_trainable_model(tmp_path):
+    paths = demo_assets()
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["counts"] == {"sft": 30, "rl": 60, "eval": 30}
+    assert manifest["vision_tokens_per_image"] == 8 and manifest["image_size"] == [16, 32]
+    assert 1_000_000 <= manifest["parameters"] <= 3_000_000
+    for name in ("sft", "rl", "eval"):
+        assert len(pd.read_parquet(paths[name])) == manifest["counts"][name]
+    config = AutoConfig.from_pretrained(paths["model"])
+    processor = MultimodalProcessor.from_pretrained(paths["model"])
+    assert config.text_config.vocab_size == len(processor.tokenizer)
+    assert config.image_token_id == processor.image_token_id
+    assert config.text_config.moe_intermediate_size != config.text_config.hidden_size
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration(config).eval()
+    assert sum(p.numel() for p in model.parameters()) == manifest["parameters"]
+    row = pd.read_parquet(paths["eval"]).iloc[0]
+    image = Image.open(io.BytesIO(row["image"]["bytes"]))
+    text = render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}],
+                         TemplateConfig())
+    inputs = processor(processor.tokenizer(text, add_special_tokens=False).input_ids, [image])
+    assert manifest["rl_prompt_length"]["min"] <= inputs["input_ids"].shape[1] <= manifest["rl_prompt_length"]["max"]
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_cli_writes_the_same_files_for_the_same_seed(tmp_path, capsys):
+    main([str(tmp_path / "a"), "--seed", "0", "--num-sft", "30", "--num-rl", "60", "--num-eval", "30"])
+    assert '"vision_tokens_per_image": 8' in capsys.readouterr().out
+    for name in ("sft", "rl", "eval"):
+        assert pd.read_parquet(tmp_path / "a" / f"{name}.parquet").equals(pd.read_parquet(demo_assets()[name]))
+    with pytest.raises(ValueError, match="digits.held_out_fraction must be in"):
+        DigitsConfig(held_out_fraction=1.0)
