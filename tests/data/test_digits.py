@@ -94,3 +94,25 @@ def test_cli_writes_the_same_files_for_the_same_seed(tmp_path, capsys):
         assert pd.read_parquet(tmp_path / "a" / f"{name}.parquet").equals(pd.read_parquet(demo_assets()[name]))
     with pytest.raises(ValueError, match="digits.held_out_fraction must be in"):
         DigitsConfig(held_out_fraction=1.0)
+
+
+def test_the_project_builds_its_megatron_model_from_the_demo_config(single_rank_runtime):
+    from megatron_vlm.models import family_for
+    from megatron_vlm.models.mrope import get_rope_index
+    from megatron_vlm.parallel.config import ParallelConfig
+
+    paths = demo_assets()
+    config = AutoConfig.from_pretrained(paths["model"])
+    model = family_for(config).build(config, ParallelConfig(), "cpu")
+    assert sum(p.numel() for p in model.parameters()) == json.loads(paths["manifest"].read_text())["parameters"]
+    processor = MultimodalProcessor.from_pretrained(paths["model"])
+    row = pd.read_parquet(paths["rl"]).iloc[0]
+    text = render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}],
+                         TemplateConfig())
+    inputs = processor(processor.tokenizer(text, add_special_tokens=False).input_ids,
+                       [Image.open(io.BytesIO(row["image"]["bytes"]))])
+    position_ids, _ = get_rope_index(inputs["mm_token_type_ids"], inputs["image_grid_thw"], 2)
+    with torch.no_grad():
+        logits = model(inputs["input_ids"], position_ids, pixel_values=inputs["pixel_values"],
+                       image_grid_thw=inputs["image_grid_thw"])
+    assert logits.shape == (*inputs["input_ids"].shape, len(processor.tokenizer)) and torch.isfinite(logits).all()
