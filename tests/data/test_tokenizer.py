@@ -36,9 +36,11 @@ def saved(tmp_path_factory):
 
 def test_chat_template_renders_what_templates_py_renders(saved):
     checked = 0
-    for (cfg, tokenizer), messages, mode in itertools.product(saved.values(), CONVERSATIONS, (None, "think", "nothink")):
+    modes = (None, "think", "nothink")
+    for (cfg, tokenizer), messages, mode in itertools.product(saved.values(), CONVERSATIONS, modes):
         expected = render_prompt(messages, cfg, mode)
-        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, mode=mode) == expected
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, mode=mode)
+        assert rendered == expected
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, mode=mode)["input_ids"]
         assert ids == tokenizer(expected, add_special_tokens=False).input_ids
         checked += 1
