@@ -1,9 +1,10 @@
-"""Load RL prompts from parquet or JSON-lines files (HF `datasets`) into rollout requests.
+"""Load RL prompts (and SFT examples) from parquet or JSON-lines files through HF `datasets`.
 
     result = load_prompts(["train.parquet", "extra.jsonl"], processor, LoadConfig(max_prompt_length=512))
     result.requests   # list[RolloutRequest]: prompt ids with one placeholder per image, PIL images
     result.counts     # {"rows", "loaded", "dropped_too_long", "skipped_bad_image"}
     result.problems   # one message per row not loaded, naming the file, the sample id and why
+    sft = load_sft("sft.parquet", processor, LoadConfig(max_sequence_length=256))  # SFTExample items
 
 Row schema (the demo's files follow it): `question` (the user's text), `image` (one image) or
 `images` (a list; the placeholders go before the question, in order), `reference` (or `answer`),
@@ -25,17 +26,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megatron_vlm.data.processor import MultimodalProcessor
-from megatron_vlm.data.templates import TemplateConfig, render_prompt, resolve_mode
+from megatron_vlm.data.templates import TemplateConfig, render_prompt, render_response, resolve_mode
 from megatron_vlm.rollout.protocol import RolloutRequest
 
 logger = logging.getLogger(__name__)
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-_RESERVED = ("id", "question", "image", "images", "reference", "answer", "task", "mode")
+_RESERVED = ("id", "question", "image", "images", "reference", "answer", "task", "mode", "thinking", "response")
 
 
 @dataclass(kw_only=True)
 class LoadConfig:
     max_prompt_length: int | None = None   # expanded prompt tokens; None: no limit
+    max_sequence_length: int | None = None # SFT: expanded prompt + response tokens; None: no limit
     on_too_long: str = "drop"              # drop (counted) | raise
     default_task: str = "default"          # the reward task of rows without a `task` column
     template: TemplateConfig = field(default_factory=TemplateConfig)
@@ -43,13 +45,23 @@ class LoadConfig:
     def __post_init__(self):
         if self.on_too_long not in ("drop", "raise"):
             raise ValueError(f"load.on_too_long must be 'drop' or 'raise', got {self.on_too_long!r}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError(f"load.max_prompt_length must be >= 1 or None, got {self.max_prompt_length}")
+        for name in ("max_prompt_length", "max_sequence_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"load.{name} must be >= 1 or None, got {getattr(self, name)}")
+
+
+@dataclass
+class SFTExample:
+    sample_id: str
+    prompt_ids: list[int]      # one placeholder per image, as in RolloutRequest
+    response_ids: list[int]    # the target, ending with <|im_end|>
+    images: list[Any]
+    metadata: dict
 
 
 @dataclass
 class LoadResult:
-    requests: list[RolloutRequest]
+    requests: list[RolloutRequest] | list[SFTExample]
     counts: dict[str, int]
     problems: list[str]
 
@@ -61,18 +73,29 @@ class PromptTooLong(ValueError):
 def load_prompts(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
                  cfg: LoadConfig | None = None, cache_dir: str | None = None) -> LoadResult:
     """Every row of every file, in order, as a RolloutRequest (see the module docstring)."""
-    cfg = cfg or LoadConfig()
+    return _load(paths, processor, cfg or LoadConfig(), cache_dir, _request)
+
+
+def load_sft(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
+             cfg: LoadConfig | None = None, cache_dir: str | None = None) -> LoadResult:
+    """SFT rows as `SFTExample`s: the prompt as for `load_prompts`, the target from a `response`
+    column (as `render_response` wrote it) or from `answer` (+ `thinking` in think mode). The
+    length limit is `max_sequence_length` on prompt + response (expanded), same counters."""
+    return _load(paths, processor, cfg or LoadConfig(), cache_dir, _sft_example)
+
+
+def _load(paths, processor, cfg: LoadConfig, cache_dir: str | None, build) -> LoadResult:
     if not isinstance(processor, MultimodalProcessor):
         processor = MultimodalProcessor.from_pretrained(processor)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    requests, problems = [], []
+    items, problems = [], []
     counts = {"rows": 0, "loaded": 0, "dropped_too_long": 0, "skipped_bad_image": 0}
     for path in map(Path, paths):
         for index, row in enumerate(_read_rows(path, cache_dir)):
             counts["rows"] += 1
             sample_id = str(row["id"]) if row.get("id") is not None else f"{path.name}:{index}"
             try:
-                requests.append(_request(row, sample_id, path.parent, processor, cfg))
+                items.append(build(row, sample_id, path.parent, processor, cfg))
                 counts["loaded"] += 1
             except PromptTooLong as error:
                 if cfg.on_too_long == "raise":
@@ -84,8 +107,8 @@ def load_prompts(paths: str | Path | Sequence[str | Path], processor: Multimodal
                 problems.append(f"{path}: skipped sample {sample_id}: {error}")
     for problem in problems:
         logger.warning(problem)
-    logger.info("loaded prompts: %s", counts)
-    return LoadResult(requests=requests, counts=counts, problems=problems)
+    logger.info("loaded %s: %s", build.__name__.strip("_"), counts)
+    return LoadResult(requests=items, counts=counts, problems=problems)
 
 
 def _read_rows(path: Path, cache_dir: str | None):
@@ -133,6 +156,24 @@ def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcess
     metadata.update(task=row.get("task") or cfg.default_task, reference=reference,
                     mode=mode, question=row["question"])
     return RolloutRequest(request_id=sample_id, prompt_ids=prompt_ids, images=images, metadata=metadata)
+
+
+def _sft_example(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
+                 cfg: LoadConfig) -> SFTExample:
+    request = _request(row, sample_id, root, processor, cfg)
+    response = row.get("response")
+    if not response:
+        if row.get("answer") is None:
+            raise KeyError(f"sample {sample_id}: SFT rows need a 'response' or an 'answer' column, got {sorted(row)}")
+        thinking = row.get("thinking") or None
+        response = render_response(str(row["answer"]), thinking, request.metadata["mode"])
+    response_ids = processor.tokenizer(response, add_special_tokens=False).input_ids
+    length = processor.expanded_length(request.prompt_ids, request.images) + len(response_ids)
+    if cfg.max_sequence_length is not None and length > cfg.max_sequence_length:
+        raise PromptTooLong(f"sample {sample_id}: prompt + response of {length} tokens (text + vision) is longer "
+                            f"than max_sequence_length={cfg.max_sequence_length}")
+    return SFTExample(sample_id=sample_id, prompt_ids=request.prompt_ids, response_ids=response_ids,
+                      images=request.images, metadata=request.metadata)
 
 
 def open_image(source: Any, root: Path):

@@ -4,11 +4,12 @@ import json
 import logging
 
 import numpy as np
+import pandas as pd
 import pytest
 from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
-from megatron_vlm.data.loading import LoadConfig, PromptTooLong, load_prompts
+from megatron_vlm.data.loading import LoadConfig, PromptTooLong, load_prompts, load_sft
 from megatron_vlm.data.processor import MultimodalProcessor
 from tests.data.digits_fixtures import demo_assets
 
@@ -99,3 +100,25 @@ def test_too_long_prompts_drop_with_a_counter_or_raise(processor, tmp_path):
         load_prompts(path, processor, LoadConfig(max_prompt_length=limit, on_too_long="raise"), cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="load.on_too_long must be 'drop' or 'raise', got 'skip'"):
         LoadConfig(on_too_long="skip")
+
+
+def test_sft_examples_carry_the_target_and_count_long_sequences(processor, tmp_path):
+    path = demo_assets()["sft"]
+    rows = pd.read_parquet(path)
+    result = load_sft(path, processor, cache_dir=str(tmp_path))
+    assert result.counts["loaded"] == len(rows) == 30
+    example = result.requests[0]
+    assert processor.tokenizer.decode(example.response_ids) == rows.iloc[0]["response"]
+    assert processor.tokenizer.decode(example.prompt_ids).endswith("<|im_start|>assistant\n")  # think mode
+    assert example.metadata["reference"] == rows.iloc[0]["answer"] and example.prompt_ids.count(
+        processor.image_token_id) == 1
+    total = [processor.expanded_length(e.prompt_ids, e.images) + len(e.response_ids) for e in result.requests]
+    limit = sorted(total)[len(total) // 2]
+    dropped = load_sft(path, processor, LoadConfig(max_sequence_length=limit), cache_dir=str(tmp_path))
+    assert dropped.counts["dropped_too_long"] == sum(t > limit for t in total) > 0
+    assert dropped.counts["loaded"] + dropped.counts["dropped_too_long"] == 30
+    # answer-only rows render the target from `answer` (+ `thinking`)
+    jsonl = tmp_path / "answers.jsonl"
+    jsonl.write_text(json.dumps({"question": "2+2? /nothink", "answer": "4"}) + "\n")
+    (only,) = load_sft(jsonl, processor, cache_dir=str(tmp_path / "c")).requests
+    assert processor.tokenizer.decode(only.response_ids) == "4<|im_end|>"
