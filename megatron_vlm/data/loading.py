@@ -31,7 +31,7 @@ from megatron_vlm.rollout.protocol import RolloutRequest
 
 logger = logging.getLogger(__name__)
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-_RESERVED = ("id", "question", "image", "images", "reference", "answer", "task", "mode", "thinking", "response")
+_RESERVED = ("id", "question", "image", "images", "reference", "answer", "task", "mode")  # SFT `response` passes
 
 
 @dataclass(kw_only=True)

@@ -61,7 +61,7 @@ def test_sft_targets_and_rl_references_verify():
         assert numeric(f"<think>\nx\n</think>\n\n{int(row['reference']) + 1}", row["reference"], {}) == 0.0
 
 
-def test_demo_assets_build_a_trainable_model(tmp_path):
+def test_demo_assets_build_a_trainable_model():
     paths = demo_assets()
     manifest = json.loads(paths["manifest"].read_text())
     assert manifest["counts"] == {"sft": 30, "rl": 60, "eval": 30}

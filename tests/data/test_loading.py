@@ -109,6 +109,9 @@ def test_sft_examples_carry_the_target_and_count_long_sequences(processor, tmp_p
     assert result.counts["loaded"] == len(rows) == 30
     example = result.requests[0]
     assert processor.tokenizer.decode(example.response_ids) == rows.iloc[0]["response"]
+    # the trainer's SFT stage reads the target from load_prompts' metadata: keep it there
+    assert load_prompts(path, processor, cache_dir=str(tmp_path)).requests[0].metadata["response"] == \
+        rows.iloc[0]["response"]
     assert processor.tokenizer.decode(example.prompt_ids).endswith("<|im_start|>assistant\n")  # think mode
     assert example.metadata["reference"] == rows.iloc[0]["answer"] and example.prompt_ids.count(
         processor.image_token_id) == 1
