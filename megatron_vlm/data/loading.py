@@ -67,7 +67,11 @@ class LoadResult:
 
 
 class PromptTooLong(ValueError):
-    pass
+    """The expanded prompt (or SFT sequence) exceeds the configured limit."""
+
+
+class BadImage(ValueError):
+    """An image that cannot be opened, decoded or patched."""
 
 
 def load_prompts(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
@@ -126,10 +130,6 @@ def _read_rows(path: Path, cache_dir: str | None):
         elif isinstance(feature, List) and isinstance(feature.feature, Image):
             dataset = dataset.cast_column(column, List(Image(decode=False)))
     return iter(dataset)
-
-
-class BadImage(ValueError):
-    pass
 
 
 def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
