@@ -1,0 +1,332 @@
+"""The vLLM rollout engine: a thin adapter from the engine protocol to vLLM 0.33's offline `LLM`.
+
+Colocated SPMD: every trainer rank (started by torchrun / srun) builds its own `LLM` with
+`distributed_executor_backend="external_launcher"`; vLLM then runs one in-process worker per rank,
+forms its TP groups from the same world and expects every rank to submit the same prompts in the
+same order (its scheduling is deterministic). The engine starts from `load_format="dummy"`: the
+real weights always arrive through `update_weights`, which streams the trainer's HF-named full
+tensors (`checkpoint.streaming.iter_hf_buckets`) into vLLM 0.33's own in-place reload
+(`collective_rpc("reload_weights", ...)`: the model's `load_weights`, which stacks q/k/v and
+gate/up and slices for vLLM's TP/EP, then post-load processing once per layer). With the external
+launcher `collective_rpc` runs in this process, so the buckets are consumed lazily, never copied.
+
+Known failures that shape the design (issue #5), each turned into a refusal with a clear message:
+  * a forward with the weights awake but the KV cache asleep crashes: `generate` requires both;
+  * after `sleep(level=2)` the weights are garbage until fully reloaded: `generate` is refused
+    until `update_weights` has run;
+  * `expandable_segments` in the CUDA allocator config defeats sleep mode: refused at start;
+  * the multimodal cache holds encoder outputs of the old weights: cleared before every sleep, and
+    vLLM's reload clears it again; the prefix cache is reset whenever the KV cache wakes and after
+    every weight load.
+Everything that is not a vLLM call (request building, output mapping, the awake/asleep state,
+name checks) is a plain function or class here, tested on CPU without vLLM; the vLLM calls
+themselves are checked against vLLM 0.33.0's signatures in tests/rollout/test_vllm_contract.py.
+Log-probs are requested with `logprobs_mode="processed_logprobs"`: log p of the sampled token after
+temperature (and top-k / top-p), matching the protocol's "at the sampling temperature".
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+from megatron_vlm.rollout.protocol import (Bucket, RolloutRequest, RolloutSample, SamplingParams)
+
+TAGS = ("weights", "kv_cache")
+# HF checkpoint prefixes vLLM's Qwen-VL loaders map (`hf_to_vllm_mapper`); megatron names start
+# with "language." / "vision." and would be silently skipped by vLLM's loader.
+HF_PREFIXES = ("model.", "lm_head.", "visual.")
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+REQUIRED_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(kw_only=True)
+class VllmEngineConfig:
+    model_dir: str                       # exported HF directory (config, tokenizer, processor)
+    tensor_parallel_size: int = 1
+    max_model_len: int = 8192            # prompt (expanded image tokens included) + response
+    max_images_per_prompt: int = 1
+    gpu_memory_utilization: float = 0.5  # share of the GPU for weights + KV cache (colocated)
+    max_num_seqs: int = 256
+    dtype: str = "bfloat16"
+    seed: int = 0
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    sleep_level: int = 1                 # 1: weights to host memory; 2: discard (reload forced)
+    return_routed_experts: bool = False  # MoE routing replay: experts per token into metadata
+    extra_llm_kwargs: dict = field(default_factory=dict)  # any other EngineArgs field
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "max_model_len", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_images_per_prompt < 0:
+            raise ValueError(f"engine.max_images_per_prompt must be >= 0, "
+                             f"got {self.max_images_per_prompt}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"engine.sleep_level must be 1 or 2, got {self.sleep_level}")
+        fixed = set(llm_kwargs(self, include_extra=False))
+        clash = sorted(fixed & set(self.extra_llm_kwargs))
+        if clash:
+            raise ValueError(f"engine.extra_llm_kwargs may not override {clash}: set the "
+                             f"engine fields instead")
+
+
+def llm_kwargs(cfg: VllmEngineConfig, include_extra: bool = True) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM(...)` (LLM's own or EngineArgs fields via **kwargs)."""
+    kwargs = dict(
+        model=cfg.model_dir,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        distributed_executor_backend="external_launcher",
+        enable_sleep_mode=True,
+        load_format="dummy",                 # real weights come from update_weights
+        limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        logprobs_mode="processed_logprobs",
+        enable_return_routed_experts=cfg.return_routed_experts,
+    )
+    if include_extra:
+        kwargs.update(cfg.extra_llm_kwargs)
+    return kwargs
+
+
+def check_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Refuse environments sleep mode or the external launcher cannot work in; returns the
+    variables to set before vLLM is imported."""
+    for var in ALLOC_CONF_VARS:
+        if "expandable_segments:true" in environ.get(var, "").replace(" ", "").lower():
+            raise RuntimeError(
+                f"{var}={environ[var]!r}: expandable_segments defeats vLLM's sleep mode (the "
+                f"weights and KV cache are not released to the trainer); unset it, as "
+                f"launch/slurm_grpo.sbatch does")
+    missing = [v for v in REQUIRED_LAUNCHER_VARS if v not in environ]
+    if missing:
+        raise RuntimeError(f"the external_launcher backend runs one vLLM worker per torchrun / srun "
+                           f"rank and reads {', '.join(missing)} from the environment: start the "
+                           f"trainer under torchrun (launch/slurm_grpo.sbatch)")
+    if environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0 with the external_launcher "
+                           "backend (vLLM asserts it; the engine must run in this process)")
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
+    """The keyword arguments of `vllm.SamplingParams(...)` for one protocol SamplingParams."""
+    return dict(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,              # 0 disables, as in the protocol
+        max_tokens=sampling.max_new_tokens,
+        stop_token_ids=list(sampling.stop_token_ids),
+        seed=sampling.seed,
+        logprobs=0,                        # the sampled token's log-prob only
+        detokenize=False,                  # the trainer and the verifiers decode themselves
+    )
+
+
+def build_prompts(requests: list[RolloutRequest], max_images: int) -> list[dict[str, Any]]:
+    """vLLM prompts (`TokensPrompt` dicts): token ids with one placeholder per image, which
+    vLLM's processor expands to the image's grid, and the PIL images in placeholder order."""
+    prompts = []
+    for request in requests:
+        if not request.prompt_ids:
+            raise ValueError(f"request {request.request_id!r}: empty prompt_ids")
+        if len(request.images) > max_images:
+            raise ValueError(f"request {request.request_id!r} has {len(request.images)} images; the "
+                             f"engine allows {max_images} (engine.max_images_per_prompt)")
+        prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": list(request.images)}
+        prompts.append(prompt)
+    return prompts
+
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def sampled_logprobs(token_ids, logprobs, where: str) -> list[float]:
+    """log p of each sampled token from vLLM's per-position {token id: Logprob} maps."""
+    if logprobs is None:
+        raise ValueError(f"{where}: vLLM returned no logprobs (SamplingParams.logprobs must be 0)")
+    if len(logprobs) != len(token_ids):
+        raise ValueError(f"{where}: {len(logprobs)} logprob positions for {len(token_ids)} tokens")
+    values = []
+    for position, token in enumerate(token_ids):
+        entry = logprobs[position].get(token)
+        if entry is None:
+            raise ValueError(f"{where}: no logprob for sampled token {token} at position {position}")
+        values.append(float(entry.logprob))
+    return values
+
+
+def map_outputs(requests: list[RolloutRequest], outputs: list, n: int,
+                seconds: float) -> list[RolloutSample]:
+    """`RequestOutput`s (in request order, as `LLM.generate` returns them) -> RolloutSamples.
+
+    `prompt_ids` is vLLM's processed prompt (image placeholders expanded) when it reports one.
+    `seconds` is the wall time of the whole batch: vLLM batches all requests together.
+    """
+    if len(outputs) != len(requests):
+        raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+    samples = []
+    for request, output in zip(requests, outputs):
+        completions = sorted(output.outputs, key=lambda c: c.index)
+        if len(completions) != n:
+            raise ValueError(f"request {request.request_id!r}: {len(completions)} samples, expected {n}")
+        prompt_ids = list(output.prompt_token_ids or request.prompt_ids)
+        for completion in completions:
+            where = f"request {request.request_id!r} sample {completion.index}"
+            if completion.finish_reason not in FINISH_REASONS:
+                raise ValueError(f"{where}: finish_reason {completion.finish_reason!r} (expected "
+                                 f"'stop' or 'length'; aborted requests are not rollouts)")
+            response_ids = list(completion.token_ids)
+            metadata = dict(request.metadata)
+            routed = getattr(completion, "routed_experts", None)
+            if routed is not None:
+                metadata["routed_experts"] = routed  # [tokens, layers, top_k], for routing replay
+            samples.append(RolloutSample(
+                request_id=request.request_id, index=completion.index, prompt_ids=prompt_ids,
+                response_ids=response_ids,
+                logprobs=sampled_logprobs(response_ids, completion.logprobs, where),
+                finish_reason=FINISH_REASONS[completion.finish_reason], seconds=seconds,
+                metadata=metadata))
+    return samples
+
+
+def checked_hf_weights(buckets: Iterable[Bucket], counter: dict) -> Iterator[tuple[str, Any]]:
+    """The buckets as one lazy stream of (HF name, tensor), refusing non-HF (megatron) names,
+    which vLLM's loader would otherwise skip with only a log line."""
+    for name, tensor in itertools.chain.from_iterable(buckets):
+        if not name.startswith(HF_PREFIXES):
+            raise ValueError(f"weight {name!r} is not an HF checkpoint name (expected a prefix in "
+                             f"{HF_PREFIXES}); stream models' to_hf names (iter_hf_buckets)")
+        counter["tensors"] += 1
+        counter["bytes"] += tensor.numel() * tensor.element_size()
+        yield name, tensor
+
+
+class EngineStateError(RuntimeError):
+    pass
+
+
+class EngineState:
+    """What of the engine is resident, and whether its weights are valid.
+
+    A fresh engine (dummy weights) and an engine woken from a level-2 sleep hold garbage weights
+    until `update_weights` completes; a level-1 sleep keeps them on the host.
+    """
+
+    def __init__(self):
+        self.awake = {"weights": True, "kv_cache": True}   # LLM(...) returns fully awake
+        self.weights_valid = False                         # load_format="dummy"
+        self.sleep_level: int | None = None
+
+    def on_sleep(self, level: int) -> None:
+        if level not in (1, 2):
+            raise EngineStateError(f"sleep level must be 1 or 2, got {level}")
+        self.awake = dict.fromkeys(TAGS, False)
+        self.sleep_level = level
+        if level == 2:
+            self.weights_valid = False
+
+    def tags_to_wake(self, tags: list[str] | None) -> list[str]:
+        tags = list(TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(TAGS))
+        if unknown:
+            raise EngineStateError(f"unknown wake_up tags {unknown}; known: {list(TAGS)}")
+        return [t for t in TAGS if t in tags and not self.awake[t]]
+
+    def on_wake(self, tags: list[str]) -> None:
+        for tag in tags:
+            self.awake[tag] = True
+        if all(self.awake.values()):
+            self.sleep_level = None
+
+    def check_can_load(self) -> None:
+        if not self.awake["weights"]:
+            raise EngineStateError("update_weights with the weights asleep: call "
+                                   "wake_up(['weights']) first")
+
+    def on_loaded(self) -> None:
+        self.weights_valid = True
+
+    def check_can_generate(self) -> None:
+        asleep = [t for t in TAGS if not self.awake[t]]
+        if asleep:
+            raise EngineStateError(
+                f"generate with {asleep} asleep: a forward with the weights awake but the KV cache "
+                f"asleep crashes vLLM; call wake_up(['weights']), update_weights(...), "
+                f"wake_up(['kv_cache']) first")
+        if not self.weights_valid:
+            raise EngineStateError(
+                "generate before the weights were loaded (the engine starts from dummy weights, "
+                "and a level-2 sleep discards them): call update_weights(...) first")
+
+
+class VllmEngine:
+    """The RolloutEngine protocol on vLLM 0.33, one instance per trainer rank."""
+
+    def __init__(self, cfg: VllmEngineConfig, environ: dict | None = None):
+        environ = os.environ if environ is None else environ
+        environ.update(check_environment(environ))
+        from vllm import LLM  # lazy: this module imports on machines without vLLM
+
+        self.cfg = cfg
+        self.state = EngineState()
+        self.llm = LLM(**llm_kwargs(cfg))
+        self.last_sync: dict = {}
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        to_wake = self.state.tags_to_wake(tags)
+        if not to_wake:
+            return
+        self.llm.wake_up(tags=to_wake)
+        self.state.on_wake(to_wake)
+        if "kv_cache" in to_wake:
+            self.llm.reset_prefix_cache()  # cached blocks were computed with other weights
+
+    def update_weights(self, buckets: Iterable[Bucket]) -> int:
+        """Load every bucket, then post-process once; returns the number of tensors loaded."""
+        self.state.check_can_load()
+        counter = {"tensors": 0, "bytes": 0}
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": checked_hf_weights(buckets, counter), "is_checkpoint_format": True})
+        if counter["tensors"] == 0:
+            raise ValueError("update_weights received no tensors")
+        self.state.on_loaded()
+        if self.state.awake["kv_cache"]:
+            self.llm.reset_prefix_cache()
+        self.last_sync = dict(counter, seconds=time.perf_counter() - start)
+        return counter["tensors"]
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingParams) -> list[RolloutSample]:
+        from vllm import SamplingParams as VllmSamplingParams
+
+        self.state.check_can_generate()
+        prompts = build_prompts(requests, self.cfg.max_images_per_prompt)
+        params = VllmSamplingParams(**sampling_kwargs(sampling))
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        return map_outputs(requests, outputs, sampling.n, time.perf_counter() - start)
+
+    def sleep(self, level: int | None = None) -> None:
+        """Release the GPU to the trainer; `level` None uses `cfg.sleep_level`."""
+        level = self.cfg.sleep_level if level is None else level
+        if not any(self.state.awake.values()):
+            return
+        self.llm.reset_mm_cache()  # encoder outputs of these weights must not outlive them
+        self.llm.sleep(level=level)
+        self.state.on_sleep(level)
