@@ -21,7 +21,6 @@ class Family:
     architecture: str                       # HF `architectures[0]`
     hf_model_class: Callable                # transformers class of the full model
     vision_class: Callable                  # transformers class of the vision tower
-    image_features: Callable                # (vision, pixel_values, grid_thw) -> (feats, deepstack)
     mrope_interleaved: bool
     moe: bool
     qk_layernorm: bool = True               # Qwen3 q/k RMSNorm
@@ -36,7 +35,7 @@ class Family:
         vision_config = hf_config.vision_config
         return VisionSpec(
             build_vision=lambda: self.vision_class._from_config(vision_config),
-            image_features=self.image_features,
+            image_features=vision_features,
             image_token_id=hf_config.image_token_id,
             spatial_merge_size=vision_config.spatial_merge_size,
             mrope_section=list(text.rope_parameters["mrope_section"]),
@@ -55,6 +54,12 @@ class Family:
                                     mrope_section=vision.mrope_section,
                                     **{"apply_rope_fusion": False, **config_overrides})
         return VisionLanguageModel(lm, vision, config, device_type, pre_process, post_process)
+
+
+def vision_features(vision, pixel_values, image_grid_thw):
+    """(merged features [n_image_tokens, H], deepstack features) from a Qwen-VL vision tower."""
+    out = vision(pixel_values.to(vision.dtype), grid_thw=image_grid_thw, return_dict=True)
+    return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
 
 
 def language_config_from_hf(hf_config, family: Family) -> LanguageModelConfig:

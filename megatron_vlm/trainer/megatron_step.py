@@ -140,3 +140,13 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: Iterable[
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     return metrics
+
+
+def set_constant_lr(optimizer, scheduler, lr: float) -> None:
+    """From now on a constant learning rate `lr` (a stage's own rate, e.g. GRPO after SFT)."""
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = lr, min(group.get("min_lr", lr), lr)
+    scheduler.max_lr, scheduler.min_lr = lr, min(scheduler.min_lr, lr)
+    scheduler.init_lr = min(scheduler.init_lr, lr)
+    scheduler.lr_warmup_steps, scheduler.lr_decay_style = 0, "constant"
+    scheduler.step(increment=0)

@@ -29,10 +29,13 @@ class StageConfig:
     kind: str                 # sft | grpo
     steps: int
     batch_size: int = 32      # sft: labelled examples per step (grpo uses rollout.prompts_per_step)
+    lr: float | None = None   # a constant rate for this stage; None: optim's schedule continues
 
     def __post_init__(self):
         if self.kind not in ("sft", "grpo"):
             raise ValueError(f"stages[].kind must be sft or grpo, got {self.kind!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"stages[] {self.kind}: lr must be > 0, got {self.lr}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"stages[] {self.kind}: steps must be >= 0 and batch_size >= 1")
 
@@ -84,6 +87,10 @@ def run(cfg) -> list[dict]:
     try:
         r.log(dict(stage="init", step=0, **r.evaluate()))
         for stage in cfg.stages:
+            if stage.lr is not None:
+                from megatron_vlm.trainer.megatron_step import set_constant_lr
+
+                set_constant_lr(r.actor.optimizer, r.actor.scheduler, stage.lr)
             for step in range(1, stage.steps + 1):
                 start = time.perf_counter()
                 metrics = r.sft_step(stage, step) if stage.kind == "sft" else r.grpo_step(step)

@@ -13,16 +13,10 @@ from megatron_vlm.models.qwen2_5_vl import hf_adapter
 from megatron_vlm.models.qwen_vl import Family
 
 
-def image_features(vision, pixel_values, image_grid_thw):
-    out = vision(pixel_values.to(vision.dtype), grid_thw=image_grid_thw, return_dict=True)
-    return out.pooler_output, []
-
-
 FAMILY = Family(
     architecture="Qwen2_5_VLForConditionalGeneration",
     hf_model_class=Qwen2_5_VLForConditionalGeneration,
     vision_class=Qwen2_5_VisionTransformerPretrainedModel,
-    image_features=image_features,
     mrope_interleaved=False,
     moe=False,
     qk_layernorm=False,

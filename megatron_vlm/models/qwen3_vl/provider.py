@@ -12,16 +12,10 @@ from megatron_vlm.models.qwen3_vl import hf_adapter
 from megatron_vlm.models.qwen_vl import Family
 
 
-def image_features(vision, pixel_values, image_grid_thw):
-    out = vision(pixel_values.to(vision.dtype), grid_thw=image_grid_thw, return_dict=True)
-    return out.pooler_output, list(out.deepstack_features)
-
-
 FAMILY = Family(
     architecture="Qwen3VLForConditionalGeneration",
     hf_model_class=Qwen3VLForConditionalGeneration,
     vision_class=Qwen3VLVisionModel,
-    image_features=image_features,
     mrope_interleaved=True,
     moe=False,
     hf_rules=hf_adapter.rules,

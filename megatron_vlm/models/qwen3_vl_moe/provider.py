@@ -14,17 +14,10 @@ from megatron_vlm.models.qwen3_vl_moe import hf_adapter
 from megatron_vlm.models.qwen_vl import Family
 
 
-def image_features(vision, pixel_values, image_grid_thw):
-    """(merged features [n_image_tokens, H], deepstack features per deepstack layer)."""
-    out = vision(pixel_values.to(vision.dtype), grid_thw=image_grid_thw, return_dict=True)
-    return out.pooler_output, list(out.deepstack_features)
-
-
 FAMILY = Family(
     architecture="Qwen3VLMoeForConditionalGeneration",
     hf_model_class=Qwen3VLMoeForConditionalGeneration,
     vision_class=Qwen3VLMoeVisionModel,
-    image_features=image_features,
     mrope_interleaved=True,
     moe=True,
     hf_rules=hf_adapter.rules,
