@@ -3,7 +3,8 @@
 Colocated SPMD: every trainer rank (started by torchrun / srun) builds its own `LLM` with
 `distributed_executor_backend="external_launcher"`; vLLM then runs one in-process worker per rank,
 forms its TP groups from the same world and expects every rank to submit the same prompts in the
-same order (its scheduling is deterministic). The engine starts from `load_format="dummy"`: the
+same order (its scheduling is deterministic). A world larger than the engine's TP holds
+WORLD_SIZE / TP engine replicas (vLLM's data parallel, `engine_data_parallel`). The engine starts from `load_format="dummy"`: the
 real weights always arrive through `update_weights`, which streams the trainer's HF-named full
 tensors (`checkpoint.streaming.iter_hf_buckets`) into vLLM 0.33's own in-place reload
 (`collective_rpc("reload_weights", ...)`: the model's `load_weights`, which stacks q/k/v and
@@ -77,11 +78,31 @@ class VllmEngineConfig:
                              f"engine fields instead")
 
 
-def llm_kwargs(cfg: VllmEngineConfig, include_extra: bool = True) -> dict[str, Any]:
-    """The keyword arguments of `vllm.LLM(...)` (LLM's own or EngineArgs fields via **kwargs)."""
+def engine_data_parallel(world_size: int, rank: int, tensor_parallel_size: int) -> tuple[int, int]:
+    """(number of engine replicas, this rank's replica) under the external launcher.
+
+    vLLM sizes its world as TP x DP and forms TP groups of consecutive ranks: replica
+    `rank // TP`. Every rank of a replica must submit the same requests, so the trainer deals
+    prompts by this replica index, not by its own DP rank (which differs whenever the trainer's
+    model-parallel group is not exactly the engine's TP group, e.g. trainer TP=2 x PP=2 against
+    engine TP=2: ranks r and r + 16 share a trainer DP rank but are different engine replicas).
+    """
+    if world_size % tensor_parallel_size:
+        raise ValueError(f"world size {world_size} is not divisible by the engine's "
+                         f"tensor_parallel_size {tensor_parallel_size}")
+    return world_size // tensor_parallel_size, rank // tensor_parallel_size
+
+
+def llm_kwargs(cfg: VllmEngineConfig, world_size: int | None = None,
+               include_extra: bool = True) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM(...)` (LLM's own or EngineArgs fields via **kwargs);
+    `world_size` None: one replica."""
+    world_size = cfg.tensor_parallel_size if world_size is None else world_size
+    replicas, _ = engine_data_parallel(world_size, 0, cfg.tensor_parallel_size)
     kwargs = dict(
         model=cfg.model_dir,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        data_parallel_size=replicas,         # external_launcher: vLLM's world = TP x DP
         distributed_executor_backend="external_launcher",
         enable_sleep_mode=True,
         load_format="dummy",                 # real weights come from update_weights
@@ -284,8 +305,10 @@ class VllmEngine:
         from vllm import LLM  # lazy: this module imports on machines without vLLM
 
         self.cfg = cfg
+        self.replicas, self.replica = engine_data_parallel(
+            int(environ["WORLD_SIZE"]), int(environ["RANK"]), cfg.tensor_parallel_size)
         self.state = EngineState()
-        self.llm = LLM(**llm_kwargs(cfg))
+        self.llm = LLM(**llm_kwargs(cfg, int(environ["WORLD_SIZE"])))
         self.last_sync: dict = {}
 
     def wake_up(self, tags: list[str] | None = None) -> None:

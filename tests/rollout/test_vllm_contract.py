@@ -29,7 +29,7 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.logprobs import Logprob  # noqa: E402
 from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 
-LAUNCHER_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+LAUNCHER_ENV = {"RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": "29500"}
 
 
@@ -114,6 +114,7 @@ def test_llm_constructor_keywords_bind_and_build_engine_args(step):
     assert engine_args.enable_sleep_mode and engine_args.load_format == "dummy"
     assert engine_args.logprobs_mode == "processed_logprobs"
     assert engine_args.enable_return_routed_experts
+    assert (engine_args.tensor_parallel_size, engine_args.data_parallel_size) == (2, 2)
 
 
 def test_load_format_dummy_is_a_registered_loader():

@@ -189,6 +189,16 @@ def test_llm_kwargs_colocated_spmd_defaults():
     assert kwargs["max_num_batched_tokens"] == 16384
 
 
+def test_engine_replicas_are_consecutive_tp_groups():
+    assert ve.engine_data_parallel(32, 0, 2) == (16, 0)
+    assert ve.engine_data_parallel(32, 17, 2) == (16, 8)  # trainer TP2 x PP2: stage 1, DP rank 0
+    assert ve.llm_kwargs(ve.VllmEngineConfig(model_dir="m", tensor_parallel_size=4), 32)[
+        "data_parallel_size"] == 8
+    with pytest.raises(ValueError, match="world size 6 is not divisible by the engine's "
+                                         "tensor_parallel_size 4"):
+        ve.engine_data_parallel(6, 0, 4)
+
+
 def test_checked_hf_weights_streams_lazily_and_refuses_megatron_names():
     counter = {"tensors": 0, "bytes": 0}
     stream = ve.checked_hf_weights(iter([bucket("model.visual.x"), bucket("lm_head.weight")]), counter)
@@ -242,6 +252,7 @@ def test_engine_one_rl_step_calls_vllm_in_the_safe_order(engine):
     assert samples[0].prompt_ids == [1, 99, 99, 99, 5]  # expanded by the (fake) processor
     assert samples[1].response_ids == [11, 11, 11, 11]
     assert engine.last_sync["tensors"] == 3
+    assert llm.calls[0][2]["data_parallel_size"] == 1 and (engine.replicas, engine.replica) == (1, 0)
 
 
 def test_engine_level2_sleep_forces_reload(engine):
