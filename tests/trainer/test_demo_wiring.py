@@ -32,9 +32,12 @@ def test_sft_then_grpo_then_export(tmp_path):
     trained = [r for r in grpo if "loss" in r]  # a step whose groups all tie trains on nothing
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in trained)
     assert (out / "curves.png").stat().st_size > 0
-    from transformers import AutoConfig, AutoProcessor, Qwen3VLMoeForConditionalGeneration
+    from transformers import AutoConfig, Qwen3VLMoeForConditionalGeneration
+
+    from megatron_vlm.data.processor import MultimodalProcessor
 
     model = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(out / "hf_export"))
-    AutoProcessor.from_pretrained(str(out / "hf_export"))
+    # tokenizer + image processor carried over (AutoProcessor itself also wants torchvision)
+    MultimodalProcessor.from_pretrained(out / "hf_export")
     assert AutoConfig.from_pretrained(str(out / "hf_export")).architectures == ["Qwen3VLMoeForConditionalGeneration"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
