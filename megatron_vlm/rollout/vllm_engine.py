@@ -62,19 +62,19 @@ class VllmEngineConfig:
     def __post_init__(self):
         for name in ("tensor_parallel_size", "max_model_len", "max_num_seqs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"rl.vllm.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_images_per_prompt < 0:
-            raise ValueError(f"engine.max_images_per_prompt must be >= 0, "
+            raise ValueError(f"rl.vllm.max_images_per_prompt must be >= 0, "
                              f"got {self.max_images_per_prompt}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], "
+            raise ValueError(f"rl.vllm.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
         if self.sleep_level not in (1, 2):
-            raise ValueError(f"engine.sleep_level must be 1 or 2, got {self.sleep_level}")
+            raise ValueError(f"rl.vllm.sleep_level must be 1 or 2, got {self.sleep_level}")
         fixed = set(llm_kwargs(self, include_extra=False))
         clash = sorted(fixed & set(self.extra_llm_kwargs))
         if clash:
-            raise ValueError(f"engine.extra_llm_kwargs may not override {clash}: set the "
+            raise ValueError(f"rl.vllm.extra_llm_kwargs may not override {clash}: set the "
                              f"engine fields instead")
 
 
@@ -166,7 +166,7 @@ def build_prompts(requests: list[RolloutRequest], max_images: int) -> list[dict[
             raise ValueError(f"request {request.request_id!r}: empty prompt_ids")
         if len(request.images) > max_images:
             raise ValueError(f"request {request.request_id!r} has {len(request.images)} images; the "
-                             f"engine allows {max_images} (engine.max_images_per_prompt)")
+                             f"engine allows {max_images} (rl.vllm.max_images_per_prompt)")
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
@@ -216,7 +216,7 @@ def map_outputs(requests: list[RolloutRequest], outputs: list, n: int,
             metadata = dict(request.metadata)
             routed = getattr(completion, "routed_experts", None)
             if routed is not None:
-                metadata["routed_experts"] = routed  # [tokens, layers, top_k], for routing replay
+                metadata["routed_experts"] = routed  # [seq_len, layers, top_k] (vLLM), routing replay
             samples.append(RolloutSample(
                 request_id=request.request_id, index=completion.index, prompt_ids=prompt_ids,
                 response_ids=response_ids,
@@ -297,7 +297,12 @@ class EngineState:
 
 
 class VllmEngine:
-    """The RolloutEngine protocol on vLLM 0.33, one instance per trainer rank."""
+    """The RolloutEngine protocol on vLLM 0.33, one instance per trainer rank.
+
+    Build it after the trainer's model and optimizer (vLLM sizes its KV cache from
+    `gpu_memory_utilization` of the whole GPU and needs that much free), then `sleep()` it; every
+    rank of an engine replica (`self.replica`) must then pass the same requests to `generate`.
+    """
 
     def __init__(self, cfg: VllmEngineConfig, environ: dict | None = None):
         environ = os.environ if environ is None else environ

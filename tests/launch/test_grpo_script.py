@@ -78,15 +78,31 @@ def test_recipe_numbers_agree_across_sections(recipe):
     assert r.bucket_mb >= fused_experts_mib
 
 
+def slurm_env(tmp_path, nodes):
+    """test_scripts' fake allocation, with a `scontrol` that writes its host list in one write.
+
+    slurm_train.sbatch runs `scontrol show hostnames ... | head -n 1` under `set -o pipefail`:
+    when head exits before a multi-write scontrol finishes, scontrol dies of SIGPIPE and the
+    script exits 141 (intermittently, with test_scripts' one-echo-per-host fake).
+    """
+    env = fake_slurm_env(tmp_path, nodes)
+    hosts = "\\n".join(f"gpu-{i:03d}" for i in range(1, nodes + 1))
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] || exit 1\nprintf '{hosts}\\n'\n")
+    return env
+
+
 def test_bash_syntax():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
 
 
 def test_sbatch_renders_multi_node_torchrun_with_the_grpo_recipe(tmp_path):
-    env = fake_slurm_env(tmp_path, nodes=4)
+    env = slurm_env(tmp_path, nodes=4)
     env["SLURM_SUBMIT_DIR"] = str(ROOT)
-    out = subprocess.run(["bash", str(SBATCH), "rollout.n=4"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+    result = subprocess.run(["bash", str(SBATCH), "rollout.n=4"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     for expected in ["--nodes=4", "--nnodes=4", "--nproc-per-node=8",
                      "--rdzv-endpoint=gpu-001:29500", "megatron_vlm.cli train",
@@ -101,9 +117,10 @@ def test_sbatch_hands_vllm_settings_to_the_train_script(tmp_path):
     (fake_root / "launch" / "slurm_train.sbatch").write_text(
         'echo "args=$*"\necho "mp=${VLLM_ENABLE_V1_MULTIPROCESSING:-unset}"\n'
         'echo "alloc=${PYTORCH_ALLOC_CONF:-unset}"\n')
-    env = fake_slurm_env(tmp_path, nodes=2)
+    env = slurm_env(tmp_path, nodes=2)
     env.update(MEGATRON_VLM_ROOT=str(fake_root), PYTORCH_ALLOC_CONF="expandable_segments:True")
     result = subprocess.run(["bash", str(SBATCH), "my.yaml", "a.b=1"], env=env,
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["args=my.yaml a.b=1", "mp=0", "alloc=unset"]
     assert "defeats vLLM's sleep mode" in result.stderr

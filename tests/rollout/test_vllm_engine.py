@@ -170,9 +170,9 @@ def test_environment_needs_launcher_variables_and_no_v1_multiprocessing():
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(ValueError, match="engine.sleep_level must be 1 or 2, got 3"):
+    with pytest.raises(ValueError, match="rl.vllm.sleep_level must be 1 or 2, got 3"):
         ve.VllmEngineConfig(model_dir="m", sleep_level=3)
-    with pytest.raises(ValueError, match="engine.gpu_memory_utilization must be in"):
+    with pytest.raises(ValueError, match="rl.vllm.gpu_memory_utilization must be in"):
         ve.VllmEngineConfig(model_dir="m", gpu_memory_utilization=0)
     with pytest.raises(ValueError, match="may not override \\['load_format'\\]"):
         ve.VllmEngineConfig(model_dir="m", extra_llm_kwargs={"load_format": "auto"})
