@@ -94,6 +94,21 @@ def test_the_step_makes_every_kind_of_call(step):
          "sleep", "wake_up"])
 
 
+def test_the_step_covers_every_llm_call_in_the_adapters_source(step):
+    """A call added to the adapter later must be exercised (and so checked) here too."""
+    import ast
+
+    tree = ast.parse(inspect.getsource(ve))
+    in_source = {node.func.attr for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and ast.unparse(node.func.value) == "self.llm"}
+    engine, _ = step
+    assert in_source == set(engine.llm.names()) - {"__init__"}
+    vllm_imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and (node.module or "").startswith("vllm") for alias in node.names}
+    assert vllm_imports == {"LLM", "SamplingParams"}  # both built in this file's tests
+
+
 def test_llm_constructor_keywords_bind_and_build_engine_args(step):
     engine, _ = step
     (_, args, kwargs), = [c for c in engine.llm.calls if c[0] == "__init__"]
