@@ -215,6 +215,12 @@ def test_outputs_map_from_real_vllm_objects(step):
     assert [s.finish_reason for s in samples] == ["stop", "length", "stop", "length"]
 
 
+def test_generate_returns_outputs_in_prompt_order():
+    """map_outputs pairs outputs with requests by position."""
+    source = inspect.getsource(vllm.LLM._run_engine)
+    assert "sorted(outputs, key=lambda x: int(x.request_id))" in source
+
+
 def test_finish_reasons_are_vllms():
     from vllm.v1.engine import FinishReason
 
