@@ -8,8 +8,9 @@ WORLD_SIZE / TP engine replicas (vLLM's data parallel, `engine_data_parallel`). 
 from `load_format="dummy"`: the real weights always arrive through `update_weights`, which streams
 the trainer's HF-named full tensors (`checkpoint.streaming.iter_hf_buckets`) into vLLM 0.33's
 own in-place reload (`collective_rpc("reload_weights", ...)`: the model's `load_weights`, which
-stacks q/k/v and gate/up and slices for vLLM's TP/EP, then post-load processing once per layer). With the external
-launcher `collective_rpc` runs in this process, so the buckets are consumed lazily, never copied.
+stacks q/k/v and gate/up and slices for vLLM's TP/EP, then post-load processing once per layer).
+With the external launcher `collective_rpc` runs in this process, so the buckets are consumed
+lazily, never copied.
 
 Known failures that shape the design (issue #5), each turned into a refusal with a clear message:
   * a forward with the weights awake but the KV cache asleep crashes: `generate` requires both;
