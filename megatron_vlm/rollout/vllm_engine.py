@@ -17,6 +17,7 @@ Known failures that shape the design (issue #5), each turned into a refusal with
   * after `sleep(level=2)` the weights are garbage until fully reloaded: `generate` is refused
     until `update_weights` has run;
   * `expandable_segments` in the CUDA allocator config defeats sleep mode: refused at start;
+  * reloading into an FP8-quantized model breaks post-processing: `quantization` is refused;
   * the multimodal cache holds encoder outputs of the old weights: cleared before every sleep, and
     vLLM's reload clears it again; the prefix cache is reset whenever the KV cache wakes and after
     every weight load.
@@ -72,6 +73,10 @@ class VllmEngineConfig:
                              f"got {self.gpu_memory_utilization}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"rl.vllm.sleep_level must be 1 or 2, got {self.sleep_level}")
+        if self.extra_llm_kwargs.get("quantization") is not None:
+            raise ValueError("rl.vllm.extra_llm_kwargs.quantization: reloading weights into a "
+                             "quantized (e.g. FP8) vLLM model breaks its post-load processing "
+                             "(issue #5); the adapter syncs bf16 weights only")
         fixed = set(llm_kwargs(self, include_extra=False))
         clash = sorted(fixed & set(self.extra_llm_kwargs))
         if clash:

@@ -174,6 +174,8 @@ def test_config_validation_names_the_field():
         ve.VllmEngineConfig(model_dir="m", sleep_level=3)
     with pytest.raises(ValueError, match="rl.vllm.gpu_memory_utilization must be in"):
         ve.VllmEngineConfig(model_dir="m", gpu_memory_utilization=0)
+    with pytest.raises(ValueError, match="quantized .*breaks its post-load processing"):
+        ve.VllmEngineConfig(model_dir="m", extra_llm_kwargs={"quantization": "fp8"})
     with pytest.raises(ValueError, match="may not override \\['load_format'\\]"):
         ve.VllmEngineConfig(model_dir="m", extra_llm_kwargs={"load_format": "auto"})
 
