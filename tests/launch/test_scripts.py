@@ -12,7 +12,8 @@ TORCHRUN = ROOT / "launch" / "torchrun_train.sh"
 
 @pytest.mark.parametrize("script", [SBATCH, TORCHRUN])
 def test_bash_syntax(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def fake_slurm_env(tmp_path, nodes):
