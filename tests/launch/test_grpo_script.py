@@ -93,7 +93,8 @@ def slurm_env(tmp_path, nodes):
 
 
 def test_bash_syntax():
-    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    result = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_sbatch_renders_multi_node_torchrun_with_the_grpo_recipe(tmp_path):
