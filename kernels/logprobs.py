@@ -58,6 +58,21 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _logits_tile(h_ptr, w_ptr, h_rows, w_rows, t_mask, v_mask, H,
+                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """hidden rows x weight rows^T for one [BLOCK_T, BLOCK_V] tile, fp32 accumulation over H."""
+    acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+    for k in range(0, H, BLOCK_H):
+        offs_h = k + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        acc = _dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_ptr,
                 T, V, H, vocab_start, inv_temp, tiles_per_split,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -76,14 +91,8 @@ def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_pt
     for i in range(0, tiles_per_split):
         offs_v = (pid_s * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
-        w_rows = offs_v.to(tl.int64) * H
-        acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
-        for k in range(0, H, BLOCK_H):
-            offs_h = k + tl.arange(0, BLOCK_H)
-            h_mask = offs_h < H
-            h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = _dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
+        acc = _logits_tile(h_ptr, w_ptr, h_rows, offs_v.to(tl.int64) * H, t_mask, v_mask, H,
+                           BLOCK_T, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
         z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_T, BLOCK_V]
         new_max = tl.maximum(row_max, tl.max(z, 1))
         rescale = tl.exp(row_max - new_max)
@@ -117,13 +126,8 @@ def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_en
     v_mask = offs_v < V
     h_rows = offs_t.to(tl.int64) * H
     w_rows = offs_v.to(tl.int64) * H
-    acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
-    for k in range(0, H, BLOCK_H):
-        offs_h = k + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        acc = _dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
+    acc = _logits_tile(h_ptr, w_ptr, h_rows, w_rows, t_mask, v_mask, H,
+                       BLOCK_T, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     g_logp = tl.load(g_logp_ptr + offs_t, mask=t_mask, other=0.0)
     local_label = tl.load(labels_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64) - vocab_start
