@@ -8,6 +8,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.parallel.config import ParallelConfig
-from megatron_vlm.trainer.grpo import RolloutConfig
+from megatron_vlm.trainer.grpo import RLConfig, RolloutConfig
 from megatron_vlm.trainer.megatron_step import OptimConfig
 from megatron_vlm.trainer.rl_step import UpdateConfig
 from megatron_vlm.trainer.vlm_run import EvalConfig, StageConfig, VLMConfig
@@ -89,6 +90,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def is_vlm(self) -> bool:
@@ -158,7 +160,13 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     for name, value in data.items():
         hint = hints[name]
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
-        if dataclasses.is_dataclass(hint):
+        optional = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(optional) == 1 \
+                and dataclasses.is_dataclass(optional[0]):
+            hint = optional[0] if value is not None else None
+        if hint is None:
+            kwargs[name] = None
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
         elif item is not None and dataclasses.is_dataclass(item):
             if not isinstance(value, list):

@@ -81,3 +81,14 @@ def test_parallel_config_sizes():
     p = ParallelConfig(tp=2, pp=2, ep=8, etp=1)
     assert p.data_parallel_size(32) == 8 and p.expert_data_parallel_size(32) == 2
     assert ParallelConfig(tp=2).expert_tp == 2 and ParallelConfig(tp=2).use_sequence_parallel
+
+
+def test_optional_and_list_sections():
+    cfg = load_config(None, ["rl.dynamic_sampling={batch_groups: 4}", "stages=[{kind: sft, steps: 2}]"])
+    assert cfg.rl.dynamic_sampling.batch_groups == 4 and cfg.rl.dynamic_sampling.max_draws == 10
+    assert cfg.stages[0].kind == "sft" and cfg.stages[0].steps == 2
+    assert load_config(None, ["rl.dynamic_sampling=null"]).rl.dynamic_sampling is None
+    with pytest.raises(ValueError, match=r"unknown config key 'stages\[0\].stepz'"):
+        load_config(None, ["stages=[{kind: sft, stepz: 2}]"])
+    with pytest.raises(ValueError, match="dynamic_sampling.batch_groups must be >= 1"):
+        load_config(None, ["rl.dynamic_sampling={batch_groups: 0}"])

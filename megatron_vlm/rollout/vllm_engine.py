@@ -47,7 +47,7 @@ REQUIRED_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MA
 
 @dataclass(kw_only=True)
 class VllmEngineConfig:
-    model_dir: str                       # exported HF directory (config, tokenizer, processor)
+    model_dir: str | None = None         # exported HF directory; None: the run's vlm.assets/model
     tensor_parallel_size: int = 1
     max_model_len: int = 8192            # prompt (expanded image tokens included) + response
     max_images_per_prompt: int = 1
@@ -311,6 +311,9 @@ class VllmEngine:
     """
 
     def __init__(self, cfg: VllmEngineConfig, environ: dict | None = None):
+        if not cfg.model_dir:
+            raise ValueError("rl.vllm.model_dir is not set: the exported HF directory the engine "
+                             "builds from (the run fills it from vlm.assets/model)")
         environ = os.environ if environ is None else environ
         environ.update(check_environment(environ))
         from vllm import LLM  # lazy: this module imports on machines without vLLM

@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 
-from megatron_vlm.rl.sampling import informative_groups
+from megatron_vlm.rl.overlong import OverlongPenaltyConfig
+from megatron_vlm.rl.sampling import DynamicSamplingConfig, informative_groups
+from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
 from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
 from megatron_vlm.rollout.weight_sync import check_logprobs, sync_weights
 from megatron_vlm.rl.advantages import group_index_from_ids
@@ -48,6 +50,31 @@ class RolloutConfig:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_new_tokens, n=self.n,
                               stop_token_ids=stop_token_ids, seed=seed)
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """Engine choice and the rollout-shaping options of the recipes (`rl:` in a config)."""
+    engine: str = "embedded"          # embedded (CPU, transformers) | vllm (GPU)
+    vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
+    routing_replay: bool = False      # replay the engine's MoE routing in the trainer
+    dynamic_sampling: DynamicSamplingConfig | None = None  # DAPO: draw until the batch is informative
+    overlong: OverlongPenaltyConfig | None = None           # DAPO soft over-long penalty
+
+    def __post_init__(self):
+        if self.engine not in ("embedded", "vllm"):
+            raise ValueError(f"rl.engine must be embedded or vllm, got {self.engine!r}")
+
+    def check_supported(self) -> None:
+        """Refuse options the stage runner does not apply yet rather than ignore them."""
+        pending = [name for name, on in (("rl.engine=vllm", self.engine == "vllm"),
+                                         ("rl.routing_replay", self.routing_replay),
+                                         ("rl.dynamic_sampling", self.dynamic_sampling is not None),
+                                         ("rl.overlong", self.overlong is not None)) if on]
+        if pending:
+            raise ValueError(f"{', '.join(pending)}: accepted by the config and implemented in "
+                             f"rollout/ and rl/, but not yet applied by the GRPO stage (issue #5); "
+                             f"refusing to run without them")
 
 
 @dataclass

@@ -83,6 +83,7 @@ class PromptCache:
 def run(cfg) -> list[dict]:
     from megatron_vlm.parallel.runtime import shutdown
 
+    cfg.rl.check_supported()
     r = _Run(cfg)
     try:
         r.log(dict(stage="init", step=0, **r.evaluate()))

@@ -39,9 +39,14 @@ def test_recipe_without_rl_loads_and_plans_the_trainer(recipe):
     assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in plan and "EP=8" in plan
 
 
-def test_recipe_is_rejected_whole_until_config_py_has_rl():
-    with pytest.raises(ValueError, match="unknown config key 'rl'"):
-        load_config(RECIPE)
+def test_whole_recipe_loads_plans_and_the_stage_refuses_what_it_does_not_apply_yet():
+    cfg = load_config(RECIPE)
+    assert cfg.rl.engine == "vllm" and cfg.rl.vllm.tensor_parallel_size == 2
+    assert cfg.rl.dynamic_sampling.batch_groups == 128 and cfg.rl.overlong.buffer_len == 1024
+    assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in format_plan(cfg, 32)
+    with pytest.raises(ValueError, match="rl.engine=vllm, rl.routing_replay, rl.dynamic_sampling, "
+                                         "rl.overlong: accepted by the config"):
+        cfg.rl.check_supported()
 
 
 def test_recipe_shares_the_base_recipes_model_and_layout(recipe):
