@@ -87,6 +87,22 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
         scaled.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per token [b, s] from vocab-parallel logits [b, s, V/tp]
+    (a metric: max, sum-exp and sum(p * z) are reduced over the TP group, nothing of size V)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    z = logits.float() / temperature
+    row_max = z.max(-1).values
+    torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    e = torch.exp(z - row_max[..., None])
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
+    torch.distributed.all_reduce(sums, group=group)
+    return row_max + torch.log(sums[0]) - sums[1] / sums[0]
+
+
 def forward_logprobs(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
     """Log-probs of this rank's CP chunks [b, s_local] (a differentiable forward)."""
     from megatron.core import parallel_state as ps

@@ -18,7 +18,7 @@ import torch
 from megatron_vlm.parallel.batching import split_for_cp
 from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute_advantages, group_index_from_ids
 from megatron_vlm.rl.losses import LossConfig, LossInputs, policy_loss_fn
-from megatron_vlm.trainer.actor_batch import SequenceBatch, forward_logprobs, token_logprobs
+from megatron_vlm.trainer.actor_batch import SequenceBatch, forward_logprobs, token_entropy, token_logprobs
 
 
 @dataclass(kw_only=True)
@@ -70,6 +70,8 @@ def _loss_func(extra: dict, cfg: UpdateConfig, mode: str, logits: torch.Tensor):
     report = {k: torch.stack([v.detach().float() * units, units.float()]) for k, v in metrics.items()
               if v.dim() == 0}
     report["lm loss"] = torch.stack([loss.detach(), units.float()])
+    entropy = token_entropy(logits, cfg.temperature)
+    report["entropy"] = torch.stack([(entropy * mask).sum(), mask.sum()])  # token mean
     return loss, units.to(torch.int), report
 
 

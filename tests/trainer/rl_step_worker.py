@@ -85,7 +85,7 @@ def main():
         clip_metrics=sorted(k for k in metrics_one if k not in ("loss", "grad_norm", "lr")),
         grad_norm_one=metrics_one["grad_norm"], grad_norm_many=metrics_many["grad_norm"],
         param_max_abs_diff=max(float((after_one[k] - after_many[k]).abs().max()) for k in after_one),
-        param_max_update=moved)
+        param_max_update=moved, entropy_one=metrics_one["entropy"], entropy_many=metrics_many["entropy"])
     if runtime.rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

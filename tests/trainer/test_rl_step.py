@@ -25,3 +25,5 @@ def test_one_rl_step_on_two_ranks(tmp_path):
     assert abs(r["grad_norm_one"] - r["grad_norm_many"]) < 1e-5 * max(1.0, r["grad_norm_one"])
     assert r["param_max_update"] > 1e-4                 # the step moved the weights...
     assert r["param_max_abs_diff"] < 1e-6               # ...identically in both layouts
+    # entropy of the sampling distribution, the same however the tokens were split (TP2 vs EP2)
+    assert 0 < r["entropy_one"] < 5.3 and abs(r["entropy_one"] - r["entropy_many"]) < 1e-5  # ln(200)=5.3
