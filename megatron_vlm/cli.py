@@ -84,13 +84,7 @@ def cmd_convert(args) -> int:
         if not result.ok:
             print(result.summary(), file=sys.stderr)
             return 1
-        from megatron_vlm.checkpoint.hf_io import HFCheckpointReader
-
-        hf_config = HFCheckpointReader(args.hf).config()
-        from megatron_vlm.models import family_for
-
-        lm = family_for(hf_config).language_config(hf_config)
-        out = convert.finalize_mcore(args.hf, __import__("pathlib").Path(args.out), parallel, hf_config, lm)
+        out = convert.finalize_mcore(args.hf, args.out, parallel)
     else:
         out = convert.hf_to_mcore(args.hf, args.out, parallel)
     print(f"wrote {out}")

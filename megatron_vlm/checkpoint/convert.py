@@ -17,7 +17,6 @@ with the config, a layout that does not divide the model.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -98,7 +97,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: ParallelConfig, part: tuple
         del tensors
         _progress(f"hf-to-mcore {part[0]}/{part[1]}", done, len(mine), start)
     if finalize:
-        finalize_mcore(hf_dir, out, parallel, hf_config, lm)
+        finalize_mcore(hf_dir, out, parallel)
     return out
 
 
@@ -147,7 +146,11 @@ def _partial_dir(out: Path) -> Path:
     return tmp
 
 
-def finalize_mcore(hf_dir, out: Path, parallel: ParallelConfig, hf_config, lm) -> Path:
+def finalize_mcore(hf_dir, out: str | Path, parallel: ParallelConfig) -> Path:
+    """Check every rank file is there, add metadata and the HF side files, rename into place."""
+    hf_config = HFCheckpointReader(hf_dir).config()
+    lm = family_for(hf_config).language_config(hf_config)
+    out = Path(out)
     tmp = out.parent / f"{out.name}.partial"
     missing = [s.name for s in file_specs(lm, parallel) if not (tmp / s.name).is_file()]
     if missing:
@@ -289,6 +292,3 @@ def export_model(model, rules, hf_config, out_dir: str, side_files_from: str | N
         raise
     return None
 
-
-def clean_partial(out_dir: str) -> None:
-    shutil.rmtree(Path(out_dir).parent / f"{Path(out_dir).name}.partial", ignore_errors=True)

@@ -16,7 +16,7 @@ Megatron names are those of a TP=PP=EP=1 model with the local layer spec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import torch
 
@@ -107,9 +107,3 @@ def check_hf_keys(rules: list[Rule], available: set[str], source: str) -> None:
         raise KeyError(f"{source}: {len(unexpected)} tensors no rule accounts for (a different "
                        f"architecture or config?), e.g. {unexpected[:5]}")
 
-
-def check_shapes(name: str, found: torch.Size, expected: Mapping[str, tuple], alternatives=()) -> None:
-    want = tuple(expected[name])
-    if tuple(found) != want and tuple(found) not in alternatives:
-        raise ValueError(f"tensor {name!r}: the config expects shape {list(want)}, the checkpoint "
-                         f"has {list(found)}")

@@ -18,7 +18,7 @@ import torch
 from megatron_vlm.parallel.batching import split_for_cp
 from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute_advantages, group_index_from_ids
 from megatron_vlm.rl.losses import LossConfig, LossInputs, policy_loss_fn
-from megatron_vlm.trainer.actor_batch import SequenceBatch, forward_logprobs, token_entropy, token_logprobs
+from megatron_vlm.trainer.actor_batch import SequenceBatch, token_entropy, token_logprobs
 
 
 @dataclass(kw_only=True)
@@ -98,7 +98,6 @@ def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_
     """`optimizer_steps` optimizer steps over this DP rank's rows of the batch."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from kernels.policy_loss import PolicyLossConfig  # noqa: F401  (the loss's kernel config)
     from megatron_vlm.rl.losses import kernel_policy_config
 
     kcfg = kernel_policy_config(cfg.loss)
@@ -127,9 +126,8 @@ def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_
 
 
 def _split(rows: list[int], parts: int) -> list[list[int]]:
-    size = -(-len(rows) // parts) if rows else 0
-    chunks = [rows[i * size:(i + 1) * size] for i in range(parts)]
-    return [c for c in chunks] if size else [[] for _ in range(parts)]
+    size = -(-len(rows) // parts)  # ceil; 0 rows give `parts` empty lists
+    return [rows[i * size:(i + 1) * size] for i in range(parts)]
 
 
 def make_microbatches(batch, images_per_row, patches, rows, micro_batch_size: int, old, adv,
@@ -199,5 +197,3 @@ def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature
             out.append(score(model, _take_rows(batch, images_per_row, patches, chosen), temperature))
     return torch.cat(out)
 
-
-__all__ = ["UpdateConfig", "update", "sequence_advantages", "score_rows", "forward_logprobs"]

@@ -1,6 +1,5 @@
 """HF <-> megatron conversion: lossless round trip, loadable export, and clear errors on bad input."""
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -14,11 +14,10 @@ Writes the maxima over ranks as JSON to argv[1].
 """
 import json
 import sys
-from functools import partial
 
 import torch
 
-from megatron_vlm.checkpoint.sharding import RankLayout, shard_state_dict
+from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict, shard_state_dict
 from megatron_vlm.models.language import LanguageModelConfig, build_language_model, transformer_config
 from megatron_vlm.parallel.batching import local_batch, merge_from_cp
 from megatron_vlm.parallel.config import ParallelConfig
@@ -67,11 +66,8 @@ def build(model_cfg, parallel, distributed_optimizer, full_state=None):
     config = transformer_config(model_cfg, parallel, "cpu", calculate_per_token_loss=True)
     model = build_language_model(model_cfg, config, "cpu")
     if full_state is not None:
-        layout = RankLayout.current(config)
-        tied = model_cfg.tie_word_embeddings
-        with torch.no_grad():
-            for name, piece in shard_state_dict(full_state, model, layout, tied).items():
-                dict(model.named_parameters())[name].copy_(piece)
+        load_full_state_dict(model, full_state, RankLayout.current(config),
+                             model_cfg.tie_word_embeddings)
     ddp = wrap_ddp(model, distributed_optimizer)
     optimizer, scheduler = build_optimizer([ddp], OPTIM, distributed_optimizer, total_steps=1)
     return model, ddp, optimizer
