@@ -17,6 +17,7 @@ import yaml
 
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.rewards.scorer import RewardConfig
 from megatron_vlm.trainer.grpo import RLConfig, RolloutConfig
 from megatron_vlm.trainer.megatron_step import OptimConfig
 from megatron_vlm.trainer.rl_step import UpdateConfig
@@ -91,6 +92,7 @@ class RunConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig | None = None  # None: every task of the data scored by vlm.verifier
 
     @property
     def is_vlm(self) -> bool:

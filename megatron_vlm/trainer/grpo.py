@@ -1,8 +1,11 @@
 """The GRPO stage: rollout -> reward -> filter -> score -> update -> (next step) sync.
 
-Colocated SPMD: every rank holds a slice of the trainer and an engine. Each DP rank generates its
-share of the prompts, the samples are all-gathered over DP (group advantages and filtering need
-whole groups), and the update deals rows to DP ranks again. Old log-probs are recomputed by the
+Colocated SPMD: every rank holds a slice of the trainer and an engine. Each engine replica generates
+its share of the prompts, the samples are all-gathered (group advantages and filtering need whole
+groups), and the update deals rows to DP ranks again. Rewards may carry DAPO's soft over-long
+penalty; groups whose rewards tie are dropped, or (dynamic sampling) more prompts are drawn until
+the batch holds enough informative groups; truncated responses may leave the loss; reference
+log-probs come from the frozen `ReferencePolicy` when the loss has a KL term. Old log-probs are recomputed by the
 trainer (default) and double as the weight-sync check: they are compared with the engine's own
 log-probs for the same tokens every step, so a bad sync stops the run on the step it happens.
 """
@@ -15,8 +18,9 @@ from typing import Callable
 
 import torch
 
-from megatron_vlm.rl.overlong import OverlongPenaltyConfig
-from megatron_vlm.rl.sampling import DynamicSamplingConfig, informative_groups
+from megatron_vlm.rl.overlong import OverlongPenaltyConfig, soft_overlong_penalty
+from megatron_vlm.rl.sampling import (DynamicSamplingConfig, RolloutGroup, fill_dynamic_batch,
+                                      informative_groups, is_informative)
 from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
 from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
 from megatron_vlm.rollout.weight_sync import check_logprobs, sync_weights
@@ -59,22 +63,26 @@ class RLConfig:
     vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
     routing_replay: bool = False      # replay the engine's MoE routing in the trainer
     dynamic_sampling: DynamicSamplingConfig | None = None  # DAPO: draw until the batch is informative
-    overlong: OverlongPenaltyConfig | None = None           # DAPO soft over-long penalty
+    overlong: OverlongPenaltyConfig | None = None           # DAPO soft over-long penalty (reward term)
+    mask_truncated: bool = False      # DAPO over-long filtering: truncated responses leave the loss
 
     def __post_init__(self):
         if self.engine not in ("embedded", "vllm"):
             raise ValueError(f"rl.engine must be embedded or vllm, got {self.engine!r}")
 
-    def check_supported(self) -> None:
-        """Refuse options the stage runner does not apply yet rather than ignore them."""
-        pending = [name for name, on in (("rl.engine=vllm", self.engine == "vllm"),
-                                         ("rl.routing_replay", self.routing_replay),
-                                         ("rl.dynamic_sampling", self.dynamic_sampling is not None),
-                                         ("rl.overlong", self.overlong is not None)) if on]
-        if pending:
-            raise ValueError(f"{', '.join(pending)}: accepted by the config and implemented in "
-                             f"rollout/ and rl/, but not yet applied by the GRPO stage (issue #5); "
-                             f"refusing to run without them")
+    def check(self, rollout: RolloutConfig) -> None:
+        """Cross-section checks, and refusal of what the stage runner does not apply yet."""
+        if self.routing_replay:
+            raise ValueError("rl.routing_replay: the engine returns routed experts "
+                             "(rl.vllm.return_routed_experts) but the trainer does not replay them "
+                             "yet (issue #5); refusing to run without it")
+        if self.overlong is not None and self.overlong.max_response_len != rollout.max_new_tokens:
+            raise ValueError(f"rl.overlong.max_response_len ({self.overlong.max_response_len}) must "
+                             f"equal rollout.max_new_tokens ({rollout.max_new_tokens})")
+        if self.dynamic_sampling is not None and self.dynamic_sampling.batch_groups > rollout.prompts_per_step \
+                * self.dynamic_sampling.max_draws:
+            raise ValueError(f"rl.dynamic_sampling.batch_groups ({self.dynamic_sampling.batch_groups}) "
+                             f"can never be filled by max_draws x rollout.prompts_per_step")
 
 
 @dataclass
@@ -89,6 +97,7 @@ class Actor:
     pad_id: int
     spatial_merge_size: int
     stop_token_ids: list[int] = field(default_factory=list)
+    reference: object | None = None  # a ReferencePolicy when the loss has a KL term
 
 
 class PhaseTimer:
@@ -102,73 +111,141 @@ class PhaseTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def gather_over_dp(local: list) -> list:
+def sequence_multiple() -> int:
+    """What a padded sequence length must divide by: TP (sequence parallelism splits it) and 2 x CP
+    (megatron's load-balanced CP chunks)."""
     from megatron.core import parallel_state as ps
 
-    group = ps.get_data_parallel_group()
-    out = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(out, local, group=group)
-    return [item for part in out for item in part]
+    cp = ps.get_context_parallel_world_size()
+    return ps.get_tensor_model_parallel_world_size() * (2 * cp if cp > 1 else 1)
+
+
+def engine_replica(engine) -> tuple[int, int]:
+    """(replicas, this rank's replica): prompts are dealt by engine replica. A vLLM engine spans
+    its own TP group (`engine.replicas`); the embedded engine is one per rank, and ranks that share
+    a trainer DP rank (its TP / CP / PP peers) act as one replica and sample the same."""
+    from megatron.core import parallel_state as ps
+
+    if hasattr(engine, "replica"):
+        return engine.replicas, engine.replica
+    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
 
 def generate_share(actor: Actor, engine, requests: list[RolloutRequest], sampling: SamplingParams):
-    """This DP rank's prompts through the engine; every rank gets every sample back."""
-    from megatron.core import parallel_state as ps
-
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = requests[rank::dp]
+    """This replica's prompts through the engine; every rank gets every sample back, in the order
+    of `requests` (each replica's samples once, however many ranks it spans)."""
+    replicas, replica = engine_replica(engine)
+    mine = requests[replica::replicas]
     if sampling.seed is not None:
-        sampling = SamplingParams(**{**sampling.__dict__, "seed": sampling.seed * 1009 + rank})
+        sampling = SamplingParams(**{**sampling.__dict__, "seed": sampling.seed * 1009 + replica})
     local = engine.generate(mine, sampling) if mine else []
-    return gather_over_dp(local)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (replica, local))
+    by_replica = dict(reversed(gathered))  # one copy per replica (the first rank's)
+    order = {r.request_id: i for i, r in enumerate(requests)}
+    return sorted((s for part in by_replica.values() for s in part),
+                  key=lambda s: (order[s.request_id], s.index))
 
 
-def grpo_step(actor: Actor, engine, requests: list[RolloutRequest],
-              reward_fn: Callable[[list[RolloutSample]], torch.Tensor], rollout: RolloutConfig,
-              update_cfg: UpdateConfig, step: int) -> dict:
+RewardFn = Callable[[list[RolloutSample]], tuple[torch.Tensor, dict]]
+
+
+def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], reward_fn: RewardFn,
+              rollout: RolloutConfig, update_cfg: UpdateConfig, step: int,
+              rl: RLConfig | None = None) -> dict:
+    """One RL step: sync, rollouts (more draws under dynamic sampling), rewards, filters,
+    old / reference log-probs, update. `draw()` returns the next `prompts_per_step` prompts."""
+    rl = rl or RLConfig()
     timer = PhaseTimer()
     with timer("sync"):
         sync = sync_weights(actor.model, actor.rules, engine, int(rollout.bucket_mb * 2**20))
-    with timer("rollout"):
-        samples = generate_share(actor, engine, requests, rollout.sampling(actor.stop_token_ids, step))
-        engine.sleep()
-    with timer("reward"):
-        rewards = reward_fn(samples).float()
-    groups = group_index_from_ids([s.request_id for s in samples])
-    keep = informative_groups(rewards, groups) if rollout.drop_equal_groups else torch.ones(len(samples), dtype=torch.bool)
-    metrics = {"step": step, "reward": float(rewards.mean()), "samples": len(samples),
-               "mixed_group_share": float(keep.float().mean()),
-               "response_length": sum(len(s.response_ids) for s in samples) / max(1, len(samples)),
-               "truncated_share": sum(s.finish_reason == "length" for s in samples) / max(1, len(samples)),
-               "sync_seconds": sync.seconds, "sync_buckets": sync.buckets}
-    kept = [s for s, k in zip(samples, keep.tolist()) if k]
+    metrics = {"step": step, "sync_seconds": sync.seconds, "sync_buckets": sync.buckets}
+    seen: list[RolloutSample] = []
+    seen_rewards: list[torch.Tensor] = []
+    reward_metrics: dict = {}
+
+    def draw_groups() -> list[RolloutGroup]:
+        nonlocal reward_metrics
+        with timer("rollout"):
+            seed = step * 64 + len(seen_rewards)
+            samples = generate_share(actor, engine, draw(), rollout.sampling(actor.stop_token_ids, seed))
+        with timer("reward"):
+            rewards, reward_metrics = reward_fn(samples)
+            rewards = rewards.float()
+            if rl.overlong is not None:
+                lengths = torch.tensor([len(s.response_ids) for s in samples])
+                rewards = rewards + soft_overlong_penalty(lengths, rl.overlong)
+        seen.extend(samples)
+        seen_rewards.append(rewards)
+        return _groups(samples, rewards)
+
+    if rl.dynamic_sampling is not None:
+        groups, stats = fill_dynamic_batch(draw_groups, rl.dynamic_sampling)
+        metrics.update({f"dynamic_{k}": v for k, v in stats.items()})
+    else:
+        groups = draw_groups()
+        if rollout.drop_equal_groups:
+            groups = [g for g in groups if is_informative(g.rewards)]
+    engine.sleep()
+    rewards = torch.cat(seen_rewards)
+    metrics.update(reward_metrics)
+    metrics.update({"reward": float(rewards.mean()), "samples": len(seen),
+                    "mixed_group_share": float(informative_groups(
+                        rewards, group_index_from_ids([s.request_id for s in seen])).float().mean()),
+                    "response_length": sum(len(s.response_ids) for s in seen) / max(1, len(seen)),
+                    "truncated_share": sum(s.finish_reason == "length" for s in seen) / max(1, len(seen))})
+    kept = [s for g in groups for s in g.payload]
+    kept_rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float)
     if kept:
-        metrics.update(_train_on(actor, kept, rewards[keep], rollout, update_cfg, timer))
-    rollout_tokens = sum(len(s.response_ids) for s in samples)
+        metrics.update(_train_on(actor, kept, kept_rewards, rollout, update_cfg, rl, timer))
+    rollout_tokens = sum(len(s.response_ids) for s in seen)
     metrics["rollout_tokens_per_s"] = rollout_tokens / max(timer.seconds["rollout"], 1e-9)
     metrics.update({f"time_{k}": v for k, v in timer.seconds.items()})
     return metrics
 
 
-def _train_on(actor, samples, rewards, rollout, update_cfg, timer) -> dict:
+def _groups(samples: list[RolloutSample], rewards: torch.Tensor) -> list[RolloutGroup]:
+    """Samples grouped by prompt, in first-seen order."""
+    members: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        members.setdefault(sample.request_id, []).append(i)
+    return [RolloutGroup(rid, [float(rewards[i]) for i in idx], [samples[i] for i in idx])
+            for rid, idx in members.items()]
+
+
+def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer) -> dict:
     prepared = {s.request_id: actor.prepared(s.request_id) for s in samples}
-    batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size)
+    batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size,
+                                         multiple_of=sequence_multiple())
     with timer("old_logprobs"):
         trainer_lp = score_rows(actor.model, batch, images, patches, update_cfg.temperature,
                                 update_cfg.micro_batch_size)
     check = check_logprobs([s.logprobs for s in samples], response_logprobs(trainer_lp, batch),
                            rollout.sync_check_bound)
     old = trainer_lp if rollout.old_logprobs == "trainer" else _engine_logprobs(samples, batch)
+    ref = None
+    if update_cfg.loss.kl_type != "none":
+        if actor.reference is None:
+            raise ValueError(f"update.loss.kl_type={update_cfg.loss.kl_type!r} needs a reference "
+                             f"policy, but the actor has none")
+        with timer("ref_logprobs"):
+            ref = actor.reference.score(batch, images, patches, update_cfg.temperature,
+                                        update_cfg.micro_batch_size)
     advantages = sequence_advantages(rewards, [s.request_id for s in samples], batch.loss_mask,
                                      update_cfg.advantage)
+    report = dict(sync_logprob_max_abs=check.max_abs, sync_logprob_mean_abs=check.mean_abs)
+    if rl.mask_truncated:  # the advantages above still saw them: only their tokens leave the loss
+        truncated = torch.tensor([s.finish_reason == "length" for s in samples])
+        batch.loss_mask = batch.loss_mask * (~truncated).float()[:, None]
+        report["masked_truncated"] = int(truncated.sum())
+        if not batch.loss_mask.any():
+            return report  # nothing left to learn from (every kept response was cut off)
     with timer("update"):
         metrics = update([actor.ddp], actor.optimizer, actor.scheduler, batch, images, patches,
-                         old, advantages, update_cfg)
-    metrics.update(sync_logprob_max_abs=check.max_abs, sync_logprob_mean_abs=check.mean_abs,
-                   train_tokens=int(batch.loss_mask.sum()),
+                         old, advantages, update_cfg, ref_logprobs=ref)
+    metrics.update(report, train_tokens=int(batch.loss_mask.sum()),
                    train_tokens_per_s=float(batch.loss_mask.sum()) / max(timer.seconds["update"], 1e-9))
     return metrics
-
 
 def _engine_logprobs(samples, batch) -> torch.Tensor:
     old = torch.zeros_like(batch.loss_mask)

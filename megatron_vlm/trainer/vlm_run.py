@@ -24,16 +24,20 @@ from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
 
 
+PREFERENCE_KINDS = ("dpo", "mpo")
+STAGE_KINDS = ("sft", "grpo") + PREFERENCE_KINDS
+
+
 @dataclass(kw_only=True)
 class StageConfig:
-    kind: str                 # sft | grpo
+    kind: str                 # sft | grpo | dpo | mpo
     steps: int
     batch_size: int = 32      # sft: labelled examples per step (grpo uses rollout.prompts_per_step)
     lr: float | None = None   # a constant rate for this stage; None: optim's schedule continues
 
     def __post_init__(self):
-        if self.kind not in ("sft", "grpo"):
-            raise ValueError(f"stages[].kind must be sft or grpo, got {self.kind!r}")
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"stages[].kind must be one of {STAGE_KINDS}, got {self.kind!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"stages[] {self.kind}: lr must be > 0, got {self.lr}")
         if self.steps < 0 or self.batch_size < 1:
@@ -83,7 +87,7 @@ class PromptCache:
 def run(cfg) -> list[dict]:
     from megatron_vlm.parallel.runtime import shutdown
 
-    cfg.rl.check_supported()
+    cfg.rl.check(cfg.rollout)
     r = _Run(cfg)
     try:
         r.log(dict(stage="init", step=0, **r.evaluate()))
@@ -92,6 +96,8 @@ def run(cfg) -> list[dict]:
                 from megatron_vlm.trainer.megatron_step import set_constant_lr
 
                 set_constant_lr(r.actor.optimizer, r.actor.scheduler, stage.lr)
+            if r.actor.reference is not None:
+                r.actor.reference.reset_from(r.actor.model)  # pi_ref = the policy entering the stage
             for step in range(1, stage.steps + 1):
                 start = time.perf_counter()
                 metrics = r.sft_step(stage, step) if stage.kind == "sft" else r.grpo_step(step)
@@ -115,8 +121,7 @@ class _Run:
         from megatron_vlm.data.processor import MultimodalProcessor
         from megatron_vlm.models import family_for
         from megatron_vlm.parallel.runtime import init_runtime
-        from megatron_vlm.rewards.scorer import RewardConfig, RewardScorer
-        from megatron_vlm.rollout.embedded import EmbeddedEngine
+        from megatron_vlm.rewards.scorer import RewardScorer
         from megatron_vlm.trainer.grpo import Actor
 
         self.cfg = cfg
@@ -139,16 +144,35 @@ class _Run:
                            rules=self.family.hf_rules(self.hf_config), prepared=self.cache.get,
                            pad_id=pad, spatial_merge_size=self.hf_config.vision_config.spatial_merge_size,
                            stop_token_ids=sorted(t for t in stops if t is not None))
-        self.engine = EmbeddedEngine(self.hf_config, prepare=self.cache, pad_token_id=pad)
+        if _needs_reference(cfg):
+            from megatron_vlm.trainer.reference import ReferencePolicy
+
+            self.actor.reference = ReferencePolicy.build(self.family, self.hf_config, cfg.parallel,
+                                                         self.runtime.device.type, model.config.params_dtype)
+        self.engine = self._engine(cfg, pad)
         tasks = {r.metadata.get("task", "default") for r in self.prompts + self.evals}
-        self.scorer = RewardScorer(RewardConfig(verifiers={t: cfg.vlm.verifier for t in tasks},
-                                                num_workers=1))
+        self.scorer = RewardScorer(_reward_config(cfg, tasks))
         self.rng = random.Random(cfg.runtime.seed)
         self.log = _Logger(Path(cfg.train.out_dir), self.runtime.rank == 0)
+
+    def _engine(self, cfg, pad: int):
+        if cfg.rl.engine == "vllm":  # built after the trainer: it sizes its KV cache from free memory
+            from dataclasses import replace
+
+            from megatron_vlm.rollout.vllm_engine import VllmEngine
+
+            engine = VllmEngine(replace(cfg.rl.vllm, model_dir=cfg.rl.vllm.model_dir
+                                        or str(self.assets / "model")))
+            engine.sleep()
+            return engine
+        from megatron_vlm.rollout.embedded import EmbeddedEngine
+
+        return EmbeddedEngine(self.hf_config, prepare=self.cache, pad_token_id=pad)
 
     # -- stages ---------------------------------------------------------------------------------
     def sft_step(self, stage, step: int) -> dict:
         from megatron_vlm.trainer.actor_batch import build_batch
+        from megatron_vlm.trainer.grpo import sequence_multiple
         from megatron_vlm.trainer.sft import labelled_sample, sft_step
 
         if not self.sft:
@@ -161,27 +185,37 @@ class _Run:
                                            target + [self.tokenizer.eos_token_id]))
         batch, images, patches = build_batch(samples, {s.request_id: self.cache.get(s.request_id)
                                                        for s in samples},
-                                             self.actor.pad_id, self.actor.spatial_merge_size)
+                                             self.actor.pad_id, self.actor.spatial_merge_size,
+                                             multiple_of=sequence_multiple())
         return sft_step([self.actor.ddp], self.actor.optimizer, self.actor.scheduler, batch, images,
                         patches, self.cfg.update.micro_batch_size)
 
     def grpo_step(self, step: int) -> dict:
         from megatron_vlm.trainer.grpo import grpo_step
 
-        requests = self.rng.sample(self.prompts, self.cfg.rollout.prompts_per_step)
-        for request in requests:
-            self.cache(request)
-        return grpo_step(self.actor, self.engine, requests, self.rewards, self.cfg.rollout,
-                         self.cfg.update, step)
+        def draw() -> list[RolloutRequest]:  # the same draw on every rank (one seeded rng)
+            requests = self.rng.sample(self.prompts, self.cfg.rollout.prompts_per_step)
+            for request in requests:
+                self.cache(request)
+            return requests
 
-    def rewards(self, samples: list[RolloutSample]) -> torch.Tensor:
+        return grpo_step(self.actor, self.engine, draw, self.rewards, self.cfg.rollout,
+                         self.cfg.update, step, self.cfg.rl)
+
+    def rewards(self, samples: list[RolloutSample]) -> tuple[torch.Tensor, dict]:
+        batch = [self._reward_sample(s) for s in samples]
+        result = self.scorer.score(batch)
+        for failure in result.failures[:3]:  # counted in the metrics; a few named in the log
+            if self.runtime.rank == 0:
+                print(f"reward {failure.kind} for sample {failure.sample_id}: {failure.message[:200]}")
+        return torch.tensor(result.rewards, dtype=torch.float), result.metrics
+
+    def _reward_sample(self, s: RolloutSample):
         from megatron_vlm.rewards.scorer import RewardSample
 
-        batch = [RewardSample(sample_id=f"{s.request_id}#{s.index}", task=s.metadata.get("task", "default"),
-                              prompt=s.metadata.get("question", ""), response=self._text(s.response_ids),
-                              reference=s.metadata.get("reference"), metadata=s.metadata)
-                 for s in samples]
-        return torch.tensor(self.scorer.score(batch).rewards, dtype=torch.float)
+        return RewardSample(sample_id=f"{s.request_id}#{s.index}", task=s.metadata.get("task", "default"),
+                            prompt=s.metadata.get("question", ""), response=self._text(s.response_ids),
+                            reference=s.metadata.get("reference"), metadata=s.metadata)
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False).replace(self.tokenizer.eos_token or "", "")
@@ -197,7 +231,10 @@ class _Run:
                                 stop_token_ids=self.actor.stop_token_ids)
         samples = generate_share(self.actor, self.engine, self.evals, greedy)
         self.engine.sleep()
-        rewards = self.rewards(samples)
+        running = self.scorer.state_dict()  # evaluation must not move the normalisation statistics
+        rewards = torch.tensor(self.scorer.score(
+            [self._reward_sample(s) for s in samples]).raw, dtype=torch.float)
+        self.scorer.load_state_dict(running)
         return {"eval_accuracy": float((rewards >= 1.0).float().mean()), "eval_samples": len(samples)}
 
     def export(self) -> None:
@@ -217,6 +254,24 @@ class _Run:
         self.log.close()
         if self.runtime.rank == 0 and self.log.rows:
             plot_curves(self.log.rows, Path(self.cfg.train.out_dir) / "curves.png")
+
+
+def _needs_reference(cfg) -> bool:
+    kl = cfg.update.loss.kl_type != "none"
+    return any((stage.kind == "grpo" and kl) or stage.kind in PREFERENCE_KINDS for stage in cfg.stages)
+
+
+def _reward_config(cfg, tasks: set[str]):
+    """`reward:` as given, else every task of the data scored by `vlm.verifier`."""
+    from megatron_vlm.rewards.scorer import RewardConfig
+
+    if cfg.reward is None:
+        return RewardConfig(verifiers={t: cfg.vlm.verifier for t in sorted(tasks)}, num_workers=1)
+    missing = sorted(tasks - set(cfg.reward.verifiers))
+    if missing:
+        raise ValueError(f"reward.verifiers has no entry for tasks {missing} found in the data "
+                         f"(configured: {sorted(cfg.reward.verifiers)})")
+    return cfg.reward
 
 
 def _assets(cfg) -> Path:

@@ -39,14 +39,20 @@ def test_recipe_without_rl_loads_and_plans_the_trainer(recipe):
     assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in plan and "EP=8" in plan
 
 
-def test_whole_recipe_loads_plans_and_the_stage_refuses_what_it_does_not_apply_yet():
+def test_whole_recipe_loads_plans_and_the_stage_checks_it():
     cfg = load_config(RECIPE)
     assert cfg.rl.engine == "vllm" and cfg.rl.vllm.tensor_parallel_size == 2
     assert cfg.rl.dynamic_sampling.batch_groups == 128 and cfg.rl.overlong.buffer_len == 1024
     assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in format_plan(cfg, 32)
-    with pytest.raises(ValueError, match="rl.engine=vllm, rl.routing_replay, rl.dynamic_sampling, "
-                                         "rl.overlong: accepted by the config"):
-        cfg.rl.check_supported()
+    cfg.rl.routing_replay = False
+    cfg.rl.check(cfg.rollout)  # engine, dynamic sampling and over-long shaping are applied
+    cfg.rl.routing_replay = True
+    with pytest.raises(ValueError, match="rl.routing_replay: .* does not replay them yet"):
+        cfg.rl.check(cfg.rollout)
+    cfg.rl.routing_replay = False
+    cfg.rl.overlong.max_response_len = 4096
+    with pytest.raises(ValueError, match="must equal rollout.max_new_tokens"):
+        cfg.rl.check(cfg.rollout)
 
 
 def test_recipe_shares_the_base_recipes_model_and_layout(recipe):

@@ -1,0 +1,97 @@
+"""One rank of the GRPO-stage launch (2 gloo ranks, TP=2): `grpo_step` with the recipe options.
+
+TP=2 puts both ranks in one DP rank, so both embedded engines form one replica: the gathered batch
+must hold each sample once. Steps, all from the same tiny Qwen3-VL-MoE:
+1. k3 KL against a ReferencePolicy reset from the policy: the reference scores exactly the old
+   log-probs, so the first step's KL loss is 0; a second step (policy moved) gives KL > 0.
+2. Dynamic sampling with a reward that ties every group of one prompt: more draws until the batch
+   holds `batch_groups` informative groups.
+3. Soft over-long penalty and masking of truncated responses with a tiny generation limit.
+Writes the figures as JSON for test_grpo_stage.py.
+"""
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
+from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
+from megatron_vlm.models import family_for
+from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.parallel.runtime import init_runtime
+from megatron_vlm.rl.losses import LossConfig
+from megatron_vlm.rl.overlong import OverlongPenaltyConfig
+from megatron_vlm.rl.sampling import DynamicSamplingConfig
+from megatron_vlm.rollout.embedded import EmbeddedEngine
+from megatron_vlm.trainer.grpo import Actor, RLConfig, RolloutConfig, grpo_step
+from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, wrap_ddp
+from megatron_vlm.trainer.reference import ReferencePolicy
+from megatron_vlm.trainer.rl_step import UpdateConfig
+from tests.models.vlm_fixtures import make_hf_model
+from tests.rollout.test_embedded import fixture_requests
+
+
+def main():
+    out_path = sys.argv[1]
+    parallel = ParallelConfig(tp=2)
+    runtime = init_runtime(parallel, seed=5)
+    hf = make_hf_model("qwen3_vl_moe", seed=2)
+    family = family_for(hf.config)
+    rules = family.hf_rules(hf.config)
+    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
+    load_full_state_dict(model, dict(hf_to_mcore(rules, hf.state_dict().__getitem__)),
+                         RankLayout.current(model.config))
+    ddp = wrap_ddp(model, distributed_optimizer=True)
+    optimizer, scheduler = build_optimizer([ddp], OptimConfig(lr=1e-2, adam_eps=1e-3), True, 10)
+    reference = ReferencePolicy.build(family, hf.config, parallel, "cpu")
+    reference.reset_from(model)
+    requests, prepared = fixture_requests()
+    actor = Actor(model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler, rules=rules,
+                  prepared=prepared.__getitem__, pad_id=0, spatial_merge_size=2, stop_token_ids=[7],
+                  reference=reference)
+    engine = EmbeddedEngine(hf.config, prepare=lambda r: prepared[r.request_id])
+    rollout = RolloutConfig(prompts_per_step=3, n=4, max_new_tokens=6, temperature=0.9,
+                            sync_check_bound=1e-4, bucket_mb=0.1)
+    update = UpdateConfig(temperature=0.9, micro_batch_size=4,
+                          loss=LossConfig(name="dapo", kl_type="k3", kl_coef=0.1))
+
+    def draw():
+        return list(requests)
+
+    def varied(samples):  # differs inside every group with overwhelming probability
+        return torch.tensor([len(s.response_ids) + sum(s.response_ids) % 7 / 10 for s in samples]), {}
+
+    report = {}
+    first = grpo_step(actor, engine, draw, varied, rollout, update, step=1)
+    second = grpo_step(actor, engine, draw, varied, rollout, update, step=2)
+    report.update(samples=first["samples"], kl_first=first["kl_loss"], kl_second=second["kl_loss"],
+                  sync_max_abs=first["sync_logprob_max_abs"], loss=first["loss"],
+                  time_ref=first.get("time_ref_logprobs", 0.0))
+
+    # r2 (the text-only prompt) always ties; the others vary. 2 informative groups per draw.
+    def tie_r2(samples):
+        return torch.tensor([0.0 if s.request_id == "r2" else float(s.index % 2) for s in samples]), {}
+
+    update_plain = replace(update, loss=LossConfig(name="dapo"))
+    dynamic = RLConfig(dynamic_sampling=DynamicSamplingConfig(batch_groups=3, max_draws=4))
+    dyn = grpo_step(actor, engine, draw, tie_r2, rollout, update_plain, step=3, rl=dynamic)
+    report.update(dyn_draws=dyn["dynamic_draws"], dyn_kept=dyn["dynamic_groups_kept"],
+                  dyn_dropped=dyn["dynamic_groups_dropped"], dyn_samples=dyn["samples"],
+                  dyn_train_tokens=dyn["train_tokens"])
+
+    short = replace(rollout, max_new_tokens=3, drop_equal_groups=False)
+    overlong = RLConfig(overlong=OverlongPenaltyConfig(max_response_len=3, buffer_len=2,
+                                                       penalty_factor=1.0), mask_truncated=True)
+    zeros = lambda samples: (torch.zeros(len(samples)), {})  # noqa: E731
+    ol = grpo_step(actor, engine, draw, zeros, short, update_plain, step=4, rl=overlong)
+    report.update(ol_reward=ol["reward"], ol_truncated_share=ol["truncated_share"],
+                  ol_masked=ol.get("masked_truncated", -1), ol_samples=ol["samples"],
+                  ol_train_tokens=ol.get("train_tokens", 0), ol_response_length=ol["response_length"])
+    if runtime.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The GRPO stage's recipe options on two gloo ranks (grpo_stage_worker.py): reference policy and
+KL, dynamic sampling, the soft over-long penalty and truncation masking, replica dealing."""
+import json
+import os
+
+import pytest
+
+from megatron_vlm.parallel.launch import launch_local
+
+WORKER = os.path.join(os.path.dirname(__file__), "grpo_stage_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "grpo.json"
+    result = launch_local([WORKER, str(out)], nproc=2, timeout=400, env={"PYTHONPATH": ROOT})
+    assert result.ok, result.summary()
+    r = json.loads(out.read_text())
+    print(json.dumps(r))
+    return r
+
+
+@pytest.mark.dist
+def test_one_replica_over_tp_ranks_gives_each_sample_once(report):
+    assert report["samples"] == 12          # 3 prompts x 4, not doubled by the two TP ranks
+    assert report["sync_max_abs"] < 1e-5
+
+
+@pytest.mark.dist
+def test_reference_equals_policy_at_reset_then_kl_grows(report):
+    assert abs(report["kl_first"]) < 1e-7   # pi_ref reset from pi: k3 is exactly 0
+    assert report["kl_second"] > 1e-6       # one optimizer step later it is not
+    assert report["time_ref"] > 0
+
+
+@pytest.mark.dist
+def test_dynamic_sampling_draws_until_the_batch_is_informative(report):
+    # 2 informative groups per draw (r2 always ties): 2 draws for 3 groups, 2 groups dropped
+    assert report["dyn_draws"] == 2 and report["dyn_kept"] == 3 and report["dyn_dropped"] == 2
+    assert report["dyn_samples"] == 24 and report["dyn_train_tokens"] > 0
+
+
+@pytest.mark.dist
+def test_overlong_penalty_and_truncation_mask(report):
+    # limit 3, buffer 2: penalty 0 at length 1, -0.5 at 2, -1 at 3 (verifier reward 0 here)
+    length = report["ol_response_length"]
+    assert -1.0 <= report["ol_reward"] <= 0 and (length <= 1 or report["ol_reward"] < 0)
+    assert report["ol_masked"] == round(report["ol_truncated_share"] * report["ol_samples"])
+    assert report["ol_masked"] > 0
