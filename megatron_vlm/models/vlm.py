@@ -19,9 +19,16 @@ Design decisions:
   same CP / SP cut as the hidden states. Those layers must sit on the first pipeline stage (true for
   real configs: Qwen3-VL uses 3 deepstack layers); a layout that puts one on a later stage is
   refused at build time.
+- `return_hidden=True` makes the last stage return its final hidden states and the LM-head weight
+  instead of logits: megatron's output layer is bypassed for that call and records the weight it
+  was given (the embedding's under tied embeddings, else its own), so the trainer forms log-probs
+  and the policy loss from hidden states (kernels.logprobs / kernels.policy_loss) without [T, V]
+  logits. Under sequence parallelism the hidden states stay this rank's sequence slice, which is
+  what those kernels take.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -99,9 +106,11 @@ class VisionLanguageModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, packed_seq_params=None,
-                mm_token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                mm_token_type_ids: torch.Tensor | None = None, return_hidden: bool = False):
         """input_ids / labels [b, s] and position_ids [3, b, s] for the FULL sequence on every CP
-        rank. Returns per-token losses [b, s_local] with labels, else logits [b, s_local, V/tp].
+        rank. Returns per-token losses [b, s_local] with labels, else logits [b, s_local, V/tp];
+        with return_hidden (last stage) the pair (hidden [b, s_local(/tp under SP), H], head
+        weight [V/tp, H]). Stages before the last return the tensor they pass on, as always.
 
         Image features go where `mm_token_type_ids == 1` when given (so an image-placeholder id that
         a policy happened to generate in its response stays a text token, as in transformers'
@@ -115,12 +124,32 @@ class VisionLanguageModel(MegatronModule):
             decoder_input = self._embed(input_ids, image_mask, pixel_values, image_grid_thw, cp, cp_rank)
         if labels is not None:
             labels = split_for_cp(labels, cp, cp_rank, seq_dim=1)
+        run = lambda: self.language(split_for_cp(input_ids, cp, cp_rank, seq_dim=1), position_ids,  # noqa: E731
+                                    None, decoder_input=decoder_input, labels=labels,
+                                    packed_seq_params=packed_seq_params)
         try:
-            return self.language(split_for_cp(input_ids, cp, cp_rank, seq_dim=1), position_ids,
-                                 None, decoder_input=decoder_input, labels=labels,
-                                 packed_seq_params=packed_seq_params)
+            if not (return_hidden and self.post_process):
+                return run()
+            with self._output_layer_passthrough() as head:
+                hidden = run()  # [b, s_local, H]: megatron's [s b h] -> [b s h] transpose of "logits"
+            return hidden, head["weight"]
         finally:
             self._deepstack = None
+
+    @contextmanager
+    def _output_layer_passthrough(self):
+        """The output layer returns its input and records the weight it was called with."""
+        layer, head = self.language.output_layer, {}
+
+        def passthrough(hidden, weight=None, runtime_gather_output=None):
+            head["weight"] = layer.weight if weight is None else weight
+            return hidden, None
+
+        layer.forward = passthrough  # an instance attribute shadows the class's forward
+        try:
+            yield head
+        finally:
+            del layer.forward
 
     def _embed(self, input_ids, image_mask, pixel_values, image_grid_thw, cp, cp_rank) -> torch.Tensor:
         embeds = self.language.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]

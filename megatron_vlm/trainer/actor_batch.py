@@ -1,12 +1,18 @@
-"""Rollout samples -> the trainer's batch, and per-token log-probabilities from the megatron model.
+"""Rollout samples -> the trainer's batch, packed micro-batches, and per-token log-probabilities.
 
 A batch holds whole sequences (prompt + response), right-padded: `input_ids [B, S]`, `labels [B, S]`
 (the next token), `loss_mask [B, S]` (1 where the label is a response token), 3-D `position_ids
-[3, B, S]` (computed from the images' grids as transformers does), and the images of every sample
-(a group's samples repeat their prompt's images). Log-probabilities come from megatron's schedule
-(pipeline-aware) as log_softmax(logits / T) at the labels through megatron's vocab-parallel cross
-entropy, so TP-sharded logits are never gathered; under CP each rank scores its own chunks and the
-results are reassembled.
+[3, B, S]` (computed from the images' grids as transformers does), `lengths [B]` (real tokens per
+row), and the images of every sample (a group's samples repeat their prompt's images).
+
+The padded rows never run through the model. `pack_rows` lays chosen rows end to end as one packed
+THD micro-batch [1, T]: each sample's real tokens, its own M-RoPE positions (restarting at 0), its
+images in order, `cu_seqlens` for the attention and the loss; the tail is padded so that T divides
+by TP under sequence parallelism (the padded boundary goes in `cu_seqlens_padded`, whose last
+entry is T, as megatron's THD rotary embedding wants). The model runs in `return_hidden` mode:
+log-probs come from the last stage's hidden states and the vocab-parallel head weight through
+`kernels.logprobs.linear_logprobs` (TP vocab shards and the SP slice handled there, no [T, V]
+logits). Context parallelism is refused: the CPU core attention does CP on unpacked sequences only.
 """
 from __future__ import annotations
 
@@ -14,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.logprobs import linear_logprobs
+from kernels.packing import cu_seqlens_from_lengths, thd_params
 from megatron_vlm.models.mrope import get_rope_index
-from megatron_vlm.parallel.batching import merge_from_cp, split_for_cp
 from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutSample
 
@@ -29,6 +36,12 @@ class SequenceBatch:
     mm_token_type_ids: torch.Tensor  # [B, S] 1 at image positions of the prompt
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    lengths: torch.Tensor | None = None  # [B] real tokens per row; None = every row is full width
+
+    def row_lengths(self) -> list[int]:
+        if self.lengths is None:
+            return [self.input_ids.shape[1]] * self.input_ids.shape[0]
+        return self.lengths.tolist()
 
     def select(self, rows: slice, images_per_row: list[int], patches_per_image: list[int]) -> "SequenceBatch":
         """Rows `rows` with their images (images are stored in row order)."""
@@ -40,7 +53,8 @@ class SequenceBatch:
             stop = sum(patches_per_image[:last_image])
             pixels, grid = self.pixel_values[start:stop], self.image_grid_thw[first_image:last_image]
         return SequenceBatch(self.input_ids[rows], self.labels[rows], self.loss_mask[rows],
-                             self.position_ids[:, rows], self.mm_token_type_ids[rows], pixels, grid)
+                             self.position_ids[:, rows], self.mm_token_type_ids[rows], pixels, grid,
+                             None if self.lengths is None else self.lengths[rows])
 
 
 def build_batch(samples: list[RolloutSample], prepared: dict[str, Prepared], pad_id: int,
@@ -73,58 +87,130 @@ def build_batch(samples: list[RolloutSample], prepared: dict[str, Prepared], pad
     labels = torch.cat([ids[:, 1:], torch.full((rows, 1), pad_id, dtype=torch.long)], dim=1)
     patches = grid.prod(-1).tolist() if grid is not None else []
     batch = SequenceBatch(ids, labels, loss_mask, position_ids, types,
-                          torch.cat(pixels) if pixels else None, grid)
+                          torch.cat(pixels) if pixels else None, grid, torch.tensor(lengths))
     return batch, images_per_row, patches
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T)[label] with vocab-parallel logits [b, s, V/tp] -> [b, s]."""
-    from megatron.core import tensor_parallel
+@dataclass
+class PackedMicroBatch:
+    """Rows of a SequenceBatch packed end to end as one THD sequence [1, T]."""
+    rows: list[int]                # batch rows, in pack order
+    lengths: list[int]             # their real tokens
+    input_ids: torch.Tensor        # [1, T]
+    labels: torch.Tensor           # [T]
+    loss_mask: torch.Tensor        # [T] float
+    position_ids: torch.Tensor     # [3, 1, T] each sample's own M-RoPE positions
+    mm_token_type_ids: torch.Tensor  # [1, T]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    cu_seqlens: torch.Tensor       # [n + 1] int32, the samples' boundaries
+    cu_seqlens_padded: torch.Tensor  # [n + 1] int32, the same with the tail padding in the last
 
-    scaled = logits.float() / temperature
-    # megatron's kernel works on [s, b, V/tp] and returns -log p
-    return -tensor_parallel.vocab_parallel_cross_entropy(
-        scaled.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()).transpose(0, 1)
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def packed_seq_params(self):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(**thd_params(self.cu_seqlens, self.cu_seqlens_padded))
+
+    def take(self, per_row: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, S] per-token values -> [T] in pack order (0 on the tail padding)."""
+        if per_row is None:
+            return None
+        pieces = [per_row[r, :n] for r, n in zip(self.rows, self.lengths)]
+        tail = self.tokens - sum(self.lengths)
+        return torch.cat(pieces + [per_row.new_zeros(tail)])
+
+    def put(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """Write [T] values back into their rows of `out` [B, S]."""
+        for r, n, start in zip(self.rows, self.lengths, self.cu_seqlens[:-1].tolist()):
+            out[r, :n] = packed[start:start + n]
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per token [b, s] from vocab-parallel logits [b, s, V/tp]
-    (a metric: max, sum-exp and sum(p * z) are reduced over the TP group, nothing of size V)."""
+def pack_rows(batch: SequenceBatch, rows: list[int], images_per_row: list[int] | None = None,
+              patches_per_image: list[int] | None = None, pad_to_multiple: int = 1,
+              length: int | None = None) -> PackedMicroBatch:
+    """One packed micro-batch of `rows` (their real tokens; images with them). images_per_row /
+    patches_per_image locate each row's images; without them `rows` must be every row in order.
+    The pack is padded to `length` if given, else to a multiple of `pad_to_multiple`."""
+    lengths = [batch.row_lengths()[r] for r in rows]
+    cu_seqlens, _ = cu_seqlens_from_lengths(lengths)
+    real = int(cu_seqlens[-1])
+    total = length if length is not None else real + (-real) % pad_to_multiple
+    if total < real or total % pad_to_multiple:
+        raise ValueError(f"a pack of {real} tokens cannot be padded to {total} (multiple of {pad_to_multiple})")
+    padded = cu_seqlens.clone()
+    padded[-1] = total
+    tail = total - real
+
+    def cat(per_row, fill=0):  # [B, S] -> [T]
+        pieces = [per_row[r, :n] for r, n in zip(rows, lengths)]
+        return torch.cat(pieces + [per_row.new_full((tail,), fill)])
+
+    positions = torch.cat([batch.position_ids[:, r, :n] for r, n in zip(rows, lengths)]
+                          + [batch.position_ids.new_zeros(3, tail)], dim=1)
+    pixels, grid = _row_images(batch, rows, images_per_row, patches_per_image)
+    return PackedMicroBatch(list(rows), lengths, cat(batch.input_ids)[None], cat(batch.labels),
+                            cat(batch.loss_mask), positions[:, None], cat(batch.mm_token_type_ids)[None],
+                            pixels, grid, cu_seqlens, padded)
+
+
+def _row_images(batch: SequenceBatch, rows, images_per_row, patches_per_image):
+    if batch.pixel_values is None:
+        return None, None
+    if images_per_row is None:
+        if list(rows) != list(range(batch.input_ids.shape[0])):
+            raise ValueError("pack_rows: a subset of rows needs images_per_row and patches_per_image")
+        return batch.pixel_values, batch.image_grid_thw
+    pieces = [batch.select(slice(r, r + 1), images_per_row, patches_per_image) for r in rows]
+    pixels = [p.pixel_values for p in pieces if p.pixel_values is not None]
+    grids = [p.image_grid_thw for p in pieces if p.image_grid_thw is not None]
+    return (torch.cat(pixels), torch.cat(grids)) if pixels else (None, None)
+
+
+def pack_padding(config) -> int:
+    """The multiple a pack's length must be for this model config: TP under sequence parallelism.
+    Refuses context parallelism (the CPU core attention does CP on unpacked sequences only)."""
+    if config.context_parallel_size > 1:
+        raise ValueError("packed micro-batches need parallel.cp = 1: models/attention.py CoreAttention "
+                         "supports context parallelism on unpacked sequences only")
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def forward_hidden(model, mb: PackedMicroBatch):
+    """The model on one pack: (hidden [1, T(/tp), H], head weight [V/tp, H]) on the last pipeline
+    stage, the activations to pass on elsewhere."""
+    return model(mb.input_ids, mb.position_ids, pixel_values=mb.pixel_values,
+                 image_grid_thw=mb.image_grid_thw, mm_token_type_ids=mb.mm_token_type_ids,
+                 packed_seq_params=mb.packed_seq_params(), return_hidden=True)
+
+
+def head_parallelism(model) -> dict:
+    """linear_logprobs / fused_linear_policy_loss keyword arguments for this model's head."""
     from megatron.core import parallel_state as ps
 
-    group = ps.get_tensor_model_parallel_group()
-    z = logits.float() / temperature
-    row_max = z.max(-1).values
-    torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    e = torch.exp(z - row_max[..., None])
-    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
-    torch.distributed.all_reduce(sums, group=group)
-    return row_max + torch.log(sums[0]) - sums[1] / sums[0]
+    return dict(tp_group=ps.get_tensor_model_parallel_group(), sequence_parallel=model.config.sequence_parallel)
 
 
-def forward_logprobs(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
-    """Log-probs of this rank's CP chunks [b, s_local] (a differentiable forward)."""
-    from megatron.core import parallel_state as ps
-
-    logits = model(batch.input_ids, batch.position_ids, pixel_values=batch.pixel_values,
-                   image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids)
-    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    return token_logprobs(logits, split_for_cp(batch.labels, cp, cp_rank), temperature)
+def packed_logprobs(output, labels: torch.Tensor, temperature: float, head: dict,
+                    with_entropy: bool = False, impl: str = "auto"):
+    """(log-probs [T], entropy [T] or None) from forward_hidden's last-stage output."""
+    hidden, weight = output
+    return linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels, temperature,
+                           with_entropy=with_entropy, impl=impl, **head)
 
 
 @torch.no_grad()
 def score(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
-    """Full-sequence log-probs [B, S] on every rank (single pipeline stage; CP chunks merged)."""
-    from megatron.core import parallel_state as ps
-
-    local = forward_logprobs(model, batch, temperature)
-    cp = ps.get_context_parallel_world_size()
-    if cp == 1:
-        return local
-    pieces = [torch.empty_like(local) for _ in range(cp)]
-    torch.distributed.all_gather(pieces, local.contiguous(), group=ps.get_context_parallel_group())
-    return merge_from_cp(pieces, seq_dim=1)
+    """Log-probs [B, S] of every row (0 off the real tokens) as one pack, on every rank (a single
+    pipeline stage; `rl_step.score_rows` is the micro-batched, pipeline-aware version)."""
+    mb = pack_rows(batch, list(range(batch.input_ids.shape[0])), pad_to_multiple=pack_padding(model.config))
+    logprobs, _ = packed_logprobs(forward_hidden(model, mb), mb.labels, temperature, head_parallelism(model))
+    out = torch.zeros_like(batch.loss_mask)
+    mb.put(logprobs, out)
+    return out
 
 
 def response_logprobs(full: torch.Tensor, batch: SequenceBatch) -> list[list[float]]:

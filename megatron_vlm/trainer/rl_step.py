@@ -1,12 +1,20 @@
 """One policy update from scored rollouts: advantages, old / reference log-probs, the policy loss
-over micro-batches through megatron's schedule, the optimizer step.
+over packed micro-batches through megatron's schedule, the optimizer step.
+
+Micro-batches are packed (actor_batch.pack_rows): `kernels.packing.plan_packs` deals the rows of
+each mini-batch to DP ranks (Karmarkar-Karp on a per-sample cost) and packs each rank's rows into
+the same number of micro-batches of at most `pack_tokens` tokens (the pipeline schedule, and the
+expert-parallel all-to-alls, need every rank to run as many). A micro-batch left without rows (a DP
+rank with fewer rows than micro-batches) runs one fully masked row so that every rank joins the
+reductions. The loss comes from the last stage's hidden states: the clipped-ratio losses through
+`kernels.policy_loss.fused_linear_policy_loss` (head, log-probs, loss and gradients in one op), the
+others (intern_s1) through `kernels.logprobs.linear_logprobs` and `policy_loss_fn`.
 
 Loss normalisation is exact across micro-batches and DP ranks: each micro-batch returns the
-*unnormalised* sum of its aggregation units (the registered loss called with normalizer=1) and the
-number of units (tokens for token-mean, non-empty sequences for the seq-mean modes); megatron
+*unnormalised* sum of its aggregation units (the loss with normalizer=1) and the number of units
+(tokens for token-mean, non-empty sequences for the seq-mean modes); megatron
 (`calculate_per_token_loss=True`) sums gradients over micro-batches and DP ranks and divides once by
-the global unit count. Samples are dealt to DP ranks by row; a rank left without rows runs one
-all-masked row so that every rank joins the gradient reduction.
+the global unit count.
 """
 from __future__ import annotations
 
@@ -15,16 +23,25 @@ from functools import partial
 
 import torch
 
-from megatron_vlm.parallel.batching import split_for_cp
+from kernels.packing import PackCost, plan_packs
+from kernels.policy_loss import fused_linear_policy_loss
 from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute_advantages, group_index_from_ids
-from megatron_vlm.rl.losses import LossConfig, LossInputs, policy_loss_fn
-from megatron_vlm.trainer.actor_batch import SequenceBatch, token_entropy, token_logprobs
+from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config, policy_loss_fn
+from megatron_vlm.trainer.actor_batch import (SequenceBatch, forward_hidden, head_parallelism, pack_padding,
+                                              pack_rows, packed_logprobs)
+
+# Metrics that are sums in the loss's own units (the loss called with normalizer=1); the others
+# are masked token means of their micro-batch.
+UNIT_SUMS = ("pg_loss", "kl_loss", "nll_loss")
 
 
 @dataclass(kw_only=True)
 class UpdateConfig:
     temperature: float = 1.0
     micro_batch_size: int = 8
+    # tokens per packed micro-batch; None = micro_batch_size x the batch's padded width (the
+    # padded path's bound). A longer sample is a micro-batch of its own.
+    pack_tokens: int | None = None
     optimizer_steps: int = 1          # optimizer steps per rollout batch (mini-batches)
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -34,6 +51,8 @@ class UpdateConfig:
             raise ValueError(f"update.temperature must be > 0, got {self.temperature}")
         if self.micro_batch_size < 1 or self.optimizer_steps < 1:
             raise ValueError("update.micro_batch_size and update.optimizer_steps must be >= 1")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ValueError(f"update.pack_tokens must be >= 1 or null, got {self.pack_tokens}")
 
 
 def sequence_advantages(rewards: torch.Tensor, group_ids: list, loss_mask: torch.Tensor,
@@ -46,82 +65,98 @@ def sequence_advantages(rewards: torch.Tensor, group_ids: list, loss_mask: torch
     return adv.reshape(rows, width) * loss_mask
 
 
-def aggregation_units(mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """How many units the aggregation divides by, for a [b, s] mask."""
+def aggregation_units(mask: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
+    """How many units the aggregation divides by, for packed [T] tokens."""
     if mode == "token-mean":
         return mask.sum()
-    return (mask.sum(-1) > 0).sum()  # seq-mean-*: non-empty sequences (sum-norm: per sequence)
+    per_sequence = torch.zeros(len(cu_seqlens) - 1).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long()),
+        mask.float())
+    return (per_sequence > 0).sum()  # seq-mean-*: non-empty sequences (sum-norm: per sequence)
 
 
-def _loss_func(extra: dict, cfg: UpdateConfig, mode: str, logits: torch.Tensor):
-    from megatron.core import parallel_state as ps
+def unit_report(loss: torch.Tensor, metrics: dict, units: torch.Tensor, mask: torch.Tensor) -> dict:
+    """[value * weight, weight] per metric for reduce_metrics: sums in loss units with the unit
+    count, token means with the micro-batch's token count."""
+    tokens = mask.sum().float()
+    report = {"lm loss": torch.stack([loss.detach().float(), units.float()])}
+    for name, value in metrics.items():
+        if value.dim() == 0:
+            value = value.detach().float()
+            report[name] = torch.stack([value, units.float()] if name in UNIT_SUMS else [value * tokens, tokens])
+    return report
 
-    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    local = {k: split_for_cp(v, cp, cp_rank) if v is not None else None for k, v in extra.items()}
-    logprobs = token_logprobs(logits, local["labels"], cfg.temperature)  # [b, s_local]
-    rows, width = logprobs.shape
-    cu = torch.arange(rows + 1, device=logprobs.device) * width
-    mask = local["loss_mask"]
-    flat = lambda x: x.reshape(-1) if x is not None else None  # noqa: E731
-    loss, metrics = policy_loss_fn(LossInputs(
-        flat(logprobs), flat(local["old_logprobs"]), flat(local["advantages"]), flat(mask), cu,
-        ref_logprobs=flat(local["ref_logprobs"]), normalizer=1.0), cfg.loss)
-    units = aggregation_units(mask, mode)
-    report = {k: torch.stack([v.detach().float() * units, units.float()]) for k, v in metrics.items()
-              if v.dim() == 0}
-    report["lm loss"] = torch.stack([loss.detach(), units.float()])
-    entropy = token_entropy(logits, cfg.temperature)
-    report["entropy"] = torch.stack([(entropy * mask).sum(), mask.sum()])  # token mean
-    return loss, units.to(torch.int), report
+
+def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, head: dict, output):
+    packed = mb["batch"]
+    cu, mask, kcfg = packed.cu_seqlens_padded, packed.loss_mask, kernel_policy_config(cfg.loss)
+    if kcfg is not None:
+        hidden, weight = output
+        loss, metrics = fused_linear_policy_loss(
+            hidden.reshape(-1, hidden.shape[-1]), weight, packed.labels, mb["old_logprobs"], mb["advantages"],
+            mask, cu, kcfg, ref_logprobs=mb["ref_logprobs"], normalizer=1.0, temperature=cfg.temperature,
+            compute_entropy=True, impl=cfg.loss.impl, **head)
+        metrics.pop("logprobs")
+    else:
+        logprobs, entropy = packed_logprobs(output, packed.labels, cfg.temperature, head, with_entropy=True,
+                                            impl=cfg.loss.impl)
+        loss, metrics = policy_loss_fn(LossInputs(
+            logprobs, mb["old_logprobs"], mb["advantages"], mask, cu, ref_logprobs=mb["ref_logprobs"],
+            normalizer=1.0, entropy=entropy.detach()), cfg.loss)
+    units = aggregation_units(mask, cu, mode)
+    return loss, units.to(torch.int), unit_report(loss, metrics, units, mask)
 
 
 def _rl_forward_step(cfg: UpdateConfig, mode: str, data_iterator, model):
     mb = next(data_iterator)
-    batch: SequenceBatch = mb["batch"]
-    logits = model(batch.input_ids, batch.position_ids, pixel_values=batch.pixel_values,
-                   image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids)
-    extra = {"labels": batch.labels, "loss_mask": batch.loss_mask, "old_logprobs": mb["old_logprobs"],
-             "advantages": mb["advantages"], "ref_logprobs": mb.get("ref_logprobs")}
-    return logits, partial(_loss_func, extra, cfg, mode)
+    return forward_hidden(model, mb["batch"]), partial(_loss_func, mb, cfg, mode, head_parallelism(model))
 
 
 def dp_rows(total: int) -> list[int]:
-    """The rows of a rollout batch this DP rank trains on (dealt round-robin)."""
+    """The rows of a rollout batch this DP rank would get when dealt round-robin (the packed path
+    deals rows with plan_packs instead)."""
     from megatron.core import parallel_state as ps
 
     return list(range(ps.get_data_parallel_rank(), total, ps.get_data_parallel_world_size()))
 
 
+def pack_budget(pack_tokens: int | None, micro_batch_size: int, batch: SequenceBatch) -> int:
+    return pack_tokens if pack_tokens is not None else micro_batch_size * batch.input_ids.shape[1]
+
+
 def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_row: list[int],
            patches_per_image: list[int], old_logprobs: torch.Tensor, advantages: torch.Tensor,
            cfg: UpdateConfig, ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
-    """`optimizer_steps` optimizer steps over this DP rank's rows of the batch."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_vlm.rl.losses import kernel_policy_config
-
+    """`optimizer_steps` optimizer steps, each over one mini-batch of the rows, packed and dealt to
+    the DP ranks."""
     kcfg = kernel_policy_config(cfg.loss)
     mode = kcfg.aggregation if kcfg is not None else (cfg.loss.aggregation or "token-mean")
-    rows = dp_rows(batch.input_ids.shape[0])
+    budget = pack_budget(cfg.pack_tokens, cfg.micro_batch_size, batch)
     metrics: dict[str, float] = {}
-    for step_rows in _split(rows, cfg.optimizer_steps):
-        microbatches = make_microbatches(batch, images_per_row, patches_per_image, step_rows,
-                                         cfg.micro_batch_size, old_logprobs, advantages, ref_logprobs)
-        for chunk in model_chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        out = get_forward_backward_func()(
-            forward_step_func=partial(_rl_forward_step, cfg, mode), data_iterator=iter(microbatches),
-            model=model_chunks, num_microbatches=len(microbatches),
-            seq_length=batch.input_ids.shape[1], micro_batch_size=cfg.micro_batch_size,
-            forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise FloatingPointError("optimizer step skipped: non-finite gradients")
-        scheduler.step(increment=1)
-        metrics = reduce_metrics(out)
-        metrics["grad_norm"] = float(grad_norm or 0.0)
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
+    for step_rows in _split(list(range(batch.input_ids.shape[0])), cfg.optimizer_steps):
+        microbatches = make_microbatches(batch, images_per_row, patches_per_image, step_rows, budget,
+                                         old_logprobs, advantages, ref_logprobs, config=model_chunks[0].config)
+        metrics = train_step(model_chunks, optimizer, scheduler, microbatches, partial(_rl_forward_step, cfg, mode))
+    return metrics
+
+
+def train_step(model_chunks, optimizer, scheduler, microbatches: list[dict], forward_step) -> dict[str, float]:
+    """One optimizer step over packed micro-batches (megatron's schedule: 1F1B when PP > 1)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=model_chunks,
+        num_microbatches=len(microbatches), seq_length=max(mb["batch"].tokens for mb in microbatches),
+        micro_batch_size=1, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:
+        raise FloatingPointError("optimizer step skipped: non-finite gradients")
+    scheduler.step(increment=1)
+    metrics = reduce_metrics(out)
+    metrics.update(grad_norm=float(grad_norm or 0.0), lr=optimizer.param_groups[0]["lr"])
     return metrics
 
 
@@ -130,35 +165,40 @@ def _split(rows: list[int], parts: int) -> list[list[int]]:
     return [rows[i * size:(i + 1) * size] for i in range(parts)]
 
 
-def make_microbatches(batch, images_per_row, patches, rows, micro_batch_size: int, old, adv,
-                      ref) -> list[dict]:
-    """Micro-batches of `rows` with their per-token tensors (None where not needed)."""
-    if not rows:  # this DP rank got no sample: one fully masked row keeps the reductions in step
-        rows, silent = [0], True
-    else:
-        silent = False
+def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[int], token_budget: int,
+                      old, adv, ref, config, dp_size: int | None = None, dp_rank: int | None = None) -> list[dict]:
+    """This DP rank's packed micro-batches of `rows` (all DP ranks pass the same rows and get the
+    same count) with their per-token tensors packed alike (None where not needed). `config` is the
+    model's TransformerConfig: TP padding under SP, one pack length when the pipeline needs it."""
+    from megatron.core import parallel_state as ps
+
+    dp_size = ps.get_data_parallel_world_size() if dp_size is None else dp_size
+    dp_rank = ps.get_data_parallel_rank() if dp_rank is None else dp_rank
+    plan = _plan(batch, rows, token_budget, dp_size)
+    multiple = pack_padding(config)
+    length = None
+    if config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
+        lengths = batch.row_lengths()  # fixed p2p shapes: every pack of every rank is one length
+        longest = max(sum(lengths[r] for r in pack) for rank in plan for pack in rank)
+        length = longest + (-longest) % multiple
     out = []
-    for start in range(0, len(rows), micro_batch_size):
-        chosen = rows[start:start + micro_batch_size]
-        mb = _take_rows(batch, images_per_row, patches, chosen)
-        if silent:
-            mb.loss_mask = torch.zeros_like(mb.loss_mask)
-        index = torch.tensor(chosen)
-        pick = lambda x: x[index] if x is not None else None  # noqa: E731
-        out.append({"batch": mb, "old_logprobs": pick(old), "advantages": pick(adv),
-                    "ref_logprobs": pick(ref)})
+    for chosen in plan[dp_rank]:
+        packed = pack_rows(batch, chosen or rows[:1] or [0], images_per_row, patches, multiple, length)
+        if not chosen:  # no sample here: a fully masked row keeps this rank in the reductions
+            packed.loss_mask = torch.zeros_like(packed.loss_mask)
+        out.append({"batch": packed, "old_logprobs": packed.take(old), "advantages": packed.take(adv),
+                    "ref_logprobs": packed.take(ref)})
     return out
 
 
-def _take_rows(batch: SequenceBatch, images_per_row, patches, rows: list[int]) -> SequenceBatch:
-    pieces = [batch.select(slice(r, r + 1), images_per_row, patches) for r in rows]
-    pixels = [p.pixel_values for p in pieces if p.pixel_values is not None]
-    grids = [p.image_grid_thw for p in pieces if p.image_grid_thw is not None]
-    return SequenceBatch(
-        torch.cat([p.input_ids for p in pieces]), torch.cat([p.labels for p in pieces]),
-        torch.cat([p.loss_mask for p in pieces]), torch.cat([p.position_ids for p in pieces], dim=1),
-        torch.cat([p.mm_token_type_ids for p in pieces]),
-        torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None)
+def _plan(batch: SequenceBatch, rows: list[int], token_budget: int, dp_size: int) -> list[list[list[int]]]:
+    """[dp rank][micro-batch] -> batch rows."""
+    if not rows:
+        return [[[]] for _ in range(dp_size)]
+    lengths = [batch.row_lengths()[r] for r in rows]
+    image_tokens = [int(batch.mm_token_type_ids[r].sum()) for r in rows]
+    plan = plan_packs(lengths, max(token_budget, max(lengths)), dp_size, image_tokens, PackCost())
+    return [[[rows[i] for i in pack] for pack in rank] for rank in plan.microbatches]
 
 
 def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
@@ -185,15 +225,35 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
 
 
 def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature: float,
-               micro_batch_size: int) -> torch.Tensor:
-    """Log-probs [B, S] of every row with no grad, in micro-batches (single pipeline stage)."""
-    from megatron_vlm.trainer.actor_batch import score
+               micro_batch_size: int, pack_tokens: int | None = None) -> torch.Tensor:
+    """Log-probs [B, S] of every row on every rank (0 off the real tokens), with no grad, over
+    packed micro-batches through megatron's forward-only schedule (pipeline-aware: the last stage
+    broadcasts the result to the others)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    out = []
-    rows = batch.input_ids.shape[0]
+    rows = list(range(batch.input_ids.shape[0]))
+    mbs = make_microbatches(batch, images_per_row, patches, rows, pack_budget(pack_tokens, micro_batch_size, batch),
+                            None, None, None, model.config, dp_size=1, dp_rank=0)
     with torch.no_grad():
-        for start in range(0, rows, micro_batch_size):
-            chosen = list(range(start, min(rows, start + micro_batch_size)))
-            out.append(score(model, _take_rows(batch, images_per_row, patches, chosen), temperature))
-    return torch.cat(out)
+        out = get_forward_backward_func()(
+            forward_step_func=partial(_score_forward_step, temperature), data_iterator=iter(mbs), model=[model],
+            num_microbatches=len(mbs), seq_length=max(mb["batch"].tokens for mb in mbs), micro_batch_size=1,
+            forward_only=True)
+    logprobs = torch.zeros_like(batch.loss_mask)
+    for mb, result in zip(mbs, out):
+        mb["batch"].put(result["logprobs"], logprobs)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        group = ps.get_pipeline_model_parallel_group()
+        torch.distributed.broadcast(logprobs, src=torch.distributed.get_process_group_ranks(group)[-1], group=group)
+    return logprobs
 
+
+def _score_forward_step(temperature: float, data_iterator, model):
+    packed = next(data_iterator)["batch"]
+
+    def keep_logprobs(output):
+        logprobs, _ = packed_logprobs(output, packed.labels, temperature, head_parallelism(model))
+        return logprobs.new_zeros(()), torch.tensor(0, dtype=torch.int), {"logprobs": logprobs}
+
+    return forward_hidden(model, packed), keep_logprobs
