@@ -1,6 +1,7 @@
 """RunConfig: one run's configuration, made of the small dataclasses that live next to their code.
 
-A recipe in configs/*.yaml overrides only what differs from the defaults; `key.sub=value` on the
+A recipe in configs/*.yaml overrides only what differs from the defaults (or, with `base:
+file.yaml`, from another recipe); `key.sub=value` on the
 command line overrides the recipe (values are parsed as YAML: `parallel.tp=2`, `model.dense_layers=[0]`).
 Unknown keys are errors that name the full key and list the known ones, so a typo never silently
 falls back to a default.
@@ -17,6 +18,7 @@ import yaml
 
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.rewards.reward_model import RewardModelConfig
 from megatron_vlm.rewards.scorer import RewardConfig
 from megatron_vlm.trainer.grpo import RLConfig, RolloutConfig
 from megatron_vlm.trainer.megatron_step import OptimConfig
@@ -93,6 +95,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig | None = None  # None: every task of the data scored by vlm.verifier
+    reward_model: RewardModelConfig | None = None  # for tasks whose verifier is "reward_model"
 
     @property
     def is_vlm(self) -> bool:
@@ -182,16 +185,27 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
         raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: {exc}") from None
 
 
+def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML recipe as a dict; `base: other.yaml` (relative to this file) is read first and this
+    file's keys are merged over it, so a recipe states only what differs from its base."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path}: base chain loops ({' -> '.join(map(str, seen))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return merge(read_recipe(path.parent / base, seen + (path.resolve(),)), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    data = read_recipe(Path(path)) if path is not None else {}
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(RunConfig, data)
 

@@ -92,3 +92,30 @@ def test_optional_and_list_sections():
         load_config(None, ["stages=[{kind: sft, stepz: 2}]"])
     with pytest.raises(ValueError, match="dynamic_sampling.batch_groups must be >= 1"):
         load_config(None, ["rl.dynamic_sampling={batch_groups: 0}"])
+
+
+def test_recipe_base_chain(tmp_path):
+    (tmp_path / "base.yaml").write_text("parallel:\n  tp: 2\n  pp: 2\nstages:\n  - {kind: sft, steps: 5}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "r.yaml").write_text(
+        "base: ../base.yaml\nparallel:\n  pp: 1\nstages:\n  - {kind: grpo, steps: 3}\n")
+    cfg = load_config(tmp_path / "sub" / "r.yaml")
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 1)          # mappings merge key by key
+    assert [(s.kind, s.steps) for s in cfg.stages] == [("grpo", 3)]  # lists are replaced
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="base chain loops"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "gone.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "gone.yaml")
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        cfg = load_config(path)
+        if cfg.is_vlm:
+            cfg.rl.check(cfg.rollout)

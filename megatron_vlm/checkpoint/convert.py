@@ -85,7 +85,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: ParallelConfig, part: tuple
     # Some checkpoints store the tied output projection anyway; it is the embedding, so skip it.
     tied_copy = {"lm_head.weight"} if lm.tie_word_embeddings else set()
     check_hf_keys(rules, reader.keys() - tied_copy, hf_dir)
-    _check_hf_shapes(family, hf_config, reader)
+    check_hf_shapes(family, hf_config, reader)
     out = Path(out_dir)
     tmp = _partial_dir(out)
     specs = file_specs(lm, parallel)
@@ -123,7 +123,7 @@ def _convert_file(spec: FileSpec, rules, reader, lm, parallel) -> dict[str, torc
     return tensors
 
 
-def _check_hf_shapes(family, hf_config, reader) -> None:
+def check_hf_shapes(family, hf_config, reader) -> None:
     """Compare every tensor with the shape the config implies (model built on the meta device)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in family.hf_model_class(hf_config).state_dict().items()}

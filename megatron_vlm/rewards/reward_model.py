@@ -15,6 +15,7 @@ torch and transformers are imported here only: the verifier workers never import
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -30,6 +31,8 @@ class RewardModelConfig:
     max_length: int = 4096    # tokens; longer inputs lose their beginning
     device: str = "cpu"
     strip_think: bool = True  # score only the answer after </think>
+    path: str | None = None   # a local HF sequence-classification checkpoint (for `load_reward_model`)
+    relative: bool = False    # POLAR-style: score against the sample's reference response
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -89,6 +92,16 @@ class SequenceRewardModel:
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               references: Sequence[Any] | None = None) -> list[float]:
         return score_texts(self.model, self.tokenizer, self.texts(prompts, responses, references), self.cfg).tolist()
+
+
+def load_reward_model(cfg: RewardModelConfig) -> "SequenceRewardModel":
+    """The reward model a run's `reward_model:` section names."""
+    if not cfg.path:
+        raise ValueError("reward_model.path must name a local HF sequence-classification checkpoint")
+    if not Path(cfg.path, "config.json").is_file():
+        raise FileNotFoundError(f"reward_model.path: no config.json in {cfg.path}")
+    cls = RelativeRewardModel if cfg.relative else SequenceRewardModel
+    return cls.from_pretrained(cfg.path, cfg)
 
 
 class RelativeRewardModel(SequenceRewardModel):

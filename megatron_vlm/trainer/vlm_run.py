@@ -48,6 +48,8 @@ class StageConfig:
 class VLMConfig:
     assets: str | None = None        # dir with model/ (HF config, tokenizer, processor) + data
     build_demo_assets: bool = False  # write the digits demo assets there first when missing
+    init_from: str | None = None     # HF checkpoint dir with the weights to start from (None: random
+                                     # init); full tensors on every rank: for big models, `convert`
     sft_data: str = "sft.parquet"
     prompt_data: str = "rl.parquet"
     eval_data: str = "eval.parquet"
@@ -151,7 +153,12 @@ class _Run:
                                                          self.runtime.device.type, model.config.params_dtype)
         self.engine = self._engine(cfg, pad)
         tasks = {r.metadata.get("task", "default") for r in self.prompts + self.evals}
-        self.scorer = RewardScorer(_reward_config(cfg, tasks))
+        reward_model = None
+        if cfg.reward_model is not None:
+            from megatron_vlm.rewards.reward_model import load_reward_model
+
+            reward_model = load_reward_model(cfg.reward_model)
+        self.scorer = RewardScorer(_reward_config(cfg, tasks), reward_model)
         self.rng = random.Random(cfg.runtime.seed)
         self.log = _Logger(Path(cfg.train.out_dir), self.runtime.rank == 0)
 
@@ -302,10 +309,18 @@ def _build_policy(cfg, runtime, family, hf_config):
     from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
     from megatron_vlm.trainer.megatron_step import build_optimizer, wrap_ddp
 
-    torch.manual_seed(cfg.runtime.seed)  # transformers' initialisation, identical on every rank
-    hf_model = family.hf_model_class(hf_config)
-    full = dict(hf_to_mcore(family.hf_rules(hf_config), hf_model.state_dict().__getitem__))
-    del hf_model
+    if cfg.vlm.init_from:  # an HF checkpoint (e.g. an earlier run's hf_export), every rank reads it
+        from megatron_vlm.checkpoint.convert import check_hf_shapes
+        from megatron_vlm.checkpoint.hf_io import HFCheckpointReader
+
+        reader = HFCheckpointReader(cfg.vlm.init_from)
+        check_hf_shapes(family, hf_config, reader)
+        full = dict(hf_to_mcore(family.hf_rules(hf_config), reader.get))
+    else:
+        torch.manual_seed(cfg.runtime.seed)  # transformers' initialisation, identical on every rank
+        hf_model = family.hf_model_class(hf_config)
+        full = dict(hf_to_mcore(family.hf_rules(hf_config), hf_model.state_dict().__getitem__))
+        del hf_model
     model = family.build(hf_config, cfg.parallel, runtime.device.type, calculate_per_token_loss=True)
     load_full_state_dict(model, full, RankLayout.current(model.config), hf_config.tie_word_embeddings)
     ddp = wrap_ddp(model, cfg.parallel.distributed_optimizer)

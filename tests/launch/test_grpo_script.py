@@ -44,7 +44,6 @@ def test_whole_recipe_loads_plans_and_the_stage_checks_it():
     assert cfg.rl.engine == "vllm" and cfg.rl.vllm.tensor_parallel_size == 2
     assert cfg.rl.dynamic_sampling.batch_groups == 128 and cfg.rl.overlong.buffer_len == 1024
     assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in format_plan(cfg, 32)
-    cfg.rl.routing_replay = False
     cfg.rl.check(cfg.rollout)  # engine, dynamic sampling and over-long shaping are applied
     cfg.rl.routing_replay = True
     with pytest.raises(ValueError, match="rl.routing_replay: .* does not replay them yet"):
@@ -69,7 +68,7 @@ def test_rl_sections_build_their_config_classes(recipe):
                               return_routed_experts=rl["routing_replay"], **rl["vllm"])
     kwargs = llm_kwargs(engine, cfg.world_size())
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["data_parallel_size"] == 16
-    assert kwargs["enable_return_routed_experts"] is True
+    assert kwargs["enable_return_routed_experts"] is False  # routing replay is refused for now
     DynamicSamplingConfig(**rl["dynamic_sampling"])
     OverlongPenaltyConfig(**rl["overlong"])
 

@@ -99,3 +99,28 @@ def test_from_pretrained_and_chat_template(parts, tmp_path):
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RewardModelConfig(**kwargs)
+
+
+def test_run_config_section_loads_the_reward_model_for_the_scorer(parts, tmp_path):
+    from megatron_vlm.config import load_config
+    from megatron_vlm.rewards.reward_model import RelativeRewardModel, load_reward_model
+    from megatron_vlm.rewards.scorer import RewardSample, RewardScorer
+
+    model, tokenizer = parts
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    cfg = load_config(None, [f"reward_model.path={tmp_path / 'rm'}", "reward_model.batch_size=2",
+                             "reward.verifiers={chat: reward_model, sums: numeric}", "reward.num_workers=1"])
+    rm = load_reward_model(cfg.reward_model)
+    samples = [RewardSample(sample_id=i, task="chat", prompt=p, response=r)
+               for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES))]
+    samples.append(RewardSample(sample_id=9, task="sums", prompt="1+1", response="2", reference="2"))
+    with RewardScorer(cfg.reward, rm) as scorer:
+        result = scorer.score(samples)
+    assert result.raw[:-1] == pytest.approx(rm.score(PROMPTS, RESPONSES), abs=1e-6)
+    assert result.raw[-1] == 1.0 and not result.failures
+    relative = load_reward_model(load_config(None, [f"reward_model.path={tmp_path / 'rm'}",
+                                                    "reward_model.relative=true"]).reward_model)
+    assert isinstance(relative, RelativeRewardModel)
+    with pytest.raises(FileNotFoundError, match="reward_model.path: no config.json in"):
+        load_reward_model(load_config(None, [f"reward_model.path={tmp_path}"]).reward_model)
