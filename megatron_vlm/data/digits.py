@@ -6,6 +6,7 @@ difference, exact answers. The demo's data, tokenizer, processor and model confi
     # demo/sft.parquet     prompt + answer (+ a short think trace)
     # demo/rl.parquet      prompts with a verifiable reference only
     # demo/eval.parquet    held-out images
+    # demo/pref.parquet    preference pairs: chosen = the correct trace + answer, rejected = a wrong one
     # demo/manifest.json   seed, counts, vision tokens per image, prompt lengths, parameter count
 
 Design decisions:
@@ -18,6 +19,10 @@ Design decisions:
 - Questions: "sum" (a + b), "max" (max(a, b)), "difference" (left minus right, may be negative,
   so the model must tell left from right). Answers are exact integers, checked by the `numeric`
   verifier (metadata `task` = "digits").
+- Preference pairs (offline DPO / MPO) are training images with `chosen`, the SFT target, and
+  `rejected`, a plausible mistake carried through to a wrong answer: a misread digit (one of the two
+  visually closest digits, `CONFUSIONS`) or an arithmetic slip (off by one; for max, the smaller
+  digit). `error` names the mistake; the rejected answer always differs from the reference.
 - Everything is drawn from `random.Random(seed)`: the same seed writes the same files.
 """
 from __future__ import annotations
@@ -49,13 +54,14 @@ class DigitsConfig:
     num_sft: int = 1000
     num_rl: int = 4000
     num_eval: int = 500
+    num_pref: int = 400             # preference pairs (offline DPO / MPO), on training images
     scale: int = 2                  # nearest-neighbour upscaling of the 8 x 16 pair
     mode: str = "think"             # think: SFT targets carry a short trace; nothink: answer only
 
     def __post_init__(self):
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"digits.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
-        for name in ("num_sft", "num_rl", "num_eval", "scale"):
+        for name in ("num_sft", "num_rl", "num_eval", "num_pref", "scale"):
             if getattr(self, name) < 1:
                 raise ValueError(f"digits.{name} must be >= 1, got {getattr(self, name)}")
         if self.mode not in ("think", "nothink"):
@@ -97,11 +103,33 @@ def answer(kind: str, left: int, right: int) -> int:
     return {"sum": left + right, "max": max(left, right), "difference": left - right}[kind]
 
 
-def thinking(kind: str, left: int, right: int) -> str:
-    """The short trace of an SFT target: read the digits, then one operation."""
-    step = {"sum": f"{left}+{right}={left + right}", "max": f"max({left},{right})={max(left, right)}",
-            "difference": f"{left}-{right}={left - right}"}[kind]
-    return f"Left {left}, right {right}. {step}"
+def thinking(kind: str, left: int, right: int, result: int | None = None) -> str:
+    """The short trace of an SFT target: read the digits, then one operation (`result` overrides
+    the operation's value: a slip)."""
+    result = answer(kind, left, right) if result is None else result
+    step = {"sum": f"{left}+{right}", "max": f"max({left},{right})", "difference": f"{left}-{right}"}[kind]
+    return f"Left {left}, right {right}. {step}={result}"
+
+
+# the two digits each one is most easily misread as, in 8x8 handwriting
+CONFUSIONS = {0: (6, 8), 1: (7, 4), 2: (7, 3), 3: (8, 5), 4: (9, 1), 5: (6, 3), 6: (5, 0), 7: (1, 2),
+              8: (3, 0), 9: (4, 8)}
+
+
+def mistake(kind: str, left: int, right: int, rng: random.Random) -> tuple[str, int, int, int]:
+    """(error, digit read left, digit read right, wrong result): a misread digit or an arithmetic
+    slip, in a random order of preference, whose answer differs from the correct one."""
+    correct = answer(kind, left, right)
+    candidates = [("misread_left", wrong, right) for wrong in CONFUSIONS[left]]
+    candidates += [("misread_right", left, wrong) for wrong in CONFUSIONS[right]]
+    rng.shuffle(candidates)
+    if rng.random() < 1 / 3:  # a slip a third of the time, else the first misread that matters
+        candidates = []
+    for error, read_left, read_right in candidates:
+        if answer(kind, read_left, read_right) != correct:
+            return error, read_left, read_right, answer(kind, read_left, read_right)
+    slip = min(left, right) if kind == "max" and left != right else correct + rng.choice((-1, 1))
+    return "slip", left, right, slip
 
 
 def make_problems(sample_ids: list[int], labels: np.ndarray, count: int, rng: random.Random,
@@ -121,14 +149,17 @@ def make_problems(sample_ids: list[int], labels: np.ndarray, count: int, rng: ra
 
 
 def build_splits(cfg: DigitsConfig) -> dict[str, list[dict]]:
-    """{"sft", "rl", "eval"}: rows with a PIL image; SFT rows carry the target, RL / eval rows
-    only the reference (`reference`, with `task` and `verifier` for the reward scorer)."""
+    """{"sft", "rl", "eval", "pref"}: rows with a PIL image; SFT rows carry the target, RL / eval
+    rows only the reference (`reference`, with `task` and `verifier` for the reward scorer), pref
+    rows the reference, `chosen` (the SFT target) and `rejected` (see `mistake`)."""
     images, labels = load_digit_samples()
     train_ids, held_out_ids = split_samples(labels, cfg.held_out_fraction, cfg.seed)
     rng = random.Random(cfg.seed)
     splits = {"sft": make_problems(train_ids, labels, cfg.num_sft, rng, "sft"),
               "rl": make_problems(train_ids, labels, cfg.num_rl, rng, "rl"),
-              "eval": make_problems(held_out_ids, labels, cfg.num_eval, rng, "eval")}
+              "eval": make_problems(held_out_ids, labels, cfg.num_eval, rng, "eval"),
+              "pref": make_problems(train_ids, labels, cfg.num_pref, rng, "pref")}  # drawn last: the
+    # other splits stay what they were before pairs existed
     rows = {}
     for name, problems in splits.items():
         rows[name] = []
@@ -143,8 +174,20 @@ def build_splits(cfg: DigitsConfig) -> dict[str, list[dict]]:
                            response=render_response(problem["answer"], trace, cfg.mode))
             else:
                 row.update(reference=problem["answer"], task=TASK, verifier=VERIFIER)
+            if name == "pref":
+                row.update(preference_pair(problem, cfg.mode, rng))
             rows[name].append(row)
     return rows
+
+
+def preference_pair(problem: dict, mode: str, rng: random.Random) -> dict:
+    """chosen (the correct trace and answer), rejected (a mistake carried into the answer), error."""
+    kind, left, right = problem["kind"], problem["left"], problem["right"]
+    error, read_left, read_right, wrong = mistake(kind, left, right, rng)
+    think = mode == "think"
+    chosen = render_response(problem["answer"], thinking(kind, left, right) if think else None, mode)
+    rejected = render_response(str(wrong), thinking(kind, read_left, read_right, wrong) if think else None, mode)
+    return {"left": left, "right": right, "chosen": chosen, "rejected": rejected, "error": error}
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:
@@ -203,7 +246,7 @@ def prompt_lengths(rows: list[dict], processor: MultimodalProcessor, template: T
 
 def build_demo_assets(out_dir: str | Path, seed: int = 0, cfg: DigitsConfig | None = None,
                       vision: VisionPatchConfig | None = None) -> dict[str, Path]:
-    """Write model/ (config + tokenizer + processor), sft / rl / eval parquet files and a manifest."""
+    """Write model/ (config + tokenizer + processor), sft / rl / eval / pref parquet files and a manifest."""
     cfg = cfg or DigitsConfig(seed=seed)
     if cfg.seed != seed:
         raise ValueError(f"seed ({seed}) and cfg.seed ({cfg.seed}) disagree")
@@ -240,10 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-sft", type=int, default=DigitsConfig.num_sft)
     parser.add_argument("--num-rl", type=int, default=DigitsConfig.num_rl)
     parser.add_argument("--num-eval", type=int, default=DigitsConfig.num_eval)
+    parser.add_argument("--num-pref", type=int, default=DigitsConfig.num_pref)
     parser.add_argument("--mode", choices=("think", "nothink"), default=DigitsConfig.mode)
     args = parser.parse_args(argv)
     cfg = DigitsConfig(seed=args.seed, num_sft=args.num_sft, num_rl=args.num_rl, num_eval=args.num_eval,
-                       mode=args.mode)
+                       num_pref=args.num_pref, mode=args.mode)
     paths = build_demo_assets(args.out_dir, args.seed, cfg)
     print(paths["manifest"].read_text())
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, Qwen3VLMoeForConditionalGeneration
 
-from megatron_vlm.data.digits import (QUESTIONS, DigitsConfig, answer, build_splits, load_digit_samples, main,
-                                      render_pair, split_samples)
+from megatron_vlm.data.digits import (CONFUSIONS, QUESTIONS, DigitsConfig, answer, build_splits, load_digit_samples,
+                                      main, render_pair, split_samples, thinking)
 from megatron_vlm.data.processor import MultimodalProcessor
-from megatron_vlm.data.templates import TemplateConfig, is_well_formed, render_prompt
+from megatron_vlm.data.templates import TemplateConfig, is_well_formed, render_prompt, render_response
 from megatron_vlm.rewards.registry import get_verifier
 from tests.data.digits_fixtures import SMALL, demo_assets
 
@@ -35,7 +35,7 @@ def test_held_out_samples_never_appear_in_training_images():
         assert 0.15 < share < 0.25
     rows = build_splits(DigitsConfig(seed=3, **SMALL))
     used = {name: {i for row in split for i in row["source_ids"]} for name, split in rows.items()}
-    assert used["eval"] <= set(held_out) and used["rl"] | used["sft"] <= set(train)
+    assert used["eval"] <= set(held_out) and used["rl"] | used["sft"] | used["pref"] <= set(train)
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -61,13 +61,42 @@ def test_sft_targets_and_rl_references_verify():
         assert numeric(f"<think>\nx\n</think>\n\n{int(row['reference']) + 1}", row["reference"], {}) == 0.0
 
 
+@pytest.mark.parametrize("mode", ["think", "nothink"])
+def test_preference_pairs_reject_a_plausible_mistake(mode):
+    numeric = get_verifier("numeric")
+    rows = build_splits(DigitsConfig(seed=0, mode=mode, **SMALL))
+    pairs, sft = rows["pref"], rows["sft"]
+    assert len(pairs) == SMALL["num_pref"] and {row["kind"] for row in pairs} == set(QUESTIONS)
+    assert set(pairs[0]) >= set(rows["rl"][0]) | {"chosen", "rejected", "error"}  # same prompt columns as RL
+    assert {row["error"] for row in pairs} == {"misread_left", "misread_right", "slip"}
+    for row in pairs:
+        assert row["chosen"] != row["rejected"]
+        assert is_well_formed(row["chosen"], mode) and is_well_formed(row["rejected"], mode)
+        assert numeric(row["chosen"], row["reference"], {}) == 1.0
+        assert numeric(row["rejected"], row["reference"], {}) == 0.0  # the mistake reaches the answer
+        assert row["reference"] == str(answer(row["kind"], row["left"], row["right"]))
+        if mode == "think":
+            head = row["rejected"].split(".")[0]  # "<think>\nLeft a, right b"
+            left, right = (int(part.split()[-1]) for part in head.split(","))
+            if row["error"] == "misread_left":
+                assert left in CONFUSIONS[row["left"]] and right == row["right"]
+            elif row["error"] == "misread_right":
+                assert right in CONFUSIONS[row["right"]] and left == row["left"]
+            else:
+                assert (left, right) == (row["left"], row["right"])
+        # chosen is the target the SFT rows teach
+        trace = thinking(row["kind"], row["left"], row["right"]) if mode == "think" else None
+        assert row["chosen"] == render_response(row["reference"], trace, mode)
+    assert sft[0]["response"] == render_response(sft[0]["answer"], sft[0]["thinking"] or None, mode)
+
+
 def test_demo_assets_build_a_trainable_model():
     paths = demo_assets()
     manifest = json.loads(paths["manifest"].read_text())
-    assert manifest["counts"] == {"sft": 30, "rl": 60, "eval": 30}
+    assert manifest["counts"] == {"sft": 30, "rl": 60, "eval": 30, "pref": 24}
     assert manifest["vision_tokens_per_image"] == 8 and manifest["image_size"] == [16, 32]
     assert 1_000_000 <= manifest["parameters"] <= 3_000_000
-    for name in ("sft", "rl", "eval"):
+    for name in ("sft", "rl", "eval", "pref"):
         assert len(pd.read_parquet(paths[name])) == manifest["counts"][name]
     config = AutoConfig.from_pretrained(paths["model"])
     processor = MultimodalProcessor.from_pretrained(paths["model"])
@@ -88,9 +117,10 @@ def test_demo_assets_build_a_trainable_model():
 
 
 def test_cli_writes_the_same_files_for_the_same_seed(tmp_path, capsys):
-    main([str(tmp_path / "a"), "--seed", "0", "--num-sft", "30", "--num-rl", "60", "--num-eval", "30"])
+    main([str(tmp_path / "a"), "--seed", "0", "--num-sft", "30", "--num-rl", "60", "--num-eval", "30",
+          "--num-pref", "24"])
     assert '"vision_tokens_per_image": 8' in capsys.readouterr().out
-    for name in ("sft", "rl", "eval"):
+    for name in ("sft", "rl", "eval", "pref"):
         assert pd.read_parquet(tmp_path / "a" / f"{name}.parquet").equals(pd.read_parquet(demo_assets()[name]))
     with pytest.raises(ValueError, match="digits.held_out_fraction must be in"):
         DigitsConfig(held_out_fraction=1.0)
