@@ -5,17 +5,22 @@
     result.counts     # {"rows", "loaded", "dropped_too_long", "skipped_bad_image"}
     result.problems   # one message per row not loaded, naming the file, the sample id and why
     sft = load_sft("sft.parquet", processor, LoadConfig(max_sequence_length=256))  # SFTExample items
+    pairs = load_preferences("pref.parquet", processor)  # PreferencePair(request, chosen_ids, rejected_ids)
 
 Row schema (the demo's files follow it): `question` (the user's text), `image` (one image) or
 `images` (a list; the placeholders go before the question, in order), `reference` (or `answer`),
 optional `id`, `task` (the reward scorer's task name), `mode` (think / nothink); every other column
 is passed through in the request's metadata. An image is PIL, PNG/JPEG bytes, a `datasets` image
-dict ({"bytes", "path"}), or a path relative to the data file's folder.
+dict ({"bytes", "path"}), or a path relative to the data file's folder. Preference rows add `chosen`
+and `rejected`: response text (as `render_response` writes it; <|im_end|> is appended where
+missing) or a conversation (a list of {"role", "content"} messages, TRL's conversational format:
+the last message's content, a string or text parts, is the response).
 
 Bad input never disappears silently: a row whose expanded prompt (text + vision tokens) is longer
 than `max_prompt_length` is dropped and counted, or raises (`on_too_long="raise"`); a row whose
 image cannot be read (missing file, corrupt bytes, a shape the processor rejects) is skipped and
 counted, with its id in a logged warning. `rows == loaded + dropped_too_long + skipped_bad_image`.
+A missing column is an error naming the column, the sample and the file.
 """
 from __future__ import annotations
 
@@ -23,10 +28,10 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from megatron_vlm.data.processor import MultimodalProcessor
-from megatron_vlm.data.templates import TemplateConfig, render_prompt, render_response, resolve_mode
+from megatron_vlm.data.templates import IM_END, TemplateConfig, render_prompt, render_response, resolve_mode
 from megatron_vlm.rollout.protocol import RolloutRequest
 
 logger = logging.getLogger(__name__)
@@ -59,9 +64,17 @@ class SFTExample:
     metadata: dict
 
 
+class PreferencePair(NamedTuple):
+    """One preference pair; unpacks as (request, chosen_ids, rejected_ids), what
+    `trainer.preference.pair_batch` takes."""
+    request: RolloutRequest    # the prompt, as load_prompts builds it (metadata keeps chosen / rejected text)
+    chosen_ids: list[int]      # the preferred response, ending with <|im_end|>
+    rejected_ids: list[int]
+
+
 @dataclass
 class LoadResult:
-    requests: list[RolloutRequest] | list[SFTExample]
+    requests: list[RolloutRequest] | list[SFTExample] | list[PreferencePair]
     counts: dict[str, int]
     problems: list[str]
 
@@ -88,6 +101,14 @@ def load_sft(paths: str | Path | Sequence[str | Path], processor: MultimodalProc
     return _load(paths, processor, cfg or LoadConfig(), cache_dir, _sft_example)
 
 
+def load_preferences(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
+                     cfg: LoadConfig | None = None, cache_dir: str | None = None) -> LoadResult:
+    """Preference rows (offline DPO / MPO) as `PreferencePair`s: the prompt as for `load_prompts`,
+    `chosen` and `rejected` responses tokenised. The length limit is `max_sequence_length` on the
+    prompt + the longer response (expanded), same counters as load_prompts."""
+    return _load(paths, processor, cfg or LoadConfig(), cache_dir, _preference_pair)
+
+
 def _load(paths, processor, cfg: LoadConfig, cache_dir: str | None, build) -> LoadResult:
     if not isinstance(processor, MultimodalProcessor):
         processor = MultimodalProcessor.from_pretrained(processor)
@@ -109,6 +130,8 @@ def _load(paths, processor, cfg: LoadConfig, cache_dir: str | None, build) -> Lo
             except BadImage as error:
                 counts["skipped_bad_image"] += 1
                 problems.append(f"{path}: skipped sample {sample_id}: {error}")
+            except KeyError as error:  # a missing column: name the file too
+                raise KeyError(f"{path}: {error.args[0]}") from None
     for problem in problems:
         logger.warning(problem)
     logger.info("loaded %s: %s", build.__name__.strip("_"), counts)
@@ -174,6 +197,32 @@ def _sft_example(row: dict, sample_id: str, root: Path, processor: MultimodalPro
                             f"than max_sequence_length={cfg.max_sequence_length}")
     return SFTExample(sample_id=sample_id, prompt_ids=request.prompt_ids, response_ids=response_ids,
                       images=request.images, metadata=request.metadata)
+
+
+def _preference_pair(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
+                     cfg: LoadConfig) -> PreferencePair:
+    for column in ("chosen", "rejected"):
+        if not row.get(column):
+            raise KeyError(f"sample {sample_id}: preference rows need a non-empty '{column}' column, "
+                           f"got {sorted(k for k, v in row.items() if v)}")
+    request = _request(row, sample_id, root, processor, cfg)
+    chosen, rejected = (processor.tokenizer(_response_text(row[c]), add_special_tokens=False).input_ids
+                        for c in ("chosen", "rejected"))
+    length = processor.expanded_length(request.prompt_ids, request.images) + max(len(chosen), len(rejected))
+    if cfg.max_sequence_length is not None and length > cfg.max_sequence_length:
+        raise PromptTooLong(f"sample {sample_id}: prompt + longer response of {length} tokens (text + vision) is "
+                            f"longer than max_sequence_length={cfg.max_sequence_length}")
+    return PreferencePair(request, chosen, rejected)
+
+
+def _response_text(value: str | list) -> str:
+    """A response column's text, ending with <|im_end|> (a conversation: its last message's content)."""
+    if isinstance(value, list):
+        value = value[-1]["content"]
+    if isinstance(value, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        value = "".join(part.get("text") or "" for part in value)
+    text = str(value)
+    return text if text.endswith(IM_END) else text + IM_END
 
 
 def open_image(source: Any, root: Path):

@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
-from megatron_vlm.data.loading import LoadConfig, PromptTooLong, load_prompts, load_sft
+from megatron_vlm.data.loading import LoadConfig, PromptTooLong, load_preferences, load_prompts, load_sft
 from megatron_vlm.data.processor import MultimodalProcessor
 from tests.data.digits_fixtures import demo_assets
 
@@ -125,3 +125,45 @@ def test_sft_examples_carry_the_target_and_count_long_sequences(processor, tmp_p
     jsonl.write_text(json.dumps({"question": "2+2? /nothink", "answer": "4"}) + "\n")
     (only,) = load_sft(jsonl, processor, cache_dir=str(tmp_path / "c")).requests
     assert processor.tokenizer.decode(only.response_ids) == "4<|im_end|>"
+
+
+def test_preference_pairs_load_with_their_prompt_and_both_responses(processor, tmp_path):
+    path = demo_assets()["pref"]
+    rows = pd.read_parquet(path)
+    result = load_preferences(path, processor, cache_dir=str(tmp_path))
+    assert result.counts == {"rows": 24, "loaded": 24, "dropped_too_long": 0, "skipped_bad_image": 0}
+    request, chosen, rejected = result.requests[0]  # unpacks as trainer.preference.pair_batch takes it
+    decode = processor.tokenizer.decode
+    assert decode(chosen) == rows.iloc[0]["chosen"] and decode(rejected) == rows.iloc[0]["rejected"]
+    assert decode(chosen).endswith("<|im_end|>") and chosen != rejected
+    assert request.request_id == "pref-00000" and request.prompt_ids.count(processor.image_token_id) == 1
+    assert request.metadata["reference"] == rows.iloc[0]["reference"] and request.metadata["task"] == "digits"
+    # the same prompt as load_prompts would build from the row
+    assert request.prompt_ids == load_prompts(path, processor, cache_dir=str(tmp_path)).requests[0].prompt_ids
+    # the limit is on prompt + the longer response
+    total = [processor.expanded_length(r.prompt_ids, r.images) + max(len(c), len(j)) for r, c, j in result.requests]
+    limit = sorted(total)[len(total) // 2]
+    dropped = load_preferences(path, processor, LoadConfig(max_sequence_length=limit), cache_dir=str(tmp_path))
+    assert dropped.counts["dropped_too_long"] == sum(t > limit for t in total) > 0
+    assert all("longer response" in p for p in dropped.problems)
+
+
+def test_preference_rows_bad_images_conversations_and_missing_columns(processor, tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    rows = [{"id": "text", "question": "2+2? /nothink", "image": "a.png", "chosen": "4", "rejected": "5<|im_end|>"},
+            {"id": "chat", "question": "2+2? /nothink", "image": "a.png",
+             "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "22"}]}]},
+            {"id": "broken", "question": "2+2?", "image": "nope.png", "chosen": "4", "rejected": "5"}]
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = load_preferences(good, processor, cache_dir=str(tmp_path / "c1"))
+    assert result.counts == {"rows": 3, "loaded": 2, "dropped_too_long": 0, "skipped_bad_image": 1}
+    decode = processor.tokenizer.decode
+    assert [(decode(c), decode(r)) for _, c, r in result.requests] == [("4<|im_end|>", "5<|im_end|>"),
+                                                                      ("4<|im_end|>", "22<|im_end|>")]
+    assert any("sample broken:" in p for p in result.problems)
+    missing = tmp_path / "no_chosen.jsonl"
+    missing.write_text(json.dumps({"id": "x", "question": "q", "answer": "4", "rejected": "5"}) + "\n")
+    with pytest.raises(KeyError, match=r"no_chosen\.jsonl: sample x: preference rows need a non-empty 'chosen' column"):
+        load_preferences(missing, processor, cache_dir=str(tmp_path / "c2"))
