@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 from kernels.packing import PackCost, plan_packs
-from kernels.policy_loss import fused_linear_policy_loss
+from kernels.policy_loss import SeqLayout, fused_linear_policy_loss
 from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute_advantages, group_index_from_ids
 from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config, policy_loss_fn
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, forward_hidden, head_parallelism, pack_padding,
@@ -69,10 +69,8 @@ def aggregation_units(mask: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -
     """How many units the aggregation divides by, for packed [T] tokens."""
     if mode == "token-mean":
         return mask.sum()
-    per_sequence = torch.zeros(len(cu_seqlens) - 1).index_add_(
-        0, torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long()),
-        mask.float())
-    return (per_sequence > 0).sum()  # seq-mean-*: non-empty sequences (sum-norm: per sequence)
+    # seq-mean-*: non-empty sequences (sum-norm: per sequence)
+    return (SeqLayout.build(mask, cu_seqlens).tokens > 0).sum()
 
 
 def unit_report(loss: torch.Tensor, metrics: dict, units: torch.Tensor, mask: torch.Tensor) -> dict:

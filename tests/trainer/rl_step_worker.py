@@ -2,9 +2,9 @@
 
 1. Sync the trainer's weights into the embedded engine, generate groups, check the engine's log-probs
    against the trainer's, score the samples, GRPO advantages, trainer-side old log-probs.
-2. Update at TP=2 (DP=1, all rows in ONE micro-batch) and, from the same start, at EP=2 (DP=2, one
-   row per micro-batch: every rank runs several micro-batches). Exact normalisation means the same
-   parameters after the optimizer step. Writes the figures as JSON.
+2. Update at TP=2 (DP=1, all rows in ONE packed micro-batch) and, from the same start, at EP=2
+   (DP=2, a token budget of the longest row: every rank runs several packed micro-batches). Exact
+   normalisation means the same parameters after the optimizer step. Writes the figures as JSON.
 """
 import json
 import sys
@@ -70,12 +70,12 @@ def main():
                   sync_max_abs=check.max_abs, sync_mean_abs=check.mean_abs, samples=len(samples),
                   mixed_groups=int(sum(len(set(rewards[i * 4:(i + 1) * 4].tolist())) > 1 for i in range(3))))
 
-    one = UpdateConfig(temperature=UPDATE.temperature, loss=UPDATE.loss, micro_batch_size=len(samples))
+    one = UpdateConfig(temperature=UPDATE.temperature, loss=UPDATE.loss, pack_tokens=int(batch.lengths.sum()))
     metrics_one = update([ddp], optimizer, scheduler, batch, images, patches, old, advantages, one)
     after_one = {k: v.clone() for k, v in iter_hf_weights(model, rules)}
 
     model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(ep=2, etp=1), runtime)
-    many = UpdateConfig(temperature=UPDATE.temperature, loss=UPDATE.loss, micro_batch_size=1)
+    many = UpdateConfig(temperature=UPDATE.temperature, loss=UPDATE.loss, pack_tokens=int(batch.lengths.max()))
     metrics_many = update([ddp], optimizer, scheduler, batch, images, patches, old, advantages, many)
     after_many = dict(iter_hf_weights(model, rules))
     moved = max(float((after_one[k] - full_hf).abs().max()) for k, full_hf in
