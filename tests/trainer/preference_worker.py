@@ -1,9 +1,10 @@
 """One rank of the preference-step launch (2 gloo ranks), a tiny Qwen3-VL-MoE:
 
 1. Exactness, for dpo and mpo: from the same weights, one step at TP=2 (DP=1, all pairs in ONE
-   packed micro-batch) and at EP=2 (DP=2, 5 pairs dealt 3 + 2, packed under a two-row budget:
-   several micro-batches per rank) gives the same loss, grad norm and parameters. Responses of different lengths and a reference that
-   differs from the policy per pair make every pair weigh differently.
+   packed micro-batch) and at EP=2 (DP=2, 5 pairs dealt by plan_packs and packed under a two-row
+   budget: several micro-batches per rank) gives the same loss, grad norm and parameters.
+   Responses of different lengths and a reference that differs from the policy per pair make
+   every pair weigh differently. The same with a single pair: one DP rank runs a zeroed stand-in.
 2. A few DPO steps (EP=2) against the frozen initial model raise the implicit-reward margin and the
    reward accuracy on the training pairs, measured by scoring before and after.
 Writes the figures as JSON.
@@ -40,13 +41,13 @@ def build(family, hf, full, parallel, runtime, optim=OPTIM, steps=1):
     return model, ddp, optimizer, scheduler
 
 
-def make_pairs():
-    """NUM_PAIRS pairs over the fixture's 3 prompts; random responses of 3..9 tokens, ending in 7."""
+def make_pairs(num_pairs=NUM_PAIRS):
+    """num_pairs pairs over the fixture's 3 prompts; random responses of 3..9 tokens, ending in 7."""
     requests, prepared = fixture_requests()
     g = torch.Generator().manual_seed(11)
     response = lambda: torch.randint(10, 180, (int(torch.randint(2, 9, (1,), generator=g)),),  # noqa: E731
                                      generator=g).tolist() + [7]
-    pairs = [(requests[i % 3], response(), response()) for i in range(NUM_PAIRS)]
+    pairs = [(requests[i % 3], response(), response()) for i in range(num_pairs)]
     return pair_batch(pairs, lambda r: prepared[r.request_id], pad_id=0, spatial_merge_size=2)
 
 
@@ -58,11 +59,12 @@ def implicit_margins(model, pairs, ref, beta):
 
 
 def exactness(family, hf, full, rules, runtime, pairs, ref, name):
+    """One step in each layout from the same weights; the differences."""
     cfg = PreferenceConfig(name=name)
     shift = RewardShift(mean=0.05, count=10.0)
     model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(tp=2), runtime)
     one = preference_step([ddp], optimizer, scheduler, pairs.batch, pairs.images_per_row, pairs.patches,
-                          ref, cfg, micro_batch_size=2 * NUM_PAIRS, reward_shift=shift)
+                          ref, cfg, micro_batch_size=2 * pairs.num_pairs, reward_shift=shift)
     after_one = {k: v.clone() for k, v in iter_hf_weights(model, rules)}
     model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(ep=2, etp=1), runtime)
     budget = 2 * pairs.batch.input_ids.shape[1]
@@ -71,7 +73,8 @@ def exactness(family, hf, full, rules, runtime, pairs, ref, name):
                            ref, cfg, micro_batch_size=2, reward_shift=shift)
     after_many = dict(iter_hf_weights(model, rules))
     start = hf.state_dict()
-    return {"microbatches_many": microbatches, "loss_one": one["loss"], "loss_many": many["loss"], "grad_norm_one": one["grad_norm"],
+    return {"microbatches_many": microbatches, "loss_one": one["loss"], "loss_many": many["loss"],
+            "grad_norm_one": one["grad_norm"],
             "grad_norm_many": many["grad_norm"],
             "metric_max_abs_diff": max(abs(one[k] - many[k]) for k in one if k not in ("lr",)),
             "metrics": sorted(one),
@@ -120,6 +123,10 @@ def main():
               "response_lengths": pairs.batch.loss_mask.sum(-1).int().tolist()}
     for name in ("dpo", "mpo"):
         report[name] = exactness(family, hf, full, rules, runtime, pairs, ref, name)
+    # one pair over two DP ranks: the rank without a pair runs a zeroed one
+    single = make_pairs(1)
+    report["single_pair"] = exactness(family, hf, full, rules, runtime, single,
+                                      ref[:2, :single.batch.input_ids.shape[1]], "dpo")
     report["training"] = dpo_training(family, hf, full, runtime, pairs)
     report["seconds"] = time.perf_counter() - start
     if runtime.rank == 0:

@@ -41,8 +41,32 @@ def test_loss_and_update_do_not_depend_on_the_split(report, name):
 
 
 @pytest.mark.dist
+def test_a_rank_without_pairs_changes_nothing(report):
+    r = report["single_pair"]
+    assert abs(r["loss_one"] - r["loss_many"]) < 1e-6 and r["param_max_update"] > 1e-4
+    assert r["param_max_abs_diff"] < 1e-6
+
+
+@pytest.mark.dist
 def test_dpo_steps_separate_chosen_from_rejected(report):
     t = report["training"]
     assert abs(t["margin_before"]) < 1e-6 and t["accuracy_before"] == 0.0  # policy == reference
     assert t["margin_after"] > 0.1 and t["accuracy_after"] == 1.0
     assert t["loss_per_step"][-1] < t["loss_per_step"][0]
+
+
+def test_demo_pairs_become_an_alternating_batch(tmp_path):
+    from megatron_vlm.data.loading import load_preferences
+    from megatron_vlm.data.processor import MultimodalProcessor
+    from megatron_vlm.trainer.preference import pair_batch
+    from megatron_vlm.trainer.vlm_run import PromptCache
+    from tests.data.digits_fixtures import demo_assets
+
+    processor = MultimodalProcessor.from_pretrained(demo_assets()["model"])
+    pairs = load_preferences(demo_assets()["pref"], processor, cache_dir=str(tmp_path)).requests[:3]
+    built = pair_batch(pairs, PromptCache(processor), pad_id=0, spatial_merge_size=2)
+    assert built.num_pairs == 3 and built.images_per_row == [1] * 6 and len(built.patches) == 6
+    responses = [ids for _, chosen, rejected in pairs for ids in (chosen, rejected)]
+    assert built.batch.loss_mask.sum(-1).int().tolist() == [len(ids) for ids in responses]
+    for row, ids in enumerate(responses):  # labels under the mask are the response, in order
+        assert built.batch.labels[row][built.batch.loss_mask[row].bool()].tolist() == ids
