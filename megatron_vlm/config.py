@@ -19,6 +19,7 @@ import yaml
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.rewards.reward_model import RewardModelConfig
+from megatron_vlm.rl.preference import PreferenceConfig
 from megatron_vlm.rewards.scorer import RewardConfig
 from megatron_vlm.trainer.grpo import RLConfig, RolloutConfig
 from megatron_vlm.trainer.megatron_step import OptimConfig
@@ -96,6 +97,8 @@ class RunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig | None = None  # None: every task of the data scored by vlm.verifier
     reward_model: RewardModelConfig | None = None  # for tasks whose verifier is "reward_model"
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # dpo / mpo stages (name
+                                                                            # set by the stage kind)
 
     @property
     def is_vlm(self) -> bool:
@@ -110,7 +113,7 @@ class RunConfig:
         if self.is_vlm:
             self.parallel.data_parallel_size(world_size)
             if not self.stages:
-                raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo)")
+                raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo | dpo | mpo)")
             return
         self.model.check_layout(self.parallel)
         self.parallel.data_parallel_size(world_size)

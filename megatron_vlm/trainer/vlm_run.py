@@ -53,6 +53,7 @@ class VLMConfig:
     sft_data: str = "sft.parquet"
     prompt_data: str = "rl.parquet"
     eval_data: str = "eval.parquet"
+    preference_data: str = "pref.parquet"  # dpo / mpo stages: prompt, chosen, rejected
     max_prompt_length: int = 256
     verifier: str = "numeric"        # for every task of the prompt files
     export: bool = True
@@ -102,7 +103,7 @@ def run(cfg) -> list[dict]:
                 r.actor.reference.reset_from(r.actor.model)  # pi_ref = the policy entering the stage
             for step in range(1, stage.steps + 1):
                 start = time.perf_counter()
-                metrics = r.sft_step(stage, step) if stage.kind == "sft" else r.grpo_step(step)
+                metrics = r.step(stage, step)
                 metrics.update(stage=stage.kind, step=step, step_seconds=time.perf_counter() - start)
                 if step % cfg.eval.every == 0 or step == stage.steps:
                     metrics.update(r.evaluate())
@@ -160,6 +161,10 @@ class _Run:
             reward_model = load_reward_model(cfg.reward_model)
         self.scorer = RewardScorer(_reward_config(cfg, tasks), reward_model)
         self.rng = random.Random(cfg.runtime.seed)
+        self.pairs = None  # preference pairs, loaded by the first dpo / mpo step
+        from megatron_vlm.rl.preference import RewardShift
+
+        self.reward_shift = RewardShift()
         self.log = _Logger(Path(cfg.train.out_dir), self.runtime.rank == 0)
 
     def _engine(self, cfg, pad: int):
@@ -177,6 +182,42 @@ class _Run:
         return EmbeddedEngine(self.hf_config, prepare=self.cache, pad_token_id=pad)
 
     # -- stages ---------------------------------------------------------------------------------
+    def step(self, stage, step: int) -> dict:
+        if stage.kind == "sft":
+            return self.sft_step(stage, step)
+        if stage.kind == "grpo":
+            return self.grpo_step(step)
+        return self.preference_step(stage)
+
+    def preference_step(self, stage) -> dict:
+        """One offline DPO / MPO step on `batch_size` pairs, against the reference policy (the
+        policy that entered the stage)."""
+        from dataclasses import replace
+
+        from megatron_vlm.trainer.preference import pair_batch, preference_step
+
+        if self.pairs is None:
+            from megatron_vlm.data.loading import LoadConfig, load_preferences
+
+            path = self.assets / self.cfg.vlm.preference_data
+            if not path.exists():
+                raise FileNotFoundError(f"a {stage.kind} stage needs preference pairs: {path} "
+                                        f"(columns: the prompt's, chosen, rejected)")
+            self.pairs = load_preferences(path, self.processor,
+                                          LoadConfig(max_prompt_length=self.cfg.vlm.max_prompt_length)).requests
+        chosen = self.rng.sample(self.pairs, min(stage.batch_size, len(self.pairs)))
+        pairs = pair_batch(chosen, self.cache, self.actor.pad_id, self.actor.spatial_merge_size)
+        mbs = self.cfg.update.micro_batch_size
+        ref = self.actor.reference.score(pairs.batch, pairs.images_per_row, pairs.patches, 1.0, mbs)
+        metrics = preference_step([self.actor.ddp], self.actor.optimizer, self.actor.scheduler,
+                                  pairs.batch, pairs.images_per_row, pairs.patches, ref,
+                                  replace(self.cfg.preference, name=stage.kind), mbs,
+                                  reward_shift=self.reward_shift)
+        if "bco_reward_sum" in metrics:  # MPO's BCO shift: the running mean of implicit rewards
+            self.reward_shift = self.reward_shift.update(metrics["bco_reward_sum"],
+                                                         metrics["bco_reward_count"])
+        return metrics
+
     def sft_step(self, stage, step: int) -> dict:
         from megatron_vlm.trainer.actor_batch import build_batch
         from megatron_vlm.trainer.grpo import sequence_multiple
@@ -188,8 +229,10 @@ class _Run:
         samples = []
         for request in chosen:
             target = self.tokenizer(request.metadata["response"], add_special_tokens=False).input_ids
+            if not target or target[-1] != self.tokenizer.eos_token_id:  # end once, not twice
+                target = target + [self.tokenizer.eos_token_id]
             samples.append(labelled_sample(request.request_id, self.cache(request).input_ids.tolist(),
-                                           target + [self.tokenizer.eos_token_id]))
+                                           target))
         batch, images, patches = build_batch(samples, {s.request_id: self.cache.get(s.request_id)
                                                        for s in samples},
                                              self.actor.pad_id, self.actor.spatial_merge_size,

@@ -1,5 +1,6 @@
 """The main job's stages wired end to end on two gloo ranks (EP=2), with a few steps each:
-assets, SFT, GRPO with the embedded engine and the verifier, evaluation, metrics, plot, HF export.
+assets, SFT, MPO against the reference policy, GRPO with the embedded engine, the verifier and a
+k3 KL term, evaluation, metrics, plot, HF export.
 (The full demo is `megatron-vlm train --config configs/digits_demo.yaml`, a script, not a test.)"""
 import json
 import os
@@ -17,13 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_sft_then_grpo_then_export(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_vlm.cli", "train", "--config", "configs/digits_demo.yaml",
-           "stages=[{kind: sft, steps: 3, batch_size: 8}, {kind: grpo, steps: 2}]",
+           "stages=[{kind: sft, steps: 3, batch_size: 8}, {kind: mpo, steps: 2, batch_size: 4}, "
+           "{kind: grpo, steps: 2}]", "update.loss={name: dapo, kl_type: k3, kl_coef: 0.01}",
            "rollout.prompts_per_step=4", "rollout.n=4", "eval.samples=8", "eval.every=2",
            f"train.out_dir={out}", f"vlm.assets={tmp_path / 'assets'}", "--timeout", "600"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["init", "sft", "sft", "sft", "grpo", "grpo"]
+    assert [r["stage"] for r in rows] == ["init", "sft", "sft", "sft", "mpo", "mpo", "grpo", "grpo"]
+    mpo = [r for r in rows if r["stage"] == "mpo"]
+    assert all(k in r for r in mpo for k in ("loss", "reward_accuracy", "bco_loss", "sft_loss"))
     assert all("eval_accuracy" in r for r in rows if r["stage"] == "init" or r["step"] in (2, 3))
     grpo = [r for r in rows if r["stage"] == "grpo"]
     for key in ("reward", "mixed_group_share", "response_length", "sync_seconds", "time_rollout",
@@ -31,6 +35,7 @@ def test_sft_then_grpo_then_export(tmp_path):
         assert all(key in r for r in grpo), key
     trained = [r for r in grpo if "loss" in r]  # a step whose groups all tie trains on nothing
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in trained)
+    assert all(r["kl_loss"] >= 0 and "time_ref_logprobs" in r for r in trained)  # reference = MPO's end
     assert (out / "curves.png").stat().st_size > 0
     from transformers import AutoConfig, Qwen3VLMoeForConditionalGeneration
 
