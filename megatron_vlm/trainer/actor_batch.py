@@ -119,9 +119,7 @@ class PackedMicroBatch:
         """[B, S] per-token values -> [T] in pack order (0 on the tail padding)."""
         if per_row is None:
             return None
-        pieces = [per_row[r, :n] for r, n in zip(self.rows, self.lengths)]
-        tail = self.tokens - sum(self.lengths)
-        return torch.cat(pieces + [per_row.new_zeros(tail)])
+        return _concat_rows(per_row, self.rows, self.lengths, self.tokens - sum(self.lengths))
 
     def put(self, packed: torch.Tensor, out: torch.Tensor) -> None:
         """Write [T] values back into their rows of `out` [B, S]."""
@@ -144,17 +142,18 @@ def pack_rows(batch: SequenceBatch, rows: list[int], images_per_row: list[int] |
     padded = cu_seqlens.clone()
     padded[-1] = total
     tail = total - real
-
-    def cat(per_row, fill=0):  # [B, S] -> [T]
-        pieces = [per_row[r, :n] for r, n in zip(rows, lengths)]
-        return torch.cat(pieces + [per_row.new_full((tail,), fill)])
-
+    cat = lambda per_row: _concat_rows(per_row, rows, lengths, tail)  # noqa: E731
     positions = torch.cat([batch.position_ids[:, r, :n] for r, n in zip(rows, lengths)]
                           + [batch.position_ids.new_zeros(3, tail)], dim=1)
     pixels, grid = _row_images(batch, rows, images_per_row, patches_per_image)
     return PackedMicroBatch(list(rows), lengths, cat(batch.input_ids)[None], cat(batch.labels),
                             cat(batch.loss_mask), positions[:, None], cat(batch.mm_token_type_ids)[None],
                             pixels, grid, cu_seqlens, padded)
+
+
+def _concat_rows(per_row: torch.Tensor, rows, lengths, tail: int) -> torch.Tensor:
+    """[B, S] -> [sum(lengths) + tail]: each row's first n values, end to end, then zeros."""
+    return torch.cat([per_row[r, :n] for r, n in zip(rows, lengths)] + [per_row.new_zeros(tail)])
 
 
 def _row_images(batch: SequenceBatch, rows, images_per_row, patches_per_image):
