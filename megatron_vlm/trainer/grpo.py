@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -147,7 +147,13 @@ def generate_share(actor: Actor, engine, requests: list[RolloutRequest], samplin
                   key=lambda s: (order[s.request_id], s.index))
 
 
-RewardFn = Callable[[list[RolloutSample]], tuple[torch.Tensor, dict]]
+class Rewards(NamedTuple):
+    values: torch.Tensor  # [S] what the advantages see: normalised per task, weighted
+    raw: torch.Tensor     # [S] the verifiers' / reward model's scores (the curves)
+    metrics: dict         # per-task means, failures, ...
+
+
+RewardFn = Callable[[list[RolloutSample]], Rewards]
 
 
 def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], reward_fn: RewardFn,
@@ -162,6 +168,7 @@ def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], re
     metrics = {"step": step, "sync_seconds": sync.seconds, "sync_buckets": sync.buckets}
     seen: list[RolloutSample] = []
     seen_rewards: list[torch.Tensor] = []
+    seen_raw: list[torch.Tensor] = []
     reward_metrics: dict = {}
 
     def draw_groups() -> list[RolloutGroup]:
@@ -170,13 +177,14 @@ def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], re
             seed = step * 64 + len(seen_rewards)
             samples = generate_share(actor, engine, draw(), rollout.sampling(actor.stop_token_ids, seed))
         with timer("reward"):
-            rewards, reward_metrics = reward_fn(samples)
-            rewards = rewards.float()
+            scored = reward_fn(samples)
+            rewards, reward_metrics = scored.values.float(), scored.metrics
             if rl.overlong is not None:
                 lengths = torch.tensor([len(s.response_ids) for s in samples])
                 rewards = rewards + soft_overlong_penalty(lengths, rl.overlong)
         seen.extend(samples)
         seen_rewards.append(rewards)
+        seen_raw.append(scored.raw.float())
         return _groups(samples, rewards)
 
     if rl.dynamic_sampling is not None:
@@ -189,7 +197,8 @@ def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], re
     engine.sleep()
     rewards = torch.cat(seen_rewards)
     metrics.update(reward_metrics)
-    metrics.update({"reward": float(rewards.mean()), "samples": len(seen),
+    metrics.update({"reward": float(torch.cat(seen_raw).mean()), "reward_shaped": float(rewards.mean()),
+                    "samples": len(seen),
                     "mixed_group_share": float(informative_groups(
                         rewards, group_index_from_ids([s.request_id for s in seen])).float().mean()),
                     "response_length": sum(len(s.response_ids) for s in seen) / max(1, len(seen)),

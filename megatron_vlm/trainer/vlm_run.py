@@ -252,13 +252,16 @@ class _Run:
         return grpo_step(self.actor, self.engine, draw, self.rewards, self.cfg.rollout,
                          self.cfg.update, step, self.cfg.rl)
 
-    def rewards(self, samples: list[RolloutSample]) -> tuple[torch.Tensor, dict]:
+    def rewards(self, samples: list[RolloutSample]):
         batch = [self._reward_sample(s) for s in samples]
         result = self.scorer.score(batch)
         for failure in result.failures[:3]:  # counted in the metrics; a few named in the log
             if self.runtime.rank == 0:
                 print(f"reward {failure.kind} for sample {failure.sample_id}: {failure.message[:200]}")
-        return torch.tensor(result.rewards, dtype=torch.float), result.metrics
+        from megatron_vlm.trainer.grpo import Rewards
+
+        return Rewards(torch.tensor(result.rewards, dtype=torch.float),
+                       torch.tensor(result.raw, dtype=torch.float), result.metrics)
 
     def _reward_sample(self, s: RolloutSample):
         from megatron_vlm.rewards.scorer import RewardSample

@@ -24,12 +24,16 @@ from megatron_vlm.rl.losses import LossConfig
 from megatron_vlm.rl.overlong import OverlongPenaltyConfig
 from megatron_vlm.rl.sampling import DynamicSamplingConfig
 from megatron_vlm.rollout.embedded import EmbeddedEngine
-from megatron_vlm.trainer.grpo import Actor, RLConfig, RolloutConfig, grpo_step
+from megatron_vlm.trainer.grpo import Actor, Rewards, RLConfig, RolloutConfig, grpo_step
 from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, wrap_ddp
 from megatron_vlm.trainer.reference import ReferencePolicy
 from megatron_vlm.trainer.rl_step import UpdateConfig
 from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests
+
+
+def rewards(values):
+    return Rewards(torch.tensor(values), torch.tensor(values), {})
 
 
 def main():
@@ -60,7 +64,7 @@ def main():
         return list(requests)
 
     def varied(samples):  # differs inside every group with overwhelming probability
-        return torch.tensor([len(s.response_ids) + sum(s.response_ids) % 7 / 10 for s in samples]), {}
+        return rewards([len(s.response_ids) + sum(s.response_ids) % 7 / 10 for s in samples])
 
     report = {}
     first = grpo_step(actor, engine, draw, varied, rollout, update, step=1)
@@ -71,7 +75,7 @@ def main():
 
     # r2 (the text-only prompt) always ties; the others vary. 2 informative groups per draw.
     def tie_r2(samples):
-        return torch.tensor([0.0 if s.request_id == "r2" else float(s.index % 2) for s in samples]), {}
+        return rewards([0.0 if s.request_id == "r2" else float(s.index % 2) for s in samples])
 
     update_plain = replace(update, loss=LossConfig(name="dapo"))
     dynamic = RLConfig(dynamic_sampling=DynamicSamplingConfig(batch_groups=3, max_draws=4))
@@ -83,9 +87,9 @@ def main():
     short = replace(rollout, max_new_tokens=3, drop_equal_groups=False)
     overlong = RLConfig(overlong=OverlongPenaltyConfig(max_response_len=3, buffer_len=2,
                                                        penalty_factor=1.0), mask_truncated=True)
-    zeros = lambda samples: (torch.zeros(len(samples)), {})  # noqa: E731
+    zeros = lambda samples: rewards([0.0] * len(samples))  # noqa: E731
     ol = grpo_step(actor, engine, draw, zeros, short, update_plain, step=4, rl=overlong)
-    report.update(ol_reward=ol["reward"], ol_truncated_share=ol["truncated_share"],
+    report.update(ol_reward=ol["reward_shaped"], ol_raw=ol["reward"], ol_truncated_share=ol["truncated_share"],
                   ol_masked=ol.get("masked_truncated", -1), ol_samples=ol["samples"],
                   ol_train_tokens=ol.get("train_tokens", 0), ol_response_length=ol["response_length"])
     if runtime.rank == 0:

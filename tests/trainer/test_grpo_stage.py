@@ -46,5 +46,6 @@ def test_overlong_penalty_and_truncation_mask(report):
     # limit 3, buffer 2: penalty 0 at length 1, -0.5 at 2, -1 at 3 (verifier reward 0 here)
     length = report["ol_response_length"]
     assert -1.0 <= report["ol_reward"] <= 0 and (length <= 1 or report["ol_reward"] < 0)
+    assert report["ol_raw"] == 0.0  # the curve shows the verifier's score, not the shaping
     assert report["ol_masked"] == round(report["ol_truncated_share"] * report["ol_samples"])
     assert report["ol_masked"] > 0
