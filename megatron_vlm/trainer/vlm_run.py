@@ -87,7 +87,9 @@ class PromptCache:
         return self.items[request_id]
 
 
-def run(cfg) -> list[dict]:
+def run(cfg, keep_runtime: bool = False) -> list[dict]:
+    """The run's stages; returns the logged rows (rank 0). `keep_runtime` leaves the process
+    groups up for another run in the same processes (tests running several recipes)."""
     from megatron_vlm.parallel.runtime import shutdown
 
     cfg.rl.check(cfg.rollout)
@@ -113,7 +115,8 @@ def run(cfg) -> list[dict]:
         return r.log.rows
     finally:
         r.close()
-        shutdown()
+        if not keep_runtime:
+            shutdown()
 
 
 class _Run:
