@@ -26,6 +26,7 @@ from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, Samplin
 from megatron_vlm.rollout.weight_sync import check_logprobs, sync_weights
 from megatron_vlm.rl.advantages import group_index_from_ids
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
+from megatron_vlm.trainer.prompt_mix import PromptMixConfig
 from megatron_vlm.trainer.rl_step import UpdateConfig, score_rows, sequence_advantages, update
 
 
@@ -65,6 +66,7 @@ class RLConfig:
     dynamic_sampling: DynamicSamplingConfig | None = None  # DAPO: draw until the batch is informative
     overlong: OverlongPenaltyConfig | None = None           # DAPO soft over-long penalty (reward term)
     mask_truncated: bool = False      # DAPO over-long filtering: truncated responses leave the loss
+    prompt_mix: PromptMixConfig | None = None  # difficulty-adaptive mix or curriculum (None: uniform)
 
     def __post_init__(self):
         if self.engine not in ("embedded", "vllm"):

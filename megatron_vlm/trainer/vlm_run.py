@@ -165,6 +165,11 @@ class _Run:
         self.scorer = RewardScorer(_reward_config(cfg, tasks), reward_model)
         self.rng = random.Random(cfg.runtime.seed)
         self.pairs = None  # preference pairs, loaded by the first dpo / mpo step
+        from megatron_vlm.trainer.prompt_mix import PromptMix
+
+        self.mix = PromptMix(self.prompts, cfg.rl.prompt_mix, cfg.rollout.prompts_per_step, cfg.runtime.seed)
+        self.by_id = {r.request_id: r for r in self.prompts}
+        self.scored: list = []  # (request, raw reward) of this GRPO step, for the prompt mix
         from megatron_vlm.rl.preference import RewardShift
 
         self.reward_shift = RewardShift()
@@ -246,14 +251,17 @@ class _Run:
     def grpo_step(self, step: int) -> dict:
         from megatron_vlm.trainer.grpo import grpo_step
 
-        def draw() -> list[RolloutRequest]:  # the same draw on every rank (one seeded rng)
-            requests = self.rng.sample(self.prompts, self.cfg.rollout.prompts_per_step)
+        def draw() -> list[RolloutRequest]:  # the same draw on every rank (seeded)
+            requests = self.mix.draw()
             for request in requests:
                 self.cache(request)
             return requests
 
-        return grpo_step(self.actor, self.engine, draw, self.rewards, self.cfg.rollout,
-                         self.cfg.update, step, self.cfg.rl)
+        metrics = grpo_step(self.actor, self.engine, draw, self.rewards, self.cfg.rollout,
+                            self.cfg.update, step, self.cfg.rl)
+        metrics.update(self.mix.observe(self.scored))
+        self.scored = []
+        return metrics
 
     def rewards(self, samples: list[RolloutSample]):
         batch = [self._reward_sample(s) for s in samples]
@@ -263,6 +271,7 @@ class _Run:
                 print(f"reward {failure.kind} for sample {failure.sample_id}: {failure.message[:200]}")
         from megatron_vlm.trainer.grpo import Rewards
 
+        self.scored += [(self.by_id[s.request_id], raw) for s, raw in zip(samples, result.raw)]
         return Rewards(torch.tensor(result.rewards, dtype=torch.float),
                        torch.tensor(result.raw, dtype=torch.float), result.metrics)
 

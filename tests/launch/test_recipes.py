@@ -30,6 +30,7 @@ def test_every_recipe_runs_its_stages(tmp_path):
     by_step = {name: rows[1] for name, rows in report.items()}
     assert "kl_loss" in by_step["grpo"] or "loss" not in by_step["grpo"]  # GRPO recipe carries k3 KL
     assert "dynamic_draws" in by_step["dapo"]
+    assert {"pass_rate/sum", "next_share/difference"} <= set(by_step["glm45v"])  # adaptive mix
     assert "reward_accuracy" in by_step["ovis25"] and "bco_loss" in by_step["internvl35"]
     # every other recipe starts from sft_start's export: its held-out accuracy at init is the one
     # sft_start measured at its end (greedy decoding of the same weights)
