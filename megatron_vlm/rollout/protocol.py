@@ -62,6 +62,14 @@ class RolloutSample:
     finish_reason: str              # "stop" | "length"
     seconds: float
     metadata: dict = field(default_factory=dict)
+    response_mask: list[int] | None = None  # 0 on response tokens the policy did not sample (e.g.
+                                            # a forced answer's inserted delimiter); None: all 1
+
+    def sampled_logprobs(self) -> list[float]:
+        """The engine's log-probs of the tokens the policy sampled (the loss-mask positions)."""
+        if self.response_mask is None:
+            return self.logprobs
+        return [lp for lp, keep in zip(self.logprobs, self.response_mask) if keep]
 
 
 class RolloutEngine(Protocol):

@@ -76,7 +76,8 @@ def build_batch(samples: list[RolloutSample], prepared: dict[str, Prepared], pad
         ids[row, :prompt + response] = torch.tensor(sample.prompt_ids + sample.response_ids)
         types[row, :prompt] = prep.mm_token_type_ids
         attention[row, :prompt + response] = 1
-        loss_mask[row, prompt - 1: prompt + response - 1] = 1.0  # positions predicting the response
+        loss_mask[row, prompt - 1: prompt + response - 1] = (  # positions predicting the response
+            1.0 if sample.response_mask is None else torch.tensor(sample.response_mask, dtype=torch.float))
         n_images = 0 if prep.image_grid_thw is None else len(prep.image_grid_thw)
         images_per_row.append(n_images)
         if n_images:

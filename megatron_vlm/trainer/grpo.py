@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import torch
 
-from megatron_vlm.rl.overlong import OverlongPenaltyConfig, soft_overlong_penalty
+from megatron_vlm.rl.overlong import (ForcedAnswerConfig, OverlongPenaltyConfig, merge_forced_answer,
+                                      plan_forced_answers, soft_overlong_penalty)
 from megatron_vlm.rl.sampling import (DynamicSamplingConfig, RolloutGroup, fill_dynamic_batch,
                                       informative_groups, is_informative)
 from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
@@ -67,6 +68,7 @@ class RLConfig:
     overlong: OverlongPenaltyConfig | None = None           # DAPO soft over-long penalty (reward term)
     mask_truncated: bool = False      # DAPO over-long filtering: truncated responses leave the loss
     prompt_mix: PromptMixConfig | None = None  # difficulty-adaptive mix or curriculum (None: uniform)
+    forced_answer: ForcedAnswerConfig | None = None  # GLM-4.5V: close a cut-off think block, answer
 
     def __post_init__(self):
         if self.engine not in ("embedded", "vllm"):
@@ -100,6 +102,8 @@ class Actor:
     spatial_merge_size: int
     stop_token_ids: list[int] = field(default_factory=list)
     reference: object | None = None  # a ReferencePolicy when the loss has a KL term
+    tokenizer: object | None = None  # HF tokenizer (forced answers decode and encode text)
+    image_token_id: int | None = None  # the image placeholder (a response holding it is not continued)
 
 
 class PhaseTimer:
@@ -177,7 +181,12 @@ def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], re
         nonlocal reward_metrics
         with timer("rollout"):
             seed = step * 64 + len(seen_rewards)
-            samples = generate_share(actor, engine, draw(), rollout.sampling(actor.stop_token_ids, seed))
+            requests = draw()
+            samples = generate_share(actor, engine, requests, rollout.sampling(actor.stop_token_ids, seed))
+            if rl.forced_answer is not None:
+                samples, forced = force_answers(actor, engine, requests, samples, rl.forced_answer,
+                                                rollout, seed)
+                metrics["forced_answers"] = metrics.get("forced_answers", 0) + forced
         with timer("reward"):
             scored = reward_fn(samples)
             rewards, reward_metrics = scored.values.float(), scored.metrics
@@ -215,6 +224,46 @@ def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], re
     return metrics
 
 
+def force_answers(actor: Actor, engine, requests: list[RolloutRequest], samples: list[RolloutSample],
+                  cfg: ForcedAnswerConfig, rollout: RolloutConfig, seed: int) -> tuple[list[RolloutSample], int]:
+    """GLM-4.5V's forced answer: each sample cut off inside its think block gets the delimiter
+    appended and the model continues within `cfg.answer_budget` tokens; the inserted tokens are
+    masked out of the loss (and out of the sync check: the engine did not sample them)."""
+    if actor.tokenizer is None:
+        raise ValueError("rl.forced_answer needs the actor's tokenizer")
+    tokenizer = actor.tokenizer
+    by_id = {r.request_id: r for r in requests}
+    # A response holding the image placeholder cannot be re-submitted as a prompt (the processor
+    # would expand it as an image): such a sample keeps its truncated response, as without forcing.
+    continuable = [actor.image_token_id not in s.response_ids for s in samples]
+    plans = plan_forced_answers(
+        [by_id[s.request_id].prompt_ids for s in samples], [s.response_ids for s in samples],
+        [tokenizer.decode(s.response_ids, skip_special_tokens=False) for s in samples],
+        [s.finish_reason == "stop" or not ok for s, ok in zip(samples, continuable)],
+        lambda text: tokenizer(text, add_special_tokens=False).input_ids, cfg)
+    if not plans:
+        return samples, 0
+    continuations = []
+    for plan in plans:  # unexpanded prompt + response + delimiter: the engine's processor expands it
+        sample, request = samples[plan.index], by_id[samples[plan.index].request_id]
+        continuations.append(RolloutRequest(f"{sample.request_id}/forced{sample.index}/{seed}",
+                                            plan.prompt_ids, request.images,
+                                            {**request.metadata, "ephemeral": True}))
+    sampling = SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                              max_new_tokens=cfg.answer_budget, n=1,
+                              stop_token_ids=actor.stop_token_ids, seed=seed * 7 + 1)
+    answers = generate_share(actor, engine, continuations, sampling)
+    out = list(samples)
+    for plan, answer in zip(plans, answers):
+        sample = samples[plan.index]
+        ids, mask = merge_forced_answer(sample.response_ids, plan, answer.response_ids)
+        out[plan.index] = replace(
+            sample, response_ids=ids, response_mask=mask, finish_reason=answer.finish_reason,
+            logprobs=sample.logprobs + [0.0] * len(plan.inserted_ids) + answer.logprobs,
+            seconds=sample.seconds + answer.seconds, metadata={**sample.metadata, "forced_answer": True})
+    return out, len(plans)
+
+
 def _groups(samples: list[RolloutSample], rewards: torch.Tensor) -> list[RolloutGroup]:
     """Samples grouped by prompt, in first-seen order."""
     members: dict[str, list[int]] = {}
@@ -231,7 +280,7 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer) -> dict:
     with timer("old_logprobs"):
         trainer_lp = score_rows(actor.model, batch, images, patches, update_cfg.temperature,
                                 update_cfg.micro_batch_size)
-    check = check_logprobs([s.logprobs for s in samples], response_logprobs(trainer_lp, batch),
+    check = check_logprobs([s.sampled_logprobs() for s in samples], response_logprobs(trainer_lp, batch),
                            rollout.sync_check_bound)
     old = trainer_lp if rollout.old_logprobs == "trainer" else _engine_logprobs(samples, batch)
     ref = None
@@ -261,5 +310,5 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer) -> dict:
 def _engine_logprobs(samples, batch) -> torch.Tensor:
     old = torch.zeros_like(batch.loss_mask)
     for row, sample in enumerate(samples):
-        old[row][batch.loss_mask[row].bool()] = torch.tensor(sample.logprobs)
+        old[row][batch.loss_mask[row].bool()] = torch.tensor(sample.sampled_logprobs())
     return old

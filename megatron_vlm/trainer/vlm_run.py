@@ -77,11 +77,14 @@ class PromptCache:
         self.processor, self.items = processor, {}
 
     def __call__(self, request: RolloutRequest) -> Prepared:
-        if request.request_id not in self.items:
-            out = self.processor(request.prompt_ids, request.images)
-            self.items[request.request_id] = Prepared(out["input_ids"][0], out["mm_token_type_ids"][0],
-                                                      out.get("pixel_values"), out.get("image_grid_thw"))
-        return self.items[request.request_id]
+        if request.request_id in self.items:
+            return self.items[request.request_id]
+        out = self.processor(request.prompt_ids, request.images)
+        prepared = Prepared(out["input_ids"][0], out["mm_token_type_ids"][0], out.get("pixel_values"),
+                            out.get("image_grid_thw"))
+        if not request.metadata.get("ephemeral"):  # one-off requests (forced-answer continuations)
+            self.items[request.request_id] = prepared
+        return prepared
 
     def get(self, request_id: str) -> Prepared:
         return self.items[request_id]
@@ -149,7 +152,8 @@ class _Run:
         self.actor = Actor(model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
                            rules=self.family.hf_rules(self.hf_config), prepared=self.cache.get,
                            pad_id=pad, spatial_merge_size=self.hf_config.vision_config.spatial_merge_size,
-                           stop_token_ids=sorted(t for t in stops if t is not None))
+                           stop_token_ids=sorted(t for t in stops if t is not None),
+                           tokenizer=self.tokenizer, image_token_id=self.hf_config.image_token_id)
         if _needs_reference(cfg):
             from megatron_vlm.trainer.reference import ReferencePolicy
 
