@@ -20,6 +20,7 @@ from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.rewards.reward_model import RewardModelConfig
 from megatron_vlm.rl.preference import PreferenceConfig
+from megatron_vlm.rl.rejection import RejectionConfig
 from megatron_vlm.rewards.scorer import RewardConfig
 from megatron_vlm.trainer.grpo import RLConfig, RolloutConfig
 from megatron_vlm.trainer.megatron_step import OptimConfig
@@ -99,6 +100,7 @@ class RunConfig:
     reward_model: RewardModelConfig | None = None  # for tasks whose verifier is "reward_model"
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # dpo / mpo stages (name
                                                                             # set by the stage kind)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)  # rft stages: best-of-N filter
 
     @property
     def is_vlm(self) -> bool:
@@ -113,7 +115,7 @@ class RunConfig:
         if self.is_vlm:
             self.parallel.data_parallel_size(world_size)
             if not self.stages:
-                raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo | dpo | mpo)")
+                raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo | rft | dpo | mpo)")
             return
         self.model.check_layout(self.parallel)
         self.parallel.data_parallel_size(world_size)

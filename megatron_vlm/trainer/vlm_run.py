@@ -25,12 +25,12 @@ from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, Samplin
 
 
 PREFERENCE_KINDS = ("dpo", "mpo")
-STAGE_KINDS = ("sft", "grpo") + PREFERENCE_KINDS
+STAGE_KINDS = ("sft", "grpo", "rft") + PREFERENCE_KINDS
 
 
 @dataclass(kw_only=True)
 class StageConfig:
-    kind: str                 # sft | grpo | dpo | mpo
+    kind: str                 # sft | grpo | rft (rejection-sampling fine-tuning) | dpo | mpo
     steps: int
     batch_size: int = 32      # sft: labelled examples per step (grpo uses rollout.prompts_per_step)
     lr: float | None = None   # a constant rate for this stage; None: optim's schedule continues
@@ -199,6 +199,8 @@ class _Run:
             return self.sft_step(stage, step)
         if stage.kind == "grpo":
             return self.grpo_step(step)
+        if stage.kind == "rft":
+            return self.rft_step(step)
         return self.preference_step(stage)
 
     def preference_step(self, stage) -> dict:
@@ -231,9 +233,7 @@ class _Run:
         return metrics
 
     def sft_step(self, stage, step: int) -> dict:
-        from megatron_vlm.trainer.actor_batch import build_batch
-        from megatron_vlm.trainer.grpo import sequence_multiple
-        from megatron_vlm.trainer.sft import labelled_sample, sft_step
+        from megatron_vlm.trainer.sft import labelled_sample
 
         if not self.sft:
             raise ValueError(f"an sft stage needs labelled data: {self.assets / self.cfg.vlm.sft_data}")
@@ -245,12 +245,63 @@ class _Run:
                 target = target + [self.tokenizer.eos_token_id]
             samples.append(labelled_sample(request.request_id, self.cache(request).input_ids.tolist(),
                                            target))
+        return self._imitate(samples)
+
+    def _imitate(self, samples) -> dict:
+        """One SFT optimizer step on labelled samples (prompt ids expanded, response = target)."""
+        from megatron_vlm.trainer.actor_batch import build_batch
+        from megatron_vlm.trainer.grpo import sequence_multiple
+        from megatron_vlm.trainer.sft import sft_step
+
         batch, images, patches = build_batch(samples, {s.request_id: self.cache.get(s.request_id)
                                                        for s in samples},
                                              self.actor.pad_id, self.actor.spatial_merge_size,
                                              multiple_of=sequence_multiple())
         return sft_step([self.actor.ddp], self.actor.optimizer, self.actor.scheduler, batch, images,
                         patches, self.cfg.update.micro_batch_size)
+
+    def rft_step(self, step: int) -> dict:
+        """Rejection-sampling fine-tuning (Intern-S1's offline RL, best-of-N): sample n responses
+        per prompt, keep the best verified ones (`rejection:`), imitate them; the kept examples are
+        appended to train.out_dir/rejection_sft.jsonl as SFT data."""
+        from megatron_vlm.rl.rejection import build_rejection_sft
+        from megatron_vlm.rollout.weight_sync import sync_weights
+        from megatron_vlm.trainer.grpo import generate_share
+        from megatron_vlm.trainer.sft import labelled_sample
+
+        requests = self.mix.draw()
+        for request in requests:
+            self.cache(request)
+        start = time.perf_counter()
+        sync_weights(self.actor.model, self.actor.rules, self.engine, int(self.cfg.rollout.bucket_mb * 2**20))
+        samples = generate_share(self.actor, self.engine, requests,
+                                 self.cfg.rollout.sampling(self.actor.stop_token_ids, step))
+        self.engine.sleep()
+        rollout_seconds = time.perf_counter() - start
+        scored = [self._reward_sample(s) for s in samples]
+        for item, sample in zip(scored, samples):
+            item.metadata = {**item.metadata, "prompt_id": sample.request_id}
+        result = self.scorer.score(scored)
+        self.scored += [(self.by_id[s.request_id], raw) for s, raw in zip(samples, result.raw)]
+        examples, stats = build_rejection_sft(scored, result.raw, self.cfg.rejection,
+                                              [f.sample_id for f in result.failures])
+        metrics = {"reward": sum(result.raw) / max(1, len(result.raw)), "samples": len(samples),
+                   "time_rollout": rollout_seconds, **{f"rejection_{k}": v for k, v in stats.items()}}
+        metrics.update(self.mix.observe(self.scored))
+        self.scored = []
+        if not examples:
+            return metrics  # no prompt solved: nothing to imitate this step
+        by_sample = {f"{s.request_id}#{s.index}": s for s in samples}
+        kept = [by_sample[e.sample_id] for e in examples]
+        metrics.update(self._imitate([labelled_sample(s.request_id, s.prompt_ids, s.response_ids)
+                                      for s in kept]))
+        if self.runtime.rank == 0:
+            with open(Path(self.cfg.train.out_dir) / "rejection_sft.jsonl", "a") as f:
+                for e in examples:
+                    f.write(json.dumps({"id": e.sample_id, "task": e.task, "question": e.prompt,
+                                        "response": e.response, "reward": e.reward,
+                                        "pass_rate": e.pass_rate}) + "\n")
+        return metrics
 
     def grpo_step(self, step: int) -> dict:
         from megatron_vlm.trainer.grpo import grpo_step

@@ -37,6 +37,11 @@ def test_every_recipe_runs_its_stages(tmp_path):
     assert sum(r["forced_answers"] for r in glm) > 0
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in glm if "loss" in r)
     assert "reward_accuracy" in by_step["ovis25"] and "bco_loss" in by_step["internvl35"]
+    rft = report["intern_s1_offline"][1:]
+    assert all(r["rejection_prompts"] == 4 and r["samples"] == 16 for r in rft)
+    kept = sum(r["rejection_kept"] for r in rft)
+    lines = (tmp_path / "intern_s1_offline" / "rejection_sft.jsonl").read_text().splitlines() if kept else []
+    assert len(lines) == kept and all(json.loads(line)["reward"] >= 1.0 for line in lines)
     # every other recipe starts from sft_start's export: its held-out accuracy at init is the one
     # sft_start measured at its end (greedy decoding of the same weights)
     exported = report.pop("sft_start")[-1]["eval_accuracy"]
