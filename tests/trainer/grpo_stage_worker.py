@@ -32,6 +32,25 @@ from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests
 
 
+class EmptyFirst:
+    """The embedded engine, except that sample 0 of every group comes back empty (a crafted bad
+    engine output; everything else is the real engine's)."""
+
+    def __init__(self, engine):
+        self.engine, self.emptied = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, requests, sampling):
+        out = self.engine.generate(requests, sampling)
+        for sample in out:
+            if sample.index == 0:
+                sample.response_ids, sample.logprobs, sample.finish_reason = [], [], "stop"
+                self.emptied += 1
+        return out
+
+
 def rewards(values):
     return Rewards(torch.tensor(values), torch.tensor(values), {})
 
@@ -92,6 +111,14 @@ def main():
     report.update(ol_reward=ol["reward_shaped"], ol_raw=ol["reward"], ol_truncated_share=ol["truncated_share"],
                   ol_masked=ol.get("masked_truncated", -1), ol_samples=ol["samples"],
                   ol_train_tokens=ol.get("train_tokens", 0), ol_response_length=ol["response_length"])
+    # 4. an engine that returns empty responses for the first sample of every group: zero reward,
+    #    kept in the batch, no tokens in the loss
+    empty = EmptyFirst(engine)
+    em = grpo_step(actor, empty, draw, varied, replace(rollout, drop_equal_groups=False),
+                   update_plain, step=5)
+    report.update(empty_samples=em["samples"], empty_seen=empty.emptied, empty_reward=em["reward"],
+                  empty_train_tokens=em.get("train_tokens", 0), empty_response_length=em["response_length"],
+                  empty_sync=em.get("sync_logprob_max_abs", 1.0))
     if runtime.rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -49,3 +49,11 @@ def test_overlong_penalty_and_truncation_mask(report):
     assert report["ol_raw"] == 0.0  # the curve shows the verifier's score, not the shaping
     assert report["ol_masked"] == round(report["ol_truncated_share"] * report["ol_samples"])
     assert report["ol_masked"] > 0
+
+
+@pytest.mark.dist
+def test_empty_responses_get_zero_reward_and_stay_in_the_batch(report):
+    assert report["empty_samples"] == 12 and report["empty_seen"] == 3  # one per group, all kept
+    # 'varied' scores len(response) + ..., so only the empty ones score 0: the step still trains
+    assert report["empty_train_tokens"] == round(report["empty_response_length"] * 12)
+    assert report["empty_train_tokens"] > 0 and report["empty_sync"] < 1e-5
