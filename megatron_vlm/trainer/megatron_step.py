@@ -150,3 +150,18 @@ def set_constant_lr(optimizer, scheduler, lr: float) -> None:
     scheduler.init_lr = min(scheduler.init_lr, lr)
     scheduler.lr_warmup_steps, scheduler.lr_decay_style = 0, "constant"
     scheduler.step(increment=0)
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Forget Adam's moments and step counts (in place: megatron keeps references to the state),
+    so the next step is a fresh optimizer's first step. For a stage whose gradients differ in scale
+    from the last one's (RL after SFT): SFT's second moments would otherwise shrink every RL update."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    with torch.no_grad():
+        for opt in inner:
+            for state in opt.optimizer.state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value):
+                        value.zero_()
+                    elif key == "step":
+                        state[key] = 0

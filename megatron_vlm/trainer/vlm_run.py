@@ -34,6 +34,7 @@ class StageConfig:
     steps: int
     batch_size: int = 32      # sft: labelled examples per step (grpo uses rollout.prompts_per_step)
     lr: float | None = None   # a constant rate for this stage; None: optim's schedule continues
+    reset_optimizer: bool = False  # start the stage with fresh Adam moments (RL after SFT)
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
@@ -104,6 +105,10 @@ def run(cfg, keep_runtime: bool = False) -> list[dict]:
                 from megatron_vlm.trainer.megatron_step import set_constant_lr
 
                 set_constant_lr(r.actor.optimizer, r.actor.scheduler, stage.lr)
+            if stage.reset_optimizer:
+                from megatron_vlm.trainer.megatron_step import reset_optimizer_state
+
+                reset_optimizer_state(r.actor.optimizer)
             if r.actor.reference is not None:
                 r.actor.reference.reset_from(r.actor.model)  # pi_ref = the policy entering the stage
             for step in range(1, stage.steps + 1):
