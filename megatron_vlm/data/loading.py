@@ -21,22 +21,55 @@ than `max_prompt_length` is dropped and counted, or raises (`on_too_long="raise"
 image cannot be read (missing file, corrupt bytes, a shape the processor rejects) is skipped and
 counted, with its id in a logged warning. `rows == loaded + dropped_too_long + skipped_bad_image`.
 A missing column is an error naming the column, the sample and the file.
+
+Transforms (`megatron_vlm.data.transforms`, Ovis2.5), off by default, applied to each row before
+its prompt is built (all three loaders; a `response` / `chosen` / `rejected` text is not rewritten):
+
+- `mcq_to_fill_blank`: a row with choices (a `choices` column, a list or {letter: text}, else
+  options one per line in the question, as `parse_choices` reads them) and an answer (`reference`,
+  else `answer`: a letter, a 0-based index or the option text) becomes an open question whose
+  `reference` (and `answer`) is the option text, with `task` set to `mcq_task` when given (map that
+  task to a short-answer / numeric verifier). The metadata keeps `original_question`,
+  `original_reference`, `original_letter` and `choices` ({letter: text}). A row without choices
+  passes through unchanged; a question that cannot stand without its options ("Which of the
+  following ...") is kept as it was or dropped (`mcq_not_rewritable`); an answer naming no
+  choice skips the row.
+- `question_into_image`: the question (after the rewrite above, without its /think flag) is drawn
+  in a band above the first image and the text prompt becomes `question_image_prompt` (+ the flag);
+  the metadata's `image_question` holds the drawn text. A row without an image gets a blank white
+  canvas `canvas_width` wide (default: text-only sources of a mixture still teach reading), or is
+  skipped (`question_image_without_image="skip"`).
+
+Counters are added only for the transforms switched on, for the rows loaded: `mcq_rewritten +
+mcq_without_choices + mcq_not_rewritable == loaded` and `question_in_image + question_in_canvas ==
+loaded`. Rows a transform removes are counted under `dropped_mcq_not_rewritable`,
+`skipped_bad_mcq` or `skipped_no_image`, so `rows == loaded + every dropped_* and skipped_*`.
+
+Mixtures (`load_mixture`, InternVL3.5 mixes text : multimodal at 1 : 2.5): each `SourceConfig`
+is loaded with `load_prompts`, then `transforms.mixture` draws counts exactly proportional to the
+ratios, deterministic from the seed; each request's metadata `source` is the source's name.
 """
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from megatron_vlm.data.processor import MultimodalProcessor
-from megatron_vlm.data.templates import IM_END, TemplateConfig, render_prompt, render_response, resolve_mode
+from megatron_vlm.data.templates import (IM_END, TemplateConfig, mode_flag, render_prompt, render_response,
+                                         resolve_mode)
+from megatron_vlm.data.transforms import (TEXT_IN_IMAGE_PROMPT, MixtureConfig, allocate_counts, mcq_to_fill_blank,
+                                          mixture, parse_choices, render_text_into_image)
 from megatron_vlm.rollout.protocol import RolloutRequest
 
 logger = logging.getLogger(__name__)
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 _RESERVED = ("id", "question", "image", "images", "reference", "answer", "task", "mode")  # SFT `response` passes
+_MODE_FLAG = re.compile(r"\s*/(think|nothink)\s*$")
 
 
 @dataclass(kw_only=True)
@@ -46,6 +79,13 @@ class LoadConfig:
     on_too_long: str = "drop"              # drop (counted) | raise
     default_task: str = "default"          # the reward task of rows without a `task` column
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    mcq_to_fill_blank: bool = False        # Ovis2.5: multiple choice -> open question, option text as reference
+    mcq_task: str | None = None            # the task of rewritten rows; None: the row's own task
+    mcq_not_rewritable: str = "keep"       # a question that needs its options: keep (as MCQ) | drop; counted
+    question_into_image: bool = False      # Ovis2.5: the question drawn into the first image
+    question_image_prompt: str = TEXT_IN_IMAGE_PROMPT  # the text prompt that replaces the question
+    question_image_without_image: str = "canvas"  # rows without an image: canvas (blank, white) | skip; counted
+    canvas_width: int = 448                # pixels; the canvas is as tall as the drawn text
 
     def __post_init__(self):
         if self.on_too_long not in ("drop", "raise"):
@@ -53,6 +93,39 @@ class LoadConfig:
         for name in ("max_prompt_length", "max_sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"load.{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.mcq_not_rewritable not in ("keep", "drop"):
+            raise ValueError(f"load.mcq_not_rewritable must be 'keep' or 'drop', got {self.mcq_not_rewritable!r}")
+        if self.question_image_without_image not in ("canvas", "skip"):
+            raise ValueError(f"load.question_image_without_image must be 'canvas' or 'skip', "
+                             f"got {self.question_image_without_image!r}")
+        if not self.question_image_prompt.strip():
+            raise ValueError("load.question_image_prompt must be non-empty text")
+        if self.mcq_task is not None and not self.mcq_task.strip():
+            raise ValueError(f"load.mcq_task must be a task name or None, got {self.mcq_task!r}")
+        if self.canvas_width < 32:
+            raise ValueError(f"load.canvas_width must be >= 32 pixels, got {self.canvas_width}")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One source of a mixture: a prompt file (or several) and its relative share."""
+    path: str | list[str]                  # parquet / jsonl file(s), as load_prompts takes them
+    ratio: float = 1.0                     # relative share; 0 loads the source (checked) but never draws it
+    name: str | None = None                # metadata `source`; None: the first file's stem
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError(f"source.path must name a file, got {self.path!r}")
+        if self.name is None:
+            self.name = Path(self.path if isinstance(self.path, str) else self.path[0]).stem
+        if not self.name:
+            raise ValueError(f"source.name must be non-empty, got {self.name!r} (path {self.path})")
+        if not (math.isfinite(self.ratio) and self.ratio >= 0):
+            raise ValueError(f"source {self.label}: ratio must be finite and >= 0, got {self.ratio}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name!r} ({self.path})"
 
 
 @dataclass
@@ -87,6 +160,14 @@ class BadImage(ValueError):
     """An image that cannot be opened, decoded or patched."""
 
 
+class RowRemoved(ValueError):
+    """A transform removes the row; `counter` is the key it is counted under."""
+
+    def __init__(self, counter: str, message: str):
+        super().__init__(message)
+        self.counter = counter
+
+
 def load_prompts(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
                  cfg: LoadConfig | None = None, cache_dir: str | None = None) -> LoadResult:
     """Every row of every file, in order, as a RolloutRequest (see the module docstring)."""
@@ -109,19 +190,105 @@ def load_preferences(paths: str | Path | Sequence[str | Path], processor: Multim
     return _load(paths, processor, cfg or LoadConfig(), cache_dir, _preference_pair)
 
 
+def load_mixture(sources: Sequence[SourceConfig | dict], processor: MultimodalProcessor | str | Path,
+                 cfg: LoadConfig | None = None, num_samples: int | None = None, seed: int = 0,
+                 cache_dir: str | None = None) -> LoadResult:
+    """`num_samples` prompts drawn from `sources` in proportion to their ratios (`transforms.mixture`:
+    exact largest-remainder counts, rows without replacement within a source's epoch, shuffled; the
+    same list for the same seed). None: the most samples no source has to repeat a row for.
+
+    Each source is loaded with `load_prompts(source.path, processor, cfg)`; an error doing so is
+    re-raised as a SourceError naming the source. Requests get metadata `source` = the source's
+    name (over a `source` column) and request ids `<name>/<id>`, with `~k` on the k-th repeat of a
+    row, so that ids stay unique. counts: the loaders' counters summed over the sources, plus
+    `loaded/<name>`, `drawn/<name>` and `samples`; problems are prefixed with the source's name.
+    """
+    sources = _check_sources([s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources])
+    if num_samples is not None and num_samples < 0:
+        raise ValueError(f"load_mixture: num_samples must be >= 0 or None, got {num_samples}")
+    if not isinstance(processor, MultimodalProcessor):
+        processor = MultimodalProcessor.from_pretrained(processor)
+    pools, counts, problems = {}, {}, []
+    for source in sources:
+        try:
+            loaded = load_prompts(source.path, processor, cfg, cache_dir)
+        except Exception as error:  # noqa: BLE001 - any failure to load is re-raised naming its source
+            raise SourceError(f"mixture source {source.label}: {type(error).__name__}: {error}") from error
+        pools[source.name] = [replace(r, metadata={**r.metadata, "source": source.name}) for r in loaded.requests]
+        for key, value in loaded.counts.items():
+            counts[key] = counts.get(key, 0) + value
+        counts[f"loaded/{source.name}"] = loaded.counts["loaded"]
+        problems += [f"source {source.name!r}: {problem}" for problem in loaded.problems]
+    empty = [s.label for s in sources if s.ratio > 0 and not pools[s.name]]
+    if empty:
+        raise SourceError(f"mixture sources {', '.join(empty)} have a positive ratio but no loadable rows; "
+                          f"see the logged problems ({counts})")
+    sizes = {name: len(pool) for name, pool in pools.items()}
+    ratios = {s.name: s.ratio for s in sources}
+    total = _one_epoch(sizes, ratios) if num_samples is None else num_samples
+    requests = _distinct_ids(pools, mixture(sizes, MixtureConfig(ratios=ratios, seed=seed), total))
+    for name in pools:
+        counts[f"drawn/{name}"] = sum(r.metadata["source"] == name for r in requests)
+    counts["samples"] = len(requests)
+    logger.info("mixture of %s: %s", [s.name for s in sources], counts)
+    return LoadResult(requests=requests, counts=counts, problems=problems)
+
+
+class SourceError(ValueError):
+    """A mixture source that cannot be loaded or drawn from; the message names it."""
+
+
+def _check_sources(sources: list[SourceConfig]) -> list[SourceConfig]:
+    if not sources:
+        raise ValueError("load_mixture needs at least one source")
+    names = [s.name for s in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"mixture source names must be unique (set `name`), repeated: {repeated}")
+    if not sum(s.ratio for s in sources) > 0:
+        raise ValueError(f"mixture sources need a positive ratio somewhere, got {[(s.name, s.ratio) for s in sources]}")
+    return sources
+
+
+def _one_epoch(sizes: dict[str, int], ratios: dict[str, float]) -> int:
+    """The largest total whose proportional counts fit every source without repeating a row."""
+    weight = sum(ratios.values())
+    total = min(math.floor(sizes[n] * weight / r + 1e-9) for n, r in ratios.items() if r > 0)
+    while total > 0 and any(c > sizes[n] for n, c in allocate_counts(ratios, total).items()):
+        total -= 1  # largest remainder can round one source up past its size
+    return total
+
+
+def _distinct_ids(pools: dict[str, list[RolloutRequest]], picked: list[tuple[str, int]]) -> list[RolloutRequest]:
+    seen: dict[tuple[str, int], int] = {}
+    out = []
+    for name, index in picked:
+        request = pools[name][index]
+        repeat = seen[name, index] = seen.get((name, index), -1) + 1
+        request_id = f"{name}/{request.request_id}" + (f"~{repeat}" if repeat else "")
+        out.append(replace(request, request_id=request_id, metadata=dict(request.metadata)))
+    return out
+
+
 def _load(paths, processor, cfg: LoadConfig, cache_dir: str | None, build) -> LoadResult:
     if not isinstance(processor, MultimodalProcessor):
         processor = MultimodalProcessor.from_pretrained(processor)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     items, problems = [], []
-    counts = {"rows": 0, "loaded": 0, "dropped_too_long": 0, "skipped_bad_image": 0}
+    counts = {"rows": 0, "loaded": 0, "dropped_too_long": 0, "skipped_bad_image": 0} | _transform_counters(cfg)
     for path in map(Path, paths):
         for index, row in enumerate(_read_rows(path, cache_dir)):
             counts["rows"] += 1
             sample_id = str(row["id"]) if row.get("id") is not None else f"{path.name}:{index}"
             try:
+                row, applied = _transform(row, sample_id, path.parent, cfg)
                 items.append(build(row, sample_id, path.parent, processor, cfg))
                 counts["loaded"] += 1
+                for counter in applied:
+                    counts[counter] += 1
+            except RowRemoved as error:
+                counts[error.counter] += 1
+                problems.append(f"{path}: {error.counter.split('_')[0]} sample {sample_id}: {error}")
             except PromptTooLong as error:
                 if cfg.on_too_long == "raise":
                     raise
@@ -155,13 +322,104 @@ def _read_rows(path: Path, cache_dir: str | None):
     return iter(dataset)
 
 
+def _image_sources(row: dict) -> list:
+    sources = row.get("images") if row.get("images") is not None else row.get("image")
+    return [] if sources is None else sources if isinstance(sources, list) else [sources]
+
+
+# ------------------------------------------------------------------------------ row transforms
+def _transform_counters(cfg: LoadConfig) -> dict[str, int]:
+    names = []
+    if cfg.mcq_to_fill_blank:
+        names += ["mcq_rewritten", "mcq_without_choices", "mcq_not_rewritable",
+                  "dropped_mcq_not_rewritable", "skipped_bad_mcq"]
+    if cfg.question_into_image:
+        names += ["question_in_image", "question_in_canvas", "skipped_no_image"]
+    return dict.fromkeys(names, 0)
+
+
+def _transform(row: dict, sample_id: str, root: Path, cfg: LoadConfig) -> tuple[dict, list[str]]:
+    """(the row as the switched-on transforms leave it, the counter of each). Raises RowRemoved."""
+    if not (cfg.mcq_to_fill_blank or cfg.question_into_image) or "question" not in row:
+        return row, []  # a missing question is _request's error to raise
+    row, applied = dict(row), []
+    if cfg.mcq_to_fill_blank:
+        applied.append(_rewrite_mcq(row, cfg))
+    if cfg.question_into_image:
+        applied.append(_draw_question(row, root, cfg))
+    return row, applied
+
+
+def _rewrite_mcq(row: dict, cfg: LoadConfig) -> str:
+    """Rewrite `row` in place as an open question when it is multiple choice; returns the counter."""
+    question, flag = _split_mode_flag(str(row["question"]))
+    stem, in_text = parse_choices(question)
+    listed = _choices_column(row.get("choices"))
+    answer = row.get("reference") if row.get("reference") is not None else row.get("answer")
+    if not listed and not in_text:
+        return "mcq_without_choices"
+    if answer is None:
+        raise RowRemoved("skipped_bad_mcq", "a multiple-choice row needs a 'reference' or 'answer' column")
+    try:
+        rewritten = mcq_to_fill_blank(stem if in_text else question, answer, listed or in_text)
+    except ValueError as error:
+        if not listed:  # lines like "a) ..." in an open question with its own answer: not multiple choice
+            return "mcq_without_choices"
+        raise RowRemoved("skipped_bad_mcq", str(error)) from error
+    if rewritten is None:
+        if cfg.mcq_not_rewritable == "drop":
+            raise RowRemoved("dropped_mcq_not_rewritable", "the question cannot stand without its options")
+        return "mcq_not_rewritable"
+    row.update(original_question=row["question"], original_reference=answer, choices=dict(listed or in_text),
+               original_letter=rewritten.original_letter, question=rewritten.question + flag,
+               reference=rewritten.reference)
+    if row.get("answer") is not None:
+        row["answer"] = rewritten.reference  # the SFT target of answer-only rows
+    if cfg.mcq_task:
+        row["task"] = cfg.mcq_task
+    return "mcq_rewritten"
+
+
+def _choices_column(value) -> dict[str, str]:
+    """{letter: text} from a `choices` value: None, a list (A, B, ...) or a mapping (None values dropped:
+    a `datasets` struct column has every row's keys)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        raise RowRemoved("skipped_bad_mcq", f"'choices' must be a list or a mapping, got the string {value[:60]!r}")
+    if isinstance(value, dict):
+        return {str(letter).strip().upper(): str(text) for letter, text in value.items() if text is not None}
+    return {chr(ord("A") + i): str(text) for i, text in enumerate(value)}
+
+
+def _draw_question(row: dict, root: Path, cfg: LoadConfig) -> str:
+    """Draw the question into the first image (or a blank canvas) in place; returns the counter."""
+    from PIL import Image
+
+    question, flag = _split_mode_flag(str(row["question"]))
+    sources = _image_sources(row)
+    if sources:
+        first, counter = open_image(sources[0], root), "question_in_image"
+    elif cfg.question_image_without_image == "skip":
+        raise RowRemoved("skipped_no_image", "question_into_image is on and the row has no image")
+    else:  # one white row: the drawn band makes the height
+        first, counter = Image.new("RGB", (cfg.canvas_width, 1), "white"), "question_in_canvas"
+    row.update(images=[render_text_into_image(first, question), *sources[1:]], image=None,
+               image_question=question, question=cfg.question_image_prompt + flag)
+    return counter
+
+
+def _split_mode_flag(question: str) -> tuple[str, str]:
+    """("What is 2+2?", " /nothink") from "What is 2+2? /nothink": the flag stays in the text prompt."""
+    flag = mode_flag(question)
+    return (_MODE_FLAG.sub("", question), f" /{flag}") if flag else (question, "")
+
+
 def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
              cfg: LoadConfig) -> RolloutRequest:
     if "question" not in row:
         raise KeyError(f"sample {sample_id}: prompt rows need a 'question' column, got {sorted(row)}")
-    sources = row.get("images") if row.get("images") is not None else row.get("image")
-    sources = [] if sources is None else sources if isinstance(sources, list) else [sources]
-    images = [open_image(source, root) for source in sources]
+    images = [open_image(source, root) for source in _image_sources(row)]
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": row["question"]}]
     messages = [{"role": "user", "content": content}]
     mode = resolve_mode(messages, cfg.template, row.get("mode"))  # the column, else the /think flag, else default
@@ -174,7 +432,7 @@ def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcess
     if cfg.max_prompt_length is not None and length > cfg.max_prompt_length:
         raise PromptTooLong(f"sample {sample_id}: prompt of {length} tokens (text + vision) is longer than "
                             f"max_prompt_length={cfg.max_prompt_length}")
-    reference = row.get("reference", row.get("answer"))
+    reference = row.get("reference") if row.get("reference") is not None else row.get("answer")  # a None cell too
     metadata = {key: value for key, value in row.items() if key not in _RESERVED}
     metadata.update(task=row.get("task") or cfg.default_task, reference=reference,
                     mode=mode, question=row["question"])
