@@ -169,11 +169,10 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         optional = [a for a in typing.get_args(hint) if a is not type(None)]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(optional) == 1 \
-                and dataclasses.is_dataclass(optional[0]):
-            hint = optional[0] if value is not None else None
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(optional) == 1:
+            hint = optional[0] if value is not None else None  # X | None: X, or None as given
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         if hint is None:
             kwargs[name] = None
         elif dataclasses.is_dataclass(hint):

@@ -15,11 +15,12 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from megatron_vlm.data.loading import LoadConfig, SourceConfig
 from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
 
@@ -55,6 +56,9 @@ class VLMConfig:
     prompt_data: str = "rl.parquet"
     eval_data: str = "eval.parquet"
     preference_data: str = "pref.parquet"  # dpo / mpo stages: prompt, chosen, rejected
+    prompt_sources: list[SourceConfig] | None = None  # instead of prompt_data: a mixture by ratio
+    load: LoadConfig = field(default_factory=LoadConfig)  # transforms (MCQ -> fill-in, question
+                                                          # into the image), template, length rules
     max_prompt_length: int = 256
     verifier: str = "numeric"        # for every task of the prompt files
     export: bool = True
@@ -131,7 +135,9 @@ class _Run:
     def __init__(self, cfg):
         from transformers import AutoConfig
 
-        from megatron_vlm.data.loading import LoadConfig, load_prompts
+        from dataclasses import replace
+
+        from megatron_vlm.data.loading import load_mixture, load_prompts
         from megatron_vlm.data.processor import MultimodalProcessor
         from megatron_vlm.models import family_for
         from megatron_vlm.parallel.runtime import init_runtime
@@ -146,8 +152,18 @@ class _Run:
         self.processor = MultimodalProcessor.from_pretrained(self.assets / "model")
         self.tokenizer = self.processor.tokenizer
         self.cache = PromptCache(self.processor)
-        load = LoadConfig(max_prompt_length=cfg.vlm.max_prompt_length)
-        self.prompts = load_prompts(self.assets / cfg.vlm.prompt_data, self.processor, load).requests
+        load = self.load_config = replace(cfg.vlm.load, max_prompt_length=cfg.vlm.load.max_prompt_length
+                                          or cfg.vlm.max_prompt_length)
+        if cfg.vlm.prompt_sources:  # a mixture with per-source ratios (paths relative to the assets)
+            sources = [replace(s, path=[str(self.assets / p) for p in ([s.path] if isinstance(s.path, str)
+                                                                     else s.path)])
+                       for s in cfg.vlm.prompt_sources]
+            loaded = load_mixture(sources, self.processor, load, seed=cfg.runtime.seed)
+        else:
+            loaded = load_prompts(self.assets / cfg.vlm.prompt_data, self.processor, load)
+        self.prompts = loaded.requests
+        if self.runtime.rank == 0:
+            print(f"prompts: {loaded.counts}" + "".join(f"\n  {p}" for p in loaded.problems[:5]), flush=True)
         self.evals = load_prompts(self.assets / cfg.vlm.eval_data, self.processor, load).requests[: cfg.eval.samples]
         sft_path = self.assets / cfg.vlm.sft_data
         self.sft = load_prompts(sft_path, self.processor, load).requests if sft_path.exists() else []
@@ -216,14 +232,14 @@ class _Run:
         from megatron_vlm.trainer.preference import pair_batch, preference_step
 
         if self.pairs is None:
-            from megatron_vlm.data.loading import LoadConfig, load_preferences
+            from megatron_vlm.data.loading import load_preferences
 
             path = self.assets / self.cfg.vlm.preference_data
             if not path.exists():
                 raise FileNotFoundError(f"a {stage.kind} stage needs preference pairs: {path} "
                                         f"(columns: the prompt's, chosen, rejected)")
             self.pairs = load_preferences(path, self.processor,
-                                          LoadConfig(max_prompt_length=self.cfg.vlm.max_prompt_length)).requests
+                                          self.load_config).requests
         chosen = self.rng.sample(self.pairs, min(stage.batch_size, len(self.pairs)))
         pairs = pair_batch(chosen, self.cache, self.actor.pad_id, self.actor.spatial_merge_size)
         mbs = self.cfg.update.micro_batch_size
