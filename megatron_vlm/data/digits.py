@@ -40,6 +40,12 @@ from megatron_vlm.data.templates import TemplateConfig, render_prompt, render_re
 from megatron_vlm.data.tokenizer import build_char_tokenizer, token_ids
 
 TASK, VERIFIER = "digits", "numeric"
+TEXT_TASK = "arith"  # the text-only source: the same questions on digits given as text
+TEXT_QUESTIONS = {
+    "sum": "What is the sum of {left} and {right}?",
+    "max": "What is the larger of {left} and {right}?",
+    "difference": "What is {left} minus {right}?",
+}
 QUESTIONS = {
     "sum": "What is the sum of the two digits?",
     "max": "What is the larger of the two digits?",
@@ -55,13 +61,14 @@ class DigitsConfig:
     num_rl: int = 4000
     num_eval: int = 500
     num_pref: int = 400             # preference pairs (offline DPO / MPO), on training images
+    num_text: int = 1000            # text-only prompts (rl_text.parquet): a second source and task
     scale: int = 2                  # nearest-neighbour upscaling of the 8 x 16 pair
     mode: str = "think"             # think: SFT targets carry a short trace; nothink: answer only
 
     def __post_init__(self):
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"digits.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
-        for name in ("num_sft", "num_rl", "num_eval", "num_pref", "scale"):
+        for name in ("num_sft", "num_rl", "num_eval", "num_pref", "num_text", "scale"):
             if getattr(self, name) < 1:
                 raise ValueError(f"digits.{name} must be >= 1, got {getattr(self, name)}")
         if self.mode not in ("think", "nothink"):
@@ -149,7 +156,8 @@ def make_problems(sample_ids: list[int], labels: np.ndarray, count: int, rng: ra
 
 
 def build_splits(cfg: DigitsConfig) -> dict[str, list[dict]]:
-    """{"sft", "rl", "eval", "pref"}: rows with a PIL image; SFT rows carry the target, RL / eval
+    """{"sft", "rl", "eval", "pref", "rl_text"}: rows with a PIL image (rl_text: the same questions on
+    digits written in the text, no image, task "arith"); SFT rows carry the target, RL / eval
     rows only the reference (`reference`, with `task` and `verifier` for the reward scorer), pref
     rows the reference, `chosen` (the SFT target) and `rejected` (see `mistake`)."""
     images, labels = load_digit_samples()
@@ -177,6 +185,11 @@ def build_splits(cfg: DigitsConfig) -> dict[str, list[dict]]:
             if name == "pref":
                 row.update(preference_pair(problem, cfg.mode, rng))
             rows[name].append(row)
+    # drawn after every image split, which therefore stay as they were
+    rows["rl_text"] = [{"id": p["id"], "question": TEXT_QUESTIONS[p["kind"]].format(**p), "mode": cfg.mode,
+                        "kind": p["kind"], "source_ids": p["source_ids"], "reference": p["answer"], "task": TEXT_TASK,
+                        "verifier": VERIFIER}
+                       for p in make_problems(train_ids, labels, cfg.num_text, rng, "text")]
     return rows
 
 
@@ -194,7 +207,9 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     """Parquet through HF datasets, the image as an `Image` column (PNG bytes)."""
     from datasets import Dataset, Image
 
-    dataset = Dataset.from_list(rows).cast_column("image", Image())
+    dataset = Dataset.from_list(rows)
+    if "image" in dataset.column_names:  # text-only splits have none
+        dataset = dataset.cast_column("image", Image())
     dataset.to_parquet(str(path))
     return path
 
@@ -284,10 +299,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-rl", type=int, default=DigitsConfig.num_rl)
     parser.add_argument("--num-eval", type=int, default=DigitsConfig.num_eval)
     parser.add_argument("--num-pref", type=int, default=DigitsConfig.num_pref)
+    parser.add_argument("--num-text", type=int, default=DigitsConfig.num_text)
     parser.add_argument("--mode", choices=("think", "nothink"), default=DigitsConfig.mode)
     args = parser.parse_args(argv)
     cfg = DigitsConfig(seed=args.seed, num_sft=args.num_sft, num_rl=args.num_rl, num_eval=args.num_eval,
-                       num_pref=args.num_pref, mode=args.mode)
+                       num_pref=args.num_pref, num_text=args.num_text, mode=args.mode)
     paths = build_demo_assets(args.out_dir, args.seed, cfg)
     print(paths["manifest"].read_text())
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from megatron_vlm.data.digits import DigitsConfig, build_demo_assets
 
-SMALL = dict(num_sft=30, num_rl=60, num_eval=30, num_pref=24)
+SMALL = dict(num_sft=30, num_rl=60, num_eval=30, num_pref=24, num_text=12)
 
 
 @functools.cache

@@ -35,7 +35,7 @@ def test_held_out_samples_never_appear_in_training_images():
         assert 0.15 < share < 0.25
     rows = build_splits(DigitsConfig(seed=3, **SMALL))
     used = {name: {i for row in split for i in row["source_ids"]} for name, split in rows.items()}
-    assert used["eval"] <= set(held_out) and used["rl"] | used["sft"] | used["pref"] <= set(train)
+    assert used["eval"] <= set(held_out) and used["rl"] | used["sft"] | used["pref"] | used["rl_text"] <= set(train)
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -43,7 +43,8 @@ def test_same_seed_same_data_other_seed_other_data():
     key = lambda rows: [(r["id"], r["source_ids"], r["kind"], r.get("reference", r.get("answer"))) for r in rows]
     for name in first:
         assert key(first[name]) == key(again[name])
-        assert [r["image"].tobytes() for r in first[name]] == [r["image"].tobytes() for r in again[name]]
+        assert [r["image"].tobytes() for r in first[name] if "image" in r] == \
+            [r["image"].tobytes() for r in again[name] if "image" in r]
     assert key(first["rl"]) != key(other["rl"])
 
 
@@ -93,7 +94,13 @@ def test_preference_pairs_reject_a_plausible_mistake(mode):
 def test_demo_assets_build_a_trainable_model():
     paths = demo_assets()
     manifest = json.loads(paths["manifest"].read_text())
-    assert manifest["counts"] == {"sft": 30, "rl": 60, "eval": 30, "pref": 24}
+    assert manifest["counts"] == {"sft": 30, "rl": 60, "eval": 30, "pref": 24, "rl_text": 12}
+    text = pd.read_parquet(paths["rl_text"])
+    assert "image" not in text.columns and set(text["task"]) == {"arith"}
+    for _, row in text.iterrows():  # the question states the digits; the reference answers it
+        numbers = [int(t) for t in row["question"].rstrip("?").replace("-", " ").split() if t.isdigit()]
+        expected = {"sum": sum, "max": max, "difference": lambda n: n[0] - n[1]}[row["kind"]](numbers)
+        assert int(row["reference"]) == expected
     assert manifest["vision_tokens_per_image"] == 8 and manifest["image_size"] == [16, 32]
     assert 1_000_000 <= manifest["parameters"] <= 3_000_000
     for name in ("sft", "rl", "eval", "pref"):
@@ -118,9 +125,9 @@ def test_demo_assets_build_a_trainable_model():
 
 def test_cli_writes_the_same_files_for_the_same_seed(tmp_path, capsys):
     main([str(tmp_path / "a"), "--seed", "0", "--num-sft", "30", "--num-rl", "60", "--num-eval", "30",
-          "--num-pref", "24"])
+          "--num-pref", "24", "--num-text", "12"])
     assert '"vision_tokens_per_image": 8' in capsys.readouterr().out
-    for name in ("sft", "rl", "eval", "pref"):
+    for name in ("sft", "rl", "eval", "pref", "rl_text"):
         assert pd.read_parquet(tmp_path / "a" / f"{name}.parquet").equals(pd.read_parquet(demo_assets()[name]))
     with pytest.raises(ValueError, match="digits.held_out_fraction must be in"):
         DigitsConfig(held_out_fraction=1.0)

@@ -37,6 +37,9 @@ def test_every_recipe_runs_its_stages(tmp_path):
     assert sum(r["forced_answers"] for r in glm) > 0
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in glm if "loss" in r)
     assert "reward_accuracy" in by_step["ovis25"] and "bco_loss" in by_step["internvl35"]
+    for name in ("intern_s1", "internvl35"):  # text-only and image prompts mixed, scored per task
+        tasks = {k for r in report[name] if r["stage"] == "grpo" for k in r if k.endswith("/count")}
+        assert tasks == {"reward/digits/count", "reward/arith/count"}, (name, tasks)
     rft = report["intern_s1_offline"][1:]
     assert all(r["rejection_prompts"] == 4 and r["samples"] == 16 for r in rft)
     kept = sum(r["rejection_kept"] for r in rft)
