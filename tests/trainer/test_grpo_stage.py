@@ -1,24 +1,17 @@
 """The GRPO stage's recipe options on two gloo ranks (grpo_stage_worker.py): reference policy and
 KL, dynamic sampling, the soft over-long penalty and truncation masking, replica dealing."""
-import json
 import os
 
 import pytest
 
-from megatron_vlm.parallel.launch import launch_local
+from tests.utils import run_worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "grpo_stage_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo") / "grpo.json"
-    result = launch_local([WORKER, str(out)], nproc=2, timeout=400, env={"PYTHONPATH": ROOT})
-    assert result.ok, result.summary()
-    r = json.loads(out.read_text())
-    print(json.dumps(r))
-    return r
+    return run_worker(WORKER, tmp_path_factory.mktemp("grpo"))
 
 
 @pytest.mark.dist

@@ -2,24 +2,18 @@
 TP=2 with sequence parallelism, EP=2 with DP=2, PP=2 in one launch): transformers' model on each
 sample alone with full logits gives the same log-probs, loss, entropy and gradients as packed THD
 micro-batches through the hidden-state head and the fused policy-loss kernel."""
-import json
 import os
 
 import pytest
 
-from megatron_vlm.parallel.launch import launch_local
+from tests.utils import run_worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "packed_update_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.dist
 def test_packed_fused_path_equals_reference(tmp_path):
-    out = tmp_path / "packed.json"
-    result = launch_local([WORKER, str(out)], nproc=2, timeout=300, env={"PYTHONPATH": ROOT})
-    assert result.ok, result.summary()
-    report = json.loads(out.read_text())
-    print(json.dumps(report))
+    report = run_worker(WORKER, tmp_path, timeout=300)
     for layout in ("tp2_sp", "ep2_dp2", "pp2"):
         r = report[layout]
         # this rank ran several packs, some holding several samples (the last rank's view)

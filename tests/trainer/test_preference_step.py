@@ -1,25 +1,18 @@
 """The offline preference step (DPO / MPO) of a tiny VLM on two gloo ranks (preference_worker.py):
 exact normalisation (one micro-batch on one DP rank == one-pair micro-batches over two DP ranks),
 and a few DPO steps separate chosen from rejected."""
-import json
 import os
 
 import pytest
 
-from megatron_vlm.parallel.launch import launch_local
+from tests.utils import run_worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "preference_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("preference") / "preference.json"
-    result = launch_local([WORKER, str(out)], nproc=2, timeout=400, env={"PYTHONPATH": ROOT})
-    assert result.ok, result.summary()
-    r = json.loads(out.read_text())
-    print(json.dumps(r))
-    return r
+    return run_worker(WORKER, tmp_path_factory.mktemp("preference"))
 
 
 @pytest.mark.dist
