@@ -28,6 +28,11 @@ def _batch(prepared, requests, answer):
 
 
 def test_step_after_reset_equals_a_fresh_optimizers_first_step(single_rank_runtime):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # process-wide megatron state: an earlier test in this process may have left a scale of
+    # another shape (its schedule ran without calculate_per_token_loss)
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     hf = make_hf_model("qwen3_vl_moe", seed=4)
     hf.config.text_config.router_aux_loss_coef = 0.0
     family = family_for(hf.config)
