@@ -81,6 +81,8 @@ class CoreAttention(MegatronModule):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
         sq = query.shape[0]
+        if packed_seq_params is not None and cp_size == 1 and attention_mask is None and query.shape[1] == 1:
+            return self._packed(query, key, value, packed_seq_params.cu_seqlens_q)
         if cp_size > 1:
             if packed_seq_params is not None or attention_mask is not None:
                 raise ValueError("CoreAttention: CP on CPU supports unpacked causal sequences only")
@@ -106,6 +108,31 @@ class CoreAttention(MegatronModule):
             scale=self.softmax_scale,
         )  # [b, np, sq, hn]
         return out.permute(2, 0, 1, 3).reshape(sq, query.shape[1], -1)
+
+
+    def _packed(self, query, key, value, cu_seqlens):
+        """THD attention as one batched call over the samples of the pack, each padded to the
+        longest: O(sum of L^2) work instead of the dense [T, T] mask's O(T^2). Tail padding
+        after the last sample is one-token segments (each attends to itself), as with the mask."""
+        total, device = query.shape[0], query.device
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        lengths = torch.cat([cu[1:] - cu[:-1], torch.ones(total - int(cu[-1]), dtype=torch.long, device=device)])
+        starts = torch.cat([cu[:-1], torch.arange(int(cu[-1]), total, device=device)])
+        width = int(lengths.max())
+        offsets = torch.arange(width, device=device)
+        valid = offsets[None, :] < lengths[:, None]                        # [n, L]
+        index = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # [n, L] -> token
+        groups = query.shape[2] // key.shape[2]
+        q = query[:, 0][index].permute(0, 2, 1, 3)                          # [n, np, L, hn]
+        k = key[:, 0].repeat_interleave(groups, dim=1)[index].permute(0, 2, 1, 3)
+        v = value[:, 0].repeat_interleave(groups, dim=1)[index].permute(0, 2, 1, 3)
+        causal = offsets[None, :] <= offsets[:, None]                       # [L, L]
+        mask = (causal[None] & valid[:, None, :])[:, None]                  # [n, 1, L, L]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale)                                       # [n, np, L, hn]
+        out = out.permute(0, 2, 1, 3)[valid]                                # [T, np, hn] in order
+        return out.reshape(total, 1, -1)
 
 
 def _segment_ids(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
