@@ -27,6 +27,7 @@ def test_recipe_then_overrides(tmp_path):
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size"),
     (["parallel.ep=1", "parallel.etp=2"], "parallel.etp"),
     (["model=3"], "config section model must be a mapping"),
+    (["vlm.load.max_prompt_length=64"], "set vlm.max_prompt_length, not vlm.load.max_prompt_length"),
 ])
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

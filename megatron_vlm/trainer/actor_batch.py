@@ -58,12 +58,11 @@ class SequenceBatch:
 
 
 def build_batch(samples: list[RolloutSample], prepared: dict[str, Prepared], pad_id: int,
-                spatial_merge_size: int, multiple_of: int = 1) -> tuple[SequenceBatch, list[int], list[int]]:
+                spatial_merge_size: int) -> tuple[SequenceBatch, list[int], list[int]]:
     """Sequences of `samples` (prepared[request_id] holds their prompt's processor output).
     Returns the batch plus images per row and patches per image (for micro-batch slicing)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    width = max(lengths)
-    width += (-width) % multiple_of
+    width = max(lengths)  # rows never run padded: pack_rows pads each pack for TP / SP
     rows = len(samples)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
     types = torch.zeros((rows, width), dtype=torch.long)
@@ -177,6 +176,15 @@ def pack_padding(config) -> int:
         raise ValueError("packed micro-batches need parallel.cp = 1: models/attention.py CoreAttention "
                          "supports context parallelism on unpacked sequences only")
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def fixed_pack_length(config, pack_tokens) -> int | None:
+    """One padded length for every pack of every rank when the pipeline's p2p shapes are fixed
+    (PP > 1 without variable_seq_lengths), from each pack's real token count; None otherwise."""
+    if config.pipeline_model_parallel_size == 1 or config.variable_seq_lengths:
+        return None
+    longest = max(pack_tokens)
+    return longest + (-longest) % pack_padding(config)
 
 
 def forward_hidden(model, mb: PackedMicroBatch):

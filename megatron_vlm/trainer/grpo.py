@@ -5,8 +5,8 @@ its share of the prompts, the samples are all-gathered (group advantages and fil
 groups), and the update deals rows to DP ranks again. Rewards may carry DAPO's soft over-long
 penalty; groups whose rewards tie are dropped, or (dynamic sampling) more prompts are drawn until
 the batch holds enough informative groups; truncated responses may leave the loss; reference
-log-probs come from the frozen `ReferencePolicy` when the loss has a KL term. Old log-probs are recomputed by the
-trainer (default) and double as the weight-sync check: they are compared with the engine's own
+log-probs come from the frozen `ReferencePolicy` when the loss has a KL term. Old log-probs are
+recomputed by the trainer (default) and double as the weight-sync check: they are compared with the engine's own
 log-probs for the same tokens every step, so a bad sync stops the run on the step it happens.
 """
 from __future__ import annotations
@@ -115,15 +115,6 @@ class PhaseTimer:
         start = time.perf_counter()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def sequence_multiple() -> int:
-    """What a padded sequence length must divide by: TP (sequence parallelism splits it) and 2 x CP
-    (megatron's load-balanced CP chunks)."""
-    from megatron.core import parallel_state as ps
-
-    cp = ps.get_context_parallel_world_size()
-    return ps.get_tensor_model_parallel_world_size() * (2 * cp if cp > 1 else 1)
 
 
 def engine_replica(engine) -> tuple[int, int]:
@@ -275,8 +266,7 @@ def _groups(samples: list[RolloutSample], rewards: torch.Tensor) -> list[Rollout
 
 def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer) -> dict:
     prepared = {s.request_id: actor.prepared(s.request_id) for s in samples}
-    batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size,
-                                         multiple_of=sequence_multiple())
+    batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size)
     with timer("old_logprobs"):
         trainer_lp = score_rows(actor.model, batch, images, patches, update_cfg.temperature,
                                 update_cfg.micro_batch_size)
@@ -306,6 +296,7 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer) -> dict:
     metrics.update(report, train_tokens=int(batch.loss_mask.sum()),
                    train_tokens_per_s=float(batch.loss_mask.sum()) / max(timer.seconds["update"], 1e-9))
     return metrics
+
 
 def _engine_logprobs(samples, batch) -> torch.Tensor:
     old = torch.zeros_like(batch.loss_mask)

@@ -36,8 +36,8 @@ from kernels.packing import PackCost, plan_packs
 from megatron_vlm.rl.preference import PreferenceConfig, PreferenceInputs, RewardShift, preference_loss_fn
 from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutRequest
-from megatron_vlm.trainer.actor_batch import (SequenceBatch, build_batch, forward_hidden, head_parallelism,
-                                              pack_padding, pack_rows, packed_logprobs)
+from megatron_vlm.trainer.actor_batch import (SequenceBatch, build_batch, fixed_pack_length, forward_hidden,
+                                              head_parallelism, pack_padding, pack_rows, packed_logprobs)
 from megatron_vlm.trainer.rl_step import pack_budget, train_step
 from megatron_vlm.trainer.sft import labelled_sample
 
@@ -87,10 +87,8 @@ def pair_microbatches(batch: SequenceBatch, images_per_row: list[int], patches: 
     plan = plan_packs(pair_lengths, max(token_budget, max(pair_lengths)), ps.get_data_parallel_world_size(),
                       pair_images, PackCost())
     multiple = pack_padding(config)
-    length = None
-    if config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
-        longest = max(sum(pair_lengths[p] for p in pack) for rank in plan.microbatches for pack in rank)
-        length = longest + (-longest) % multiple  # fixed p2p shapes: one pack length everywhere
+    length = fixed_pack_length(config, (sum(pair_lengths[p] for p in pack)
+                                        for rank in plan.microbatches for pack in rank))
     out = []
     for pairs in plan.microbatches[ps.get_data_parallel_rank()]:
         rows = [row for p in (pairs or [0]) for row in (2 * p, 2 * p + 1)]  # chosen, rejected, ...

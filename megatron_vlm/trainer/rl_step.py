@@ -27,8 +27,8 @@ from kernels.packing import PackCost, plan_packs
 from kernels.policy_loss import SeqLayout, fused_linear_policy_loss
 from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute_advantages, group_index_from_ids
 from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config, policy_loss_fn
-from megatron_vlm.trainer.actor_batch import (SequenceBatch, forward_hidden, head_parallelism, pack_padding,
-                                              pack_rows, packed_logprobs)
+from megatron_vlm.trainer.actor_batch import (SequenceBatch, fixed_pack_length, forward_hidden, head_parallelism,
+                                              pack_padding, pack_rows, packed_logprobs)
 
 # Metrics that are sums in the loss's own units (the loss called with normalizer=1); the others
 # are masked token means of their micro-batch.
@@ -110,14 +110,6 @@ def _rl_forward_step(cfg: UpdateConfig, mode: str, data_iterator, model):
     return forward_hidden(model, mb["batch"]), partial(_loss_func, mb, cfg, mode, head_parallelism(model))
 
 
-def dp_rows(total: int) -> list[int]:
-    """The rows of a rollout batch this DP rank would get when dealt round-robin (the packed path
-    deals rows with plan_packs instead)."""
-    from megatron.core import parallel_state as ps
-
-    return list(range(ps.get_data_parallel_rank(), total, ps.get_data_parallel_world_size()))
-
-
 def pack_budget(pack_tokens: int | None, micro_batch_size: int, batch: SequenceBatch) -> int:
     return pack_tokens if pack_tokens is not None else micro_batch_size * batch.input_ids.shape[1]
 
@@ -174,11 +166,8 @@ def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[
     dp_rank = ps.get_data_parallel_rank() if dp_rank is None else dp_rank
     plan = _plan(batch, rows, token_budget, dp_size)
     multiple = pack_padding(config)
-    length = None
-    if config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
-        lengths = batch.row_lengths()  # fixed p2p shapes: every pack of every rank is one length
-        longest = max(sum(lengths[r] for r in pack) for rank in plan for pack in rank)
-        length = longest + (-longest) % multiple
+    lengths = batch.row_lengths()
+    length = fixed_pack_length(config, (sum(lengths[r] for r in pack) for rank in plan for pack in rank))
     out = []
     for chosen in plan[dp_rank]:
         packed = pack_rows(batch, chosen or rows[:1] or [0], images_per_row, patches, multiple, length)

@@ -1,4 +1,5 @@
-"""A VLM post-training run: a list of stages (SFT, GRPO) over one model, ending in an HF export.
+"""A VLM post-training run: a list of stages (SFT, GRPO, RFT, DPO, MPO) over one model, ending in
+an HF export.
 
     megatron-vlm train --config configs/digits_demo.yaml
 
@@ -15,7 +16,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,9 +60,13 @@ class VLMConfig:
     prompt_sources: list[SourceConfig] | None = None  # instead of prompt_data: a mixture by ratio
     load: LoadConfig = field(default_factory=LoadConfig)  # transforms (MCQ -> fill-in, question
                                                           # into the image), template, length rules
-    max_prompt_length: int = 256
+    max_prompt_length: int = 256     # the loader's limit (expanded tokens): one place to set it
     verifier: str = "numeric"        # for every task of the prompt files
     export: bool = True
+
+    def __post_init__(self):
+        if self.load.max_prompt_length is not None:
+            raise ValueError("set vlm.max_prompt_length, not vlm.load.max_prompt_length")
 
 
 @dataclass(kw_only=True)
@@ -135,8 +140,6 @@ class _Run:
     def __init__(self, cfg):
         from transformers import AutoConfig
 
-        from dataclasses import replace
-
         from megatron_vlm.data.loading import load_mixture, load_prompts
         from megatron_vlm.data.processor import MultimodalProcessor
         from megatron_vlm.models import family_for
@@ -152,8 +155,7 @@ class _Run:
         self.processor = MultimodalProcessor.from_pretrained(self.assets / "model")
         self.tokenizer = self.processor.tokenizer
         self.cache = PromptCache(self.processor)
-        load = self.load_config = replace(cfg.vlm.load, max_prompt_length=cfg.vlm.load.max_prompt_length
-                                          or cfg.vlm.max_prompt_length)
+        load = self.load_config = replace(cfg.vlm.load, max_prompt_length=cfg.vlm.max_prompt_length)
         if cfg.vlm.prompt_sources:  # a mixture with per-source ratios (paths relative to the assets)
             sources = [replace(s, path=[str(self.assets / p) for p in ([s.path] if isinstance(s.path, str)
                                                                      else s.path)])
@@ -202,8 +204,6 @@ class _Run:
 
     def _engine(self, cfg, pad: int):
         if cfg.rl.engine == "vllm":  # built after the trainer: it sizes its KV cache from free memory
-            from dataclasses import replace
-
             from megatron_vlm.rollout.vllm_engine import VllmEngine
 
             engine = VllmEngine(replace(cfg.rl.vllm, model_dir=cfg.rl.vllm.model_dir
@@ -227,8 +227,6 @@ class _Run:
     def preference_step(self, stage) -> dict:
         """One offline DPO / MPO step on `batch_size` pairs, against the reference policy (the
         policy that entered the stage)."""
-        from dataclasses import replace
-
         from megatron_vlm.trainer.preference import pair_batch, preference_step
 
         if self.pairs is None:
@@ -238,8 +236,7 @@ class _Run:
             if not path.exists():
                 raise FileNotFoundError(f"a {stage.kind} stage needs preference pairs: {path} "
                                         f"(columns: the prompt's, chosen, rejected)")
-            self.pairs = load_preferences(path, self.processor,
-                                          self.load_config).requests
+            self.pairs = load_preferences(path, self.processor, self.load_config).requests
         chosen = self.rng.sample(self.pairs, min(stage.batch_size, len(self.pairs)))
         pairs = pair_batch(chosen, self.cache, self.actor.pad_id, self.actor.spatial_merge_size)
         mbs = self.cfg.update.micro_batch_size
@@ -271,13 +268,11 @@ class _Run:
     def _imitate(self, samples) -> dict:
         """One SFT optimizer step on labelled samples (prompt ids expanded, response = target)."""
         from megatron_vlm.trainer.actor_batch import build_batch
-        from megatron_vlm.trainer.grpo import sequence_multiple
         from megatron_vlm.trainer.sft import sft_step
 
         batch, images, patches = build_batch(samples, {s.request_id: self.cache.get(s.request_id)
                                                        for s in samples},
-                                             self.actor.pad_id, self.actor.spatial_merge_size,
-                                             multiple_of=sequence_multiple())
+                                             self.actor.pad_id, self.actor.spatial_merge_size)
         return sft_step([self.actor.ddp], self.actor.optimizer, self.actor.scheduler, batch, images,
                         patches, self.cfg.update.micro_batch_size)
 
@@ -286,30 +281,17 @@ class _Run:
         per prompt, keep the best verified ones (`rejection:`), imitate them; the kept examples are
         appended to train.out_dir/rejection_sft.jsonl as SFT data."""
         from megatron_vlm.rl.rejection import build_rejection_sft
-        from megatron_vlm.rollout.weight_sync import sync_weights
-        from megatron_vlm.trainer.grpo import generate_share
         from megatron_vlm.trainer.sft import labelled_sample
 
-        requests = self.mix.draw()
-        for request in requests:
-            self.cache(request)
         start = time.perf_counter()
-        sync_weights(self.actor.model, self.actor.rules, self.engine, int(self.cfg.rollout.bucket_mb * 2**20))
-        samples = generate_share(self.actor, self.engine, requests,
-                                 self.cfg.rollout.sampling(self.actor.stop_token_ids, step))
-        self.engine.sleep()
+        samples = self._sample(self._draw(), self.cfg.rollout.sampling(self.actor.stop_token_ids, step))
         rollout_seconds = time.perf_counter() - start
-        scored = [self._reward_sample(s) for s in samples]
-        for item, sample in zip(scored, samples):
-            item.metadata = {**item.metadata, "prompt_id": sample.request_id}
-        result = self.scorer.score(scored)
-        self.scored += [(self.by_id[s.request_id], raw) for s, raw in zip(samples, result.raw)]
+        scored, result = self._score(samples)
         examples, stats = build_rejection_sft(scored, result.raw, self.cfg.rejection,
                                               [f.sample_id for f in result.failures])
         metrics = {"reward": sum(result.raw) / max(1, len(result.raw)), "samples": len(samples),
                    "time_rollout": rollout_seconds, **{f"rejection_{k}": v for k, v in stats.items()}}
-        metrics.update(self.mix.observe(self.scored))
-        self.scored = []
+        metrics.update(self._observe_mix())
         if not examples:
             return metrics  # no prompt solved: nothing to imitate this step
         by_sample = {f"{s.request_id}#{s.index}": s for s in samples}
@@ -327,36 +309,60 @@ class _Run:
     def grpo_step(self, step: int) -> dict:
         from megatron_vlm.trainer.grpo import grpo_step
 
-        def draw() -> list[RolloutRequest]:  # the same draw on every rank (seeded)
-            requests = self.mix.draw()
-            for request in requests:
-                self.cache(request)
-            return requests
-
-        metrics = grpo_step(self.actor, self.engine, draw, self.rewards, self.cfg.rollout,
+        metrics = grpo_step(self.actor, self.engine, self._draw, self.rewards, self.cfg.rollout,
                             self.cfg.update, step, self.cfg.rl)
-        metrics.update(self.mix.observe(self.scored))
-        self.scored = []
+        metrics.update(self._observe_mix())
+        return metrics
+
+    # -- sampling and scoring, shared by the stages ------------------------------------------------
+    def _draw(self) -> list[RolloutRequest]:
+        """The next prompts (the same on every rank: the mix is seeded), processed once."""
+        requests = self.mix.draw()
+        for request in requests:
+            self.cache(request)
+        return requests
+
+    def _sample(self, requests: list[RolloutRequest], sampling: SamplingParams) -> list[RolloutSample]:
+        """Sync the policy into the engine, generate, put the engine back to sleep."""
+        from megatron_vlm.rollout.weight_sync import sync_weights
+        from megatron_vlm.trainer.grpo import generate_share
+
+        sync_weights(self.actor.model, self.actor.rules, self.engine, int(self.cfg.rollout.bucket_mb * 2**20))
+        samples = generate_share(self.actor, self.engine, requests, sampling)
+        self.engine.sleep()
+        return samples
+
+    def _score(self, samples: list[RolloutSample]):
+        """(reward samples, the scorer's result) for training samples; their raw rewards feed
+        the prompt mix (`_observe_mix`)."""
+        batch = [self._reward_sample(s) for s in samples]
+        result = self.scorer.score(batch)
+        if self.runtime.rank == 0:
+            for failure in result.failures[:3]:  # counted in the metrics; a few named in the log
+                print(f"reward {failure.kind} for sample {failure.sample_id}: {failure.message[:200]}")
+        self.scored += [(self.by_id[s.request_id], raw) for s, raw in zip(samples, result.raw)]
+        return batch, result
+
+    def _observe_mix(self) -> dict:
+        """Feed this step's (request, raw reward) pairs to the prompt mix; its metrics."""
+        metrics, self.scored = self.mix.observe(self.scored), []
         return metrics
 
     def rewards(self, samples: list[RolloutSample]):
-        batch = [self._reward_sample(s) for s in samples]
-        result = self.scorer.score(batch)
-        for failure in result.failures[:3]:  # counted in the metrics; a few named in the log
-            if self.runtime.rank == 0:
-                print(f"reward {failure.kind} for sample {failure.sample_id}: {failure.message[:200]}")
         from megatron_vlm.trainer.grpo import Rewards
 
-        self.scored += [(self.by_id[s.request_id], raw) for s, raw in zip(samples, result.raw)]
+        _, result = self._score(samples)
         return Rewards(torch.tensor(result.rewards, dtype=torch.float),
                        torch.tensor(result.raw, dtype=torch.float), result.metrics)
 
     def _reward_sample(self, s: RolloutSample):
+        """prompt_id: the request, so best-of-N groups by prompt even where question texts repeat."""
         from megatron_vlm.rewards.scorer import RewardSample
 
         return RewardSample(sample_id=f"{s.request_id}#{s.index}", task=s.metadata.get("task", "default"),
                             prompt=s.metadata.get("question", ""), response=self._text(s.response_ids),
-                            reference=s.metadata.get("reference"), metadata=s.metadata)
+                            reference=s.metadata.get("reference"),
+                            metadata={**s.metadata, "prompt_id": s.request_id})
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False).replace(self.tokenizer.eos_token or "", "")
@@ -364,14 +370,9 @@ class _Run:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out accuracy: greedy answers to unseen images, checked by the verifier."""
-        from megatron_vlm.rollout.weight_sync import sync_weights
-        from megatron_vlm.trainer.grpo import generate_share
-
-        sync_weights(self.actor.model, self.actor.rules, self.engine, int(self.cfg.rollout.bucket_mb * 2**20))
         greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, n=1,
                                 stop_token_ids=self.actor.stop_token_ids)
-        samples = generate_share(self.actor, self.engine, self.evals, greedy)
-        self.engine.sleep()
+        samples = self._sample(self.evals, greedy)
         running = self.scorer.state_dict()  # evaluation must not move the normalisation statistics
         rewards = torch.tensor(self.scorer.score(
             [self._reward_sample(s) for s in samples]).raw, dtype=torch.float)
