@@ -1,29 +1,13 @@
 """load_prompts: the demo's files and user files, with every dropped or skipped row counted."""
-import io
 import json
 import logging
 
-import numpy as np
 import pandas as pd
 import pytest
 from datasets import Dataset, Features, Image, List, Value
-from PIL import Image as PILImage
 
 from megatron_vlm.data.loading import LoadConfig, PromptTooLong, load_preferences, load_prompts, load_sft
-from megatron_vlm.data.processor import MultimodalProcessor
-from tests.data.digits_fixtures import demo_assets
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return MultimodalProcessor.from_pretrained(demo_assets()["model"])
-
-
-def png(height=16, width=32, seed=0):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.data.digits_fixtures import demo_assets, png
 
 
 def test_demo_pool_loads_as_rollout_requests(processor, tmp_path):

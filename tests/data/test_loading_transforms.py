@@ -10,22 +10,9 @@ from datasets import Dataset
 from PIL import Image as PILImage
 
 from megatron_vlm.data.loading import LoadConfig, SourceConfig, SourceError, load_mixture, load_prompts, load_sft
-from megatron_vlm.data.processor import MultimodalProcessor
 from megatron_vlm.data.transforms import OPEN_INSTRUCTION, TEXT_IN_IMAGE_PROMPT
 from megatron_vlm.rewards.registry import resolve_reward_fn
-from tests.data.digits_fixtures import demo_assets
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return MultimodalProcessor.from_pretrained(demo_assets()["model"])
-
-
-def png(height=16, width=32, seed=0):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.data.digits_fixtures import png
 
 
 SPIDER = "How many legs does a spider have?\nA. 6\nB. 8\nC. 10\nAnswer with the option's letter. /nothink"

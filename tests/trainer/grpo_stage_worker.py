@@ -15,9 +15,6 @@ from dataclasses import replace
 
 import torch
 
-from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
-from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
-from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime
 from megatron_vlm.rl.losses import LossConfig
@@ -25,11 +22,11 @@ from megatron_vlm.rl.overlong import OverlongPenaltyConfig
 from megatron_vlm.rl.sampling import DynamicSamplingConfig
 from megatron_vlm.rollout.embedded import EmbeddedEngine
 from megatron_vlm.trainer.grpo import Actor, Rewards, RLConfig, RolloutConfig, grpo_step
-from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, wrap_ddp
+from megatron_vlm.trainer.megatron_step import OptimConfig
 from megatron_vlm.trainer.reference import ReferencePolicy
 from megatron_vlm.trainer.rl_step import UpdateConfig
-from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests
+from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
 
 
 class EmptyFirst:
@@ -59,14 +56,9 @@ def main():
     out_path = sys.argv[1]
     parallel = ParallelConfig(tp=2)
     runtime = init_runtime(parallel, seed=5)
-    hf = make_hf_model("qwen3_vl_moe", seed=2)
-    family = family_for(hf.config)
-    rules = family.hf_rules(hf.config)
-    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
-    load_full_state_dict(model, dict(hf_to_mcore(rules, hf.state_dict().__getitem__)),
-                         RankLayout.current(model.config))
-    ddp = wrap_ddp(model, distributed_optimizer=True)
-    optimizer, scheduler = build_optimizer([ddp], OptimConfig(lr=1e-2, adam_eps=1e-3), True, 10)
+    hf, family, rules, full = tiny_policy_weights(seed=2)
+    model, ddp, optimizer, scheduler = build_policy(family, hf, full, parallel,
+                                                    OptimConfig(lr=1e-2, adam_eps=1e-3), total_steps=10)
     reference = ReferencePolicy.build(family, hf.config, parallel, "cpu")
     reference.reset_from(model)
     requests, prepared = fixture_requests()

@@ -15,18 +15,15 @@ import time
 
 import torch
 
-from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
-from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
 from megatron_vlm.checkpoint.streaming import iter_hf_weights
-from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
 from megatron_vlm.rl.preference import PreferenceConfig, RewardShift
-from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, wrap_ddp
+from megatron_vlm.trainer.megatron_step import OptimConfig
 from megatron_vlm.trainer.preference import pair_batch, pair_microbatches, preference_step
 from megatron_vlm.trainer.rl_step import score_rows
-from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests
+from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
 
 OPTIM = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
 NUM_PAIRS, DPO_STEPS = 5, 6
@@ -34,11 +31,7 @@ NUM_PAIRS, DPO_STEPS = 5, 6
 
 def build(family, hf, full, parallel, runtime, optim=OPTIM, steps=1):
     set_layout(runtime, parallel, seed=5)
-    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
-    load_full_state_dict(model, full, RankLayout.current(model.config))
-    ddp = wrap_ddp(model, distributed_optimizer=True)
-    optimizer, scheduler = build_optimizer([ddp], optim, True, total_steps=steps)
-    return model, ddp, optimizer, scheduler
+    return build_policy(family, hf, full, parallel, optim, total_steps=steps)
 
 
 def make_pairs(num_pairs=NUM_PAIRS):
@@ -106,13 +99,8 @@ def main():
     out_path = sys.argv[1]
     start = time.perf_counter()
     runtime = init_runtime(ParallelConfig(), seed=5)
-    hf = make_hf_model("qwen3_vl_moe", seed=2)
-    # the router's load-balancing loss depends on how tokens are grouped into micro-batches: off,
-    # this test is about the preference loss's normalisation
-    hf.config.text_config.router_aux_loss_coef = 0.0
-    family = family_for(hf.config)
-    rules = family.hf_rules(hf.config)
-    full = dict(hf_to_mcore(rules, hf.state_dict().__getitem__))
+    # no router load-balancing loss: this test is about the preference loss's normalisation
+    hf, family, rules, full = tiny_policy_weights(seed=2, aux_loss=False)
     pairs = make_pairs()
 
     model, *_ = build(family, hf, full, ParallelConfig(tp=2), runtime)

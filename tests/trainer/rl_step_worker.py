@@ -11,10 +11,7 @@ import sys
 
 import torch
 
-from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
-from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
 from megatron_vlm.checkpoint.streaming import iter_hf_weights
-from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
 from megatron_vlm.rl.losses import LossConfig
@@ -22,10 +19,10 @@ from megatron_vlm.rollout.embedded import EmbeddedEngine
 from megatron_vlm.rollout.protocol import SamplingParams
 from megatron_vlm.rollout.weight_sync import check_logprobs, sync_weights
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
-from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, wrap_ddp
+from megatron_vlm.trainer.megatron_step import OptimConfig
 from megatron_vlm.trainer.rl_step import UpdateConfig, score_rows, sequence_advantages, update
-from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests
+from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
 
 UPDATE = UpdateConfig(temperature=0.9, loss=LossConfig(name="dapo"))
 OPTIM = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
@@ -33,23 +30,14 @@ OPTIM = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
 
 def build(family, hf, full, parallel, runtime):
     set_layout(runtime, parallel, seed=5)
-    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
-    load_full_state_dict(model, full, RankLayout.current(model.config))
-    ddp = wrap_ddp(model, distributed_optimizer=True)
-    optimizer, scheduler = build_optimizer([ddp], OPTIM, True, total_steps=1)
-    return model, ddp, optimizer, scheduler
+    return build_policy(family, hf, full, parallel, OPTIM)
 
 
 def main():
     out_path = sys.argv[1]
     runtime = init_runtime(ParallelConfig(), seed=5)
-    hf = make_hf_model("qwen3_vl_moe", seed=2)
-    # The router's load-balancing loss depends on how tokens are grouped into micro-batches, so
-    # it is off here: this test is about the policy loss's normalisation.
-    hf.config.text_config.router_aux_loss_coef = 0.0
-    family = family_for(hf.config)
-    rules = family.hf_rules(hf.config)
-    full = dict(hf_to_mcore(rules, hf.state_dict().__getitem__))
+    # no router load-balancing loss: this test is about the policy loss's normalisation
+    hf, family, rules, full = tiny_policy_weights(seed=2, aux_loss=False)
     report = {}
 
     model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(tp=2), runtime)

@@ -1,24 +1,18 @@
 """reset_optimizer_state: after it, a step equals a freshly built optimizer's first step."""
 import torch
 
-from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
-from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
-from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.trainer.actor_batch import build_batch
-from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, reset_optimizer_state, wrap_ddp
+from megatron_vlm.trainer.megatron_step import OptimConfig, reset_optimizer_state
 from megatron_vlm.trainer.sft import labelled_sample, sft_step
-from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests
+from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
 
 OPTIM = OptimConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.0)
 
 
 def _policy(family, hf, full):
-    model = family.build(hf.config, ParallelConfig(), "cpu", calculate_per_token_loss=True)
-    load_full_state_dict(model, full, RankLayout.current(model.config))
-    ddp = wrap_ddp(model, distributed_optimizer=False)
-    return model, ddp, *build_optimizer([ddp], OPTIM, False, total_steps=10)
+    return build_policy(family, hf, full, ParallelConfig(), OPTIM, total_steps=10, distributed_optimizer=False)
 
 
 def _batch(prepared, requests, answer):
@@ -33,10 +27,7 @@ def test_step_after_reset_equals_a_fresh_optimizers_first_step(single_rank_runti
     # process-wide megatron state: an earlier test in this process may have left a scale of
     # another shape (its schedule ran without calculate_per_token_loss)
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    hf = make_hf_model("qwen3_vl_moe", seed=4)
-    hf.config.text_config.router_aux_loss_coef = 0.0
-    family = family_for(hf.config)
-    full = dict(hf_to_mcore(family.hf_rules(hf.config), hf.state_dict().__getitem__))
+    hf, family, _, full = tiny_policy_weights(seed=4, aux_loss=False)
     requests, prepared = fixture_requests()
     first, second = _batch(prepared, requests, [11, 12, 13]), _batch(prepared, requests, [40, 41])
 
