@@ -6,7 +6,8 @@ experts restart at 0 on each expert-parallel rank). `global_name` maps one to th
 `shard_tensor` cuts a full tensor the way megatron splits it:
 
 - tensor-parallel params carry `tensor_model_parallel` / `partition_dim` (set by megatron's linear
-  and embedding layers): contiguous split along that dim over TP (expert-TP for experts);
+  and embedding layers): contiguous split along that dim over TP (expert-TP for experts). Experts
+  take the dim from the name table instead (`split_dim`): Transformer Engine marks them wrongly;
 - SwiGLU `linear_fc1` holds [gate; up] stacked on dim 0: each half is split separately, so a rank
   holds [gate_r; up_r];
 - `linear_qkv` is stored grouped per query group ([q heads of group g; k_g; v_g] for each g), so a
@@ -86,6 +87,18 @@ def partition_dim_of(name: str) -> int | None:
         if name.endswith(suffix):
             return dim
     return None
+
+
+def split_dim(name: str, param: torch.Tensor) -> int | None:
+    """The dim `param` (canonical name `name`) is split along over (expert) TP; None: replicated.
+
+    Experts come from the name table, not the attribute: with EP > 1 or expert TP > 1 megatron
+    builds Transformer Engine's expert linears with `parallel_mode=None` and does the split itself,
+    and TE then marks every such weight `partition_dim=0`, though `linear_fc2` is split along 1.
+    """
+    if is_expert_param(name):
+        return partition_dim_of(name)
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
 def local_name(full_name: str, layout: RankLayout) -> str | None:
@@ -171,7 +184,7 @@ def shard_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module, layo
             key = key.replace("output_layer.weight", "embedding.word_embeddings.weight")
         if key not in full:
             raise KeyError(f"no tensor for parameter {name!r} (global name {key!r}) in the source")
-        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        dim = split_dim(canonical_name(name), param)
         if dim != partition_dim_of(key):
             raise AssertionError(f"{name}: megatron splits it along {dim}, the conversion table "
                                  f"says {partition_dim_of(key)}")

@@ -3,7 +3,7 @@
 Every rank receives every tensor (the colocated rollout engines on all ranks need the full weights;
 an exporter on rank 0 just writes them). For each conversion rule, each megatron tensor it needs is
 gathered where it lives and then shared:
-  tensor parallel   all-gather over TP (expert TP for experts) along the param's partition dim;
+  tensor parallel   all-gather over TP (expert TP for experts) along `sharding.split_dim`;
                     SwiGLU fc1 halves are gathered separately ([gate; up] per rank);
   expert parallel   broadcast from the EP rank that owns the expert (global id e lives on EP rank
                     e // local_experts);
@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from megatron_vlm.checkpoint.hf_rules import Rule
-from megatron_vlm.checkpoint.sharding import canonical_name, is_expert_param
+from megatron_vlm.checkpoint.sharding import canonical_name, is_expert_param, split_dim
 
 _LAYER = re.compile(r"language\.decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
@@ -65,7 +65,8 @@ def _gather_tensor_parallel(param: torch.Tensor, name: str) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
     # A copy, never a view of the parameter: broadcasts below write into the tensor on receivers.
-    if not getattr(param, "tensor_model_parallel", False):
+    dim = split_dim(name, param)
+    if dim is None:
         return param.detach().clone()
     if is_expert_param(name):
         group, size = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size()
@@ -75,7 +76,6 @@ def _gather_tensor_parallel(param: torch.Tensor, name: str) -> torch.Tensor:
         return param.detach().clone()
     pieces = [torch.empty_like(param) for _ in range(size)]
     torch.distributed.all_gather(pieces, param.detach().contiguous(), group=group)
-    dim = param.partition_dim
     if name.endswith("linear_fc1.weight"):  # [gate_r; up_r] on each rank
         halves = [p.chunk(2, dim=dim) for p in pieces]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)

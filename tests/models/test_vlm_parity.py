@@ -17,7 +17,7 @@ from tests.models.vlm_fixtures import make_config, make_hf_model, make_inputs
 WORKER = os.path.join(os.path.dirname(__file__), "vlm_parity_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHES = {
-    "qwen3_vl_moe": ["tp1", "tp2_ep2", "tp2_ep2_etp2", "pp2", "cp2", "cp2_tp2"],
+    "qwen3_vl_moe": ["tp1", "tp2_ep2", "tp2_ep2_etp2", "tp2_ep2_etp2_te", "pp2", "cp2", "cp2_tp2"],
     "qwen3_vl": ["tp1", "tp2", "pp2", "cp2"],
     "qwen2_5_vl": ["tp1", "tp2", "pp2", "cp2"],
 }

@@ -95,3 +95,14 @@ def make_inputs(batch_layout=((6, (4, 6), 5), (3, (4, 4), 4, (4, 8), 2)), seed: 
     pixel_values = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=g)
     return dict(input_ids=torch.tensor(rows), mm_token_type_ids=torch.tensor(types),
                 pixel_values=pixel_values, image_grid_thw=grid)
+
+
+def mark_experts_as_transformer_engine_does(model: torch.nn.Module) -> int:
+    """Set `partition_dim=0` on every expert weight, as TE's expert linears carry it when megatron
+    builds them with `parallel_mode=None` (EP > 1 or expert TP > 1). Returns the fc2s marked."""
+    marked = 0
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.tensor_model_parallel, param.partition_dim = True, 0
+            marked += name.endswith("linear_fc2.weight")
+    return marked

@@ -22,12 +22,14 @@ from megatron_vlm.models.mrope import get_rope_index
 from megatron_vlm.parallel.batching import merge_from_cp
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
-from tests.models.vlm_fixtures import make_hf_model, make_inputs
+from tests.models.vlm_fixtures import make_hf_model, make_inputs, mark_experts_as_transformer_engine_does
 
 LAYOUTS = {
     "tp1": dict(),
     "tp2_ep2": dict(tp=2, ep=2, etp=1),
     "tp2_ep2_etp2": dict(tp=2, ep=2, etp=2),
+    # expert params marked partition_dim=0 as Transformer Engine marks them (fc2 is split along 1)
+    "tp2_ep2_etp2_te": dict(tp=2, ep=2, etp=2, te_expert_attrs=True),
     "pp2": dict(pp=2),
     "cp2": dict(cp=2),
     "tp2": dict(tp=2),
@@ -80,9 +82,13 @@ def main():
     full = dict(hf_to_mcore(rules, hf_state.__getitem__))
     report = {}
     for name in names:
-        parallel = ParallelConfig(**LAYOUTS[name])
+        layout = dict(LAYOUTS[name])
+        te_expert_attrs = layout.pop("te_expert_attrs", False)
+        parallel = ParallelConfig(**layout)
         set_layout(runtime, parallel, seed=3)
         model = family.build(hf.config, parallel, "cpu")
+        if te_expert_attrs:
+            mark_experts_as_transformer_engine_does(model)
         load_full_state_dict(model, full, RankLayout.current(model.config), hf.config.tie_word_embeddings)
         model.eval()
         with torch.no_grad():
