@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from megatron_vlm.models.language import LanguageModelConfig
+from megatron_vlm.models.specs import BackendConfig
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.rewards.reward_model import RewardModelConfig
 from megatron_vlm.rl.preference import PreferenceConfig
@@ -36,6 +37,8 @@ class RuntimeConfig:
     nodes: int = 1              # cluster size, for `plan` and the SLURM script
     gpus_per_node: int = 8
     params_dtype: str = "float32"  # float32 | bfloat16
+    backend: BackendConfig = field(default_factory=BackendConfig)  # layer spec, MoE grouped GEMM
+                                   # and permute fusion; defaults per device (models/specs.py)
 
     def __post_init__(self):
         if self.device not in (None, "cpu", "cuda"):

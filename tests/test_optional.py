@@ -7,10 +7,11 @@ from megatron_vlm.parallel import optional
 
 
 def test_cpu_install_has_no_gpu_dependencies_and_picks_the_local_spec():
-    from megatron_vlm.models.specs import use_transformer_engine
+    from megatron_vlm.models.specs import BackendConfig
 
-    assert not use_transformer_engine("cpu")
-    assert use_transformer_engine("cuda") == optional.transformer_engine_available()
+    assert BackendConfig().resolve_layer_spec("cpu") == "local"
+    if not optional.transformer_engine_available():
+        assert optional.transformer_engine_import_error() is not None
 
 
 def test_pypi_apex_lookalike_is_refused(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from megatron_vlm.models.specs import BackendConfig
 from megatron_vlm.parallel.config import ParallelConfig
 
 
@@ -95,8 +96,10 @@ class LanguageModelConfig:
 
 
 def transformer_config(model: LanguageModelConfig, parallel: ParallelConfig, device_type: str,
-                       params_dtype: torch.dtype = torch.float32, **overrides):
-    """megatron TransformerConfig for this model and layout. On CPU, config switches that avoid
+                       params_dtype: torch.dtype = torch.float32, backend: BackendConfig | None = None,
+                       **overrides):
+    """megatron TransformerConfig for this model and layout. `backend` (default: every choice per
+    device) picks the layer spec and the MoE speed switches. On CPU, config switches that avoid
     CUDA-only paths are set here (preferred over patches, see parallel/cpu_compat.py)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -130,6 +133,7 @@ def transformer_config(model: LanguageModelConfig, parallel: ParallelConfig, dev
             moe_aux_loss_coeff=model.aux_loss_coeff,
             moe_router_dtype="fp32",
         )
+    kwargs.update((backend or BackendConfig()).transformer_config_kwargs(device_type))
     if device_type == "cpu":
         kwargs.update(cpu_safe_overrides())
     kwargs.update(overrides)
@@ -141,8 +145,8 @@ def cpu_safe_overrides() -> dict:
     return dict(
         use_cpu_initialization=True, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, moe_grouped_gemm=False,
-        moe_permute_fusion=False, moe_router_fusion=False, batch_p2p_sync=False,
+        apply_rope_fusion=False, persist_layer_norm=False, moe_router_fusion=False,
+        batch_p2p_sync=False,  # moe_grouped_gemm / moe_permute_fusion: off by BackendConfig on cpu
     )
 
 

@@ -6,9 +6,10 @@ test_cpu_compat.py` shows each site failing without its patch. `apply()` is call
 only when the device is CPU; nothing here is imported on a GPU run.
 
 Where a config switch avoids a site, the switch is used instead of a patch (see
-`megatron_vlm.models.provider.cpu_safe_overrides`): use_cpu_initialization,
+`megatron_vlm.models.language.cpu_safe_overrides`): use_cpu_initialization,
 gradient_accumulation_fusion=False, the bias/activation/softmax/rope fusions off,
-moe_grouped_gemm=False, batch_p2p_sync=False.
+batch_p2p_sync=False; moe_grouped_gemm / moe_permute_fusion are off by their per-device default
+(`models.specs.BackendConfig`).
 
 Sites (megatron/core/...):
   1. `torch.cuda.current_device()` used as `device=` in ~150 places (first hit

@@ -1,4 +1,5 @@
-"""GPU-only dependencies, detected without importing them: Transformer Engine, vLLM, NVIDIA apex.
+"""GPU-only dependencies, detected without importing them: Transformer Engine, vLLM, NVIDIA apex
+(except `transformer_engine_import_error`, which imports Transformer Engine to see that it works).
 
 None is required. NVIDIA apex is not on PyPI; the PyPI package named `apex` is an unrelated web
 toolkit, and megatron-core decides "apex is installed" from `import apex` alone in places, so a
@@ -7,6 +8,7 @@ NVIDIA apex's own submodules and raises with the fix.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 
@@ -19,6 +21,18 @@ def available(module: str) -> bool:
 
 def transformer_engine_available() -> bool:
     return available("transformer_engine")
+
+
+@functools.cache
+def transformer_engine_import_error() -> Exception | None:
+    """None when Transformer Engine's PyTorch API imports, else the failure. This one imports: a
+    broken build (CUDA or torch ABI mismatch) is found by `find_spec` and fails only on import,
+    with OSError or RuntimeError as often as ImportError."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the caller reports whatever the import raised
+        return exc
+    return None
 
 
 def vllm_available() -> bool:

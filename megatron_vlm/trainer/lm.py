@@ -54,7 +54,7 @@ def run(cfg) -> list[dict]:
                          f"vocabulary ({task.vocab_size})")
     dtype = torch.bfloat16 if cfg.runtime.params_dtype == "bfloat16" else torch.float32
     config = transformer_config(cfg.model, cfg.parallel, runtime.device.type, dtype,
-                                calculate_per_token_loss=True)
+                                cfg.runtime.backend, calculate_per_token_loss=True)
     model = build_language_model(cfg.model, config, runtime.device.type)
     ddp = wrap_ddp(model, cfg.parallel.distributed_optimizer)
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.parallel.distributed_optimizer,

@@ -23,8 +23,8 @@ class ReferencePolicy:
 
     @classmethod
     def build(cls, family, hf_config, parallel, device_type: str,
-              params_dtype: torch.dtype = torch.float32) -> "ReferencePolicy":
-        return cls(family.build(hf_config, parallel, device_type, params_dtype,
+              params_dtype: torch.dtype = torch.float32, backend=None) -> "ReferencePolicy":
+        return cls(family.build(hf_config, parallel, device_type, params_dtype, backend=backend,
                                 calculate_per_token_loss=True))
 
     @torch.no_grad()

@@ -181,7 +181,8 @@ class _Run:
             from megatron_vlm.trainer.reference import ReferencePolicy
 
             self.actor.reference = ReferencePolicy.build(self.family, self.hf_config, cfg.parallel,
-                                                         self.runtime.device.type, model.config.params_dtype)
+                                                         self.runtime.device.type, model.config.params_dtype,
+                                                         cfg.runtime.backend)
         self.engine = self._engine(cfg, pad)
         tasks = {r.metadata.get("task", "default") for r in self.prompts + self.evals}
         reward_model = None
@@ -456,7 +457,8 @@ def _build_policy(cfg, runtime, family, hf_config):
         hf_model = family.hf_model_class(hf_config)
         full = dict(hf_to_mcore(family.hf_rules(hf_config), hf_model.state_dict().__getitem__))
         del hf_model
-    model = family.build(hf_config, cfg.parallel, runtime.device.type, calculate_per_token_loss=True)
+    model = family.build(hf_config, cfg.parallel, runtime.device.type, backend=cfg.runtime.backend,
+                         calculate_per_token_loss=True)
     load_full_state_dict(model, full, RankLayout.current(model.config), hf_config.tie_word_embeddings)
     ddp = wrap_ddp(model, cfg.parallel.distributed_optimizer)
     total = sum(stage.steps for stage in cfg.stages) or 1
