@@ -34,7 +34,7 @@ setup(
         "test": ["pytest>=8.0"],
         "bench": ["liger-kernel==0.8.5"],
         # GPU-only: documented, not installable on the CPU machines. NVIDIA apex: build from source.
-        "gpu": ["transformer-engine[pytorch]>=2.8", "vllm==0.33.0"],
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "vllm==0.33.0"],  # megatron-core 0.16.1's TE pin
     },
     entry_points={"console_scripts": ["megatron-vlm=megatron_vlm.cli:main"]},
 )
