@@ -19,6 +19,7 @@ import yaml
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.models.specs import BackendConfig
 from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.parallel.plan import PlannedModel
 from megatron_vlm.rewards.reward_model import RewardModelConfig
 from megatron_vlm.rl.preference import PreferenceConfig
 from megatron_vlm.rl.rejection import RejectionConfig
@@ -113,14 +114,32 @@ class RunConfig:
         return self.runtime.nproc if self.runtime.nproc > 1 else (
             self.runtime.nodes * self.runtime.gpus_per_node if self.runtime.nodes > 1 else 1)
 
-    def check(self, world_size: int) -> None:
-        """Every layout error, before any process group is created."""
+    def planned_model(self) -> PlannedModel:
+        """The model this run builds: `model:` for the LM trainer; for a VLM run the HF config it
+        reads (trainer/model_source.py), vision tower included. The `model:` section is unused then."""
+        if not self.is_vlm:
+            return PlannedModel(self.model)
+        from megatron_vlm.models import family_for
+        from megatron_vlm.models.qwen_vl import HF_TEXT_FIELDS
+        from megatron_vlm.trainer.model_source import resolve_hf_config
+
+        hf_config, source = resolve_hf_config(self.vlm)
+        family = family_for(hf_config)
+        names = {ours: f"text_config.{theirs}" for ours, theirs in HF_TEXT_FIELDS.items()}
+        return PlannedModel(family.language_config(hf_config), family.vision_parameters(hf_config),
+                            source, names)
+
+    def check(self, world_size: int, planned: PlannedModel | None = None) -> None:
+        """Every layout error, before any process group is created (`planned`: planned_model())."""
+        (planned or self.planned_model()).check_layout(self.parallel)
+        if self.is_vlm and self.model != LanguageModelConfig():
+            raise ValueError("a model: section is read by the LM trainer only; a VLM run builds the "
+                             "model of its HF config (vlm.assets/model, vlm.model_config): drop it")
         if self.is_vlm:
             self.parallel.data_parallel_size(world_size)
             if not self.stages:
                 raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo | rft | dpo | mpo)")
             return
-        self.model.check_layout(self.parallel)
         self.parallel.data_parallel_size(world_size)
         if self.parallel.cp > 1 and self.train.seq_length % (2 * self.parallel.cp):
             raise ValueError(f"train.seq_length ({self.train.seq_length}) must be divisible by "

@@ -74,7 +74,8 @@ def test_plan_for_a_realistic_cluster(capsys):
     assert main(["plan", "--config", "configs/qwen3_vl_30b_a3b.yaml"]) == 0
     out = capsys.readouterr().out
     assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in out and "EP=8" in out
-    assert "30.53B parameters, 3.35B active" in out  # Qwen3-30B-A3B: 30.5B total, 3.3B active
+    # Qwen3-VL-30B-A3B from its HF config: language 30.53B (3.35B active) + vision tower 0.54B
+    assert "31.07B parameters, 3.89B active (vision tower 538.63M)" in out
     assert "0-23" in out and "24-47" in out
 
 

@@ -239,6 +239,13 @@ def demo_model_config(tokenizer, vision: VisionPatchConfig):
     return config
 
 
+def demo_hf_config(vision: VisionPatchConfig | None = None, mode: str = DigitsConfig.mode):
+    """The model config `build_demo_assets` writes, built in memory (writes nothing): what `plan`
+    and `check` read before the assets exist."""
+    tokenizer = build_char_tokenizer(TemplateConfig(default_mode=mode))
+    return demo_model_config(tokenizer, vision or VisionPatchConfig())
+
+
 def count_parameters(config) -> int:
     """Parameters of the HF model built on the meta device (no memory, no init)."""
     import torch

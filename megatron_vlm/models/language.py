@@ -74,24 +74,28 @@ class LanguageModelConfig:
             return [0] * self.num_layers
         return [0 if i in self.dense_layers else 1 for i in range(self.num_layers)]
 
-    def check_layout(self, parallel: ParallelConfig) -> None:
-        """Raise, naming the field, when the parallel layout does not divide this model."""
+    def check_layout(self, parallel: ParallelConfig, names: dict[str, str] | None = None) -> None:
+        """Raise, naming the field, when the parallel layout does not divide this model. `names`:
+        how the config the model came from calls a field (default `model.<field>`)."""
+        def name(field_name: str) -> str:
+            return (names or {}).get(field_name, f"model.{field_name}")
+
         if self.num_layers % parallel.pp:
-            raise ValueError(f"model.num_layers ({self.num_layers}) is not divisible by "
+            raise ValueError(f"{name('num_layers')} ({self.num_layers}) is not divisible by "
                              f"parallel.pp ({parallel.pp})")
         if self.num_query_groups % parallel.tp:
-            raise ValueError(f"model.num_query_groups ({self.num_query_groups}) is not divisible by"
-                             f" parallel.tp ({parallel.tp})")
+            raise ValueError(f"{name('num_query_groups')} ({self.num_query_groups}) is not divisible"
+                             f" by parallel.tp ({parallel.tp})")
         if self.num_experts is not None and self.num_experts % parallel.ep:
-            raise ValueError(f"parallel.ep ({parallel.ep}) does not divide model.num_experts "
+            raise ValueError(f"parallel.ep ({parallel.ep}) does not divide {name('num_experts')} "
                              f"({self.num_experts})")
         if self.num_experts is None and parallel.ep > 1:
-            raise ValueError(f"parallel.ep={parallel.ep} needs an MoE model (model.num_experts)")
+            raise ValueError(f"parallel.ep={parallel.ep} needs an MoE model ({name('num_experts')})")
         if self.ffn_hidden_size % parallel.tp:
-            raise ValueError(f"model.ffn_hidden_size ({self.ffn_hidden_size}) is not divisible by "
-                             f"parallel.tp ({parallel.tp})")
+            raise ValueError(f"{name('ffn_hidden_size')} ({self.ffn_hidden_size}) is not divisible "
+                             f"by parallel.tp ({parallel.tp})")
         if self.num_experts is not None and self.moe_ffn_hidden_size % parallel.expert_tp:
-            raise ValueError(f"model.moe_ffn_hidden_size ({self.moe_ffn_hidden_size}) is not "
+            raise ValueError(f"{name('moe_ffn_hidden_size')} ({self.moe_ffn_hidden_size}) is not "
                              f"divisible by parallel.etp ({parallel.expert_tp})")
 
 

@@ -43,6 +43,12 @@ class Family:
             num_deepstack=len(getattr(vision_config, "deepstack_visual_indexes", None) or []),
         )
 
+    def vision_parameters(self, hf_config) -> int:
+        """Parameters of the vision tower, built on the meta device (no memory, no init)."""
+        with torch.device("meta"):
+            vision = self.vision_class._from_config(hf_config.vision_config)
+        return sum(p.numel() for p in vision.parameters())
+
     def build(self, hf_config, parallel: ParallelConfig, device_type: str,
               params_dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
               **config_overrides) -> VisionLanguageModel:
@@ -60,6 +66,12 @@ def vision_features(vision, pixel_values, image_grid_thw):
     """(merged features [n_image_tokens, H], deepstack features) from a Qwen-VL vision tower."""
     out = vision(pixel_values.to(vision.dtype), grid_thw=image_grid_thw, return_dict=True)
     return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
+
+
+# LanguageModelConfig field -> the HF text_config key it is read from (layout errors name the key)
+HF_TEXT_FIELDS = {"num_layers": "num_hidden_layers", "num_query_groups": "num_key_value_heads",
+                  "num_experts": "num_experts", "ffn_hidden_size": "intermediate_size",
+                  "moe_ffn_hidden_size": "moe_intermediate_size"}
 
 
 def language_config_from_hf(hf_config, family: Family) -> LanguageModelConfig:

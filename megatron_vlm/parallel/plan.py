@@ -8,12 +8,32 @@ each pipeline stage:
                divided by the DP size (distributed optimizer): attention / dense params over DP,
                expert params over expert-DP.
 Activations depend on sequence length and recomputation and are not included.
+
+The model is `PlannedModel`: the `model:` section for the LM trainer; for a VLM run the HF config
+the run builds from (RunConfig.planned_model), with its vision tower, which is replicated over TP
+and lives on the first pipeline stage beside the embedding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_vlm.models.language import LanguageModelConfig
+
+
+@dataclass
+class PlannedModel:
+    lm: LanguageModelConfig
+    vision_params: int = 0        # the vision tower (dense, first stage, replicated over TP)
+    source: str = "model:"        # where the shapes were read
+    field_names: dict[str, str] = field(default_factory=dict)  # our field -> the source's name
+
+    def check_layout(self, parallel) -> None:
+        try:
+            self.lm.check_layout(parallel, self.field_names)
+        except ValueError as exc:
+            if not self.field_names:
+                raise
+            raise ValueError(f"{exc} (the model's config: {self.source})") from None
 
 
 @dataclass
@@ -72,19 +92,30 @@ def total_params(model: LanguageModelConfig) -> tuple[int, int]:
     return total, active
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _model_line(planned: PlannedModel) -> str:
+    m = planned.lm
+    total, active = total_params(m)
+    total, active = total + planned.vision_params, active + planned.vision_params
+    line = (f"model: {m.num_layers} layers, hidden {m.hidden_size}, "
+            + (f"{m.num_experts} experts (top-{m.moe_router_topk}), " if m.num_experts else "dense, ")
+            + f"{_count(total)} parameters, {_count(active)} active")
+    if planned.vision_params:
+        line += f" (vision tower {_count(planned.vision_params)})"
+    return line + f"; from {planned.source}"
+
+
 def format_plan(cfg, world_size: int) -> str:
-    cfg.check(world_size)
-    p, m = cfg.parallel, cfg.model
+    planned = cfg.planned_model()
+    cfg.check(world_size, planned)
+    p, m = cfg.parallel, planned.lm
     dp = p.data_parallel_size(world_size)
     edp = p.expert_data_parallel_size(world_size)
     param_bytes = 2 if cfg.runtime.params_dtype == "bfloat16" else 4
-    total, active = total_params(m)
-    lines = [
-        f"world size {world_size}: {p.describe(world_size)}",
-        f"model: {m.num_layers} layers, hidden {m.hidden_size}, "
-        + (f"{m.num_experts} experts (top-{m.moe_router_topk}), " if m.num_experts else "dense, ")
-        + f"{total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active",
-    ]
+    lines = [f"world size {world_size}: {p.describe(world_size)}", _model_line(planned)]
     if m.num_experts:
         lines.append(f"experts: {m.num_experts} / EP {p.ep} = {m.num_experts // p.ep} per rank, "
                      f"expert TP {p.expert_tp}, dispatcher {p.token_dispatcher}")
@@ -95,6 +126,8 @@ def format_plan(cfg, world_size: int) -> str:
                  f"{'grads GiB':>10} {'optim GiB':>10} {'total GiB':>10}")
     gib = 1024 ** 3
     for s in stage_counts(m, p.tp, p.pp, p.ep, p.expert_tp):
+        if s.stage == 0:
+            s.dense_params += planned.vision_params
         n = s.dense_params + s.expert_params
         weights = n * param_bytes / gib
         grads = n * 4 / gib
@@ -102,6 +135,6 @@ def format_plan(cfg, world_size: int) -> str:
         shards = (dp, edp) if p.distributed_optimizer else (1, 1)
         optim = (s.dense_params / shards[0] + s.expert_params / shards[1]) * state_bytes / gib
         layers = f"{s.layers[0]}-{s.layers[-1]}"
-        lines.append(f"{s.stage:>5} {layers:>9} {n / 1e6:>11.1f}M {weights:>12.2f} {grads:>10.2f} "
+        lines.append(f"{s.stage:>5} {layers:>9} {n / 1e6:>11.2f}M {weights:>12.2f} {grads:>10.2f} "
                      f"{optim:>10.2f} {weights + grads + optim:>10.2f}")
     return "\n".join(lines)

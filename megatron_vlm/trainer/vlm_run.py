@@ -53,6 +53,9 @@ class VLMConfig:
     build_demo_assets: bool = False  # write the digits demo assets there first when missing
     init_from: str | None = None     # HF checkpoint dir with the weights to start from (None: random
                                      # init); full tensors on every rank: for big models, `convert`
+    model_config: str | None = None  # dir with a copy of the model's config.json: what `plan` and
+                                     # `check` read where assets/model is not at hand; must agree
+                                     # with assets/model (trainer/model_source.py)
     sft_data: str = "sft.parquet"
     prompt_data: str = "rl.parquet"
     eval_data: str = "eval.parquet"
@@ -138,19 +141,18 @@ def run(cfg, keep_runtime: bool = False) -> list[dict]:
 
 class _Run:
     def __init__(self, cfg):
-        from transformers import AutoConfig
-
         from megatron_vlm.data.loading import load_mixture, load_prompts
         from megatron_vlm.data.processor import MultimodalProcessor
         from megatron_vlm.models import family_for
         from megatron_vlm.parallel.runtime import init_runtime
         from megatron_vlm.rewards.scorer import RewardScorer
         from megatron_vlm.trainer.grpo import Actor
+        from megatron_vlm.trainer.model_source import resolve_hf_config
 
         self.cfg = cfg
         self.assets = _assets(cfg)
         self.runtime = init_runtime(cfg.parallel, cfg.runtime.seed, cfg.runtime.device)
-        self.hf_config = AutoConfig.from_pretrained(str(self.assets / "model"))
+        self.hf_config, _ = resolve_hf_config(cfg.vlm)  # assets/model, checked against model_config
         self.family = family_for(self.hf_config)
         self.processor = MultimodalProcessor.from_pretrained(self.assets / "model")
         self.tokenizer = self.processor.tokenizer

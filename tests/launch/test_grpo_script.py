@@ -57,7 +57,9 @@ def test_whole_recipe_loads_plans_and_the_stage_checks_it():
 def test_recipe_shares_the_base_recipes_model_and_layout(recipe):
     _, _, data = recipe
     base = yaml.safe_load(BASE.read_text())
-    for section in ("model", "parallel", "runtime"):
+    assert "model" not in data and "model" not in base  # the model is the HF config's
+    assert data["vlm"]["model_config"] == base["vlm"]["model_config"]
+    for section in ("parallel", "runtime"):
         assert data[section] == base[section], f"{section} drifted from {BASE.name}"
 
 
