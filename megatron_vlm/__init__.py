@@ -13,3 +13,9 @@ __version__ = "0.1.0"
 # megatron-core warns at import that Transformer Engine / apex are missing: expected on CPU, where
 # the local layer spec and torch optimizers are the intended path (parallel/optional.py).
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")
+
+# With the CPU vLLM extra installed, transformers' image code imports a torchvision whose compiled
+# ops cannot load beside the CPU torch; a no-op everywhere else (rollout/vllm_cpu_compat.py).
+from megatron_vlm.rollout.vllm_cpu_compat import define_torchvision_schemas as _define_schemas
+
+_define_schemas()
