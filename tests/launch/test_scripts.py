@@ -10,7 +10,7 @@ SBATCH = ROOT / "launch" / "slurm_train.sbatch"
 TORCHRUN = ROOT / "launch" / "torchrun_train.sh"
 
 
-@pytest.mark.parametrize("script", [SBATCH, TORCHRUN])
+@pytest.mark.parametrize("script", [SBATCH, TORCHRUN, ROOT / "launch" / "submit.sh"])
 def test_bash_syntax(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -57,3 +57,108 @@ def test_torchrun_script_renders_single_node(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert out.split()[:4] == ["torchrun", "--standalone", "--nproc-per-node=8", "--master-port=29511"]
     assert "megatron_vlm.cli train --config configs/lm_demo.yaml parallel.tp=2" in out
+
+
+# -- the scripts run for real against stub SLURM / torchrun / ip binaries that record what they get
+
+GRPO_SBATCH = ROOT / "launch" / "slurm_grpo.sbatch"
+SUBMIT = ROOT / "launch" / "submit.sh"
+RECORDED_ENV = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TRITON_CACHE_DIR", "LOG_DIR")
+
+
+def stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def record(name: str) -> str:
+    """A stub body that writes its arguments (one per line) and RECORDED_ENV to $STUB_OUT/name.*."""
+    env = "".join(f'echo "{k}=${{{k}-<unset>}}" >> "$STUB_OUT/{name}.env"\n' for k in RECORDED_ENV)
+    return f'printf "%s\\n" "$@" > "$STUB_OUT/{name}.args"\n{env}'
+
+
+def stub_cluster(tmp_path, nodes=2, route="default via 10.0.0.1 dev ens5 proto dhcp metric 100"):
+    """fake_slurm_env without the dry run: srun records its options and runs the command after
+    them (as the task on the first node), torchrun and sbatch record, `ip` prints `route`."""
+    env = fake_slurm_env(tmp_path, nodes)
+    env.pop("MEGATRON_VLM_DRY_RUN")
+    bin_dir, out = tmp_path / "bin", tmp_path / "stub"
+    out.mkdir()
+    stub(bin_dir, "srun", record("srun") + 'while [[ "$1" == --* ]]; do shift; done\n'
+                                           'SLURMD_NODENAME=gpu-001 exec "$@"\n')
+    stub(bin_dir, "torchrun", record("torchrun"))
+    stub(bin_dir, "sbatch", record("sbatch") + '[ -d "$LOG_DIR" ] || { echo "no $LOG_DIR" >&2; exit 1; }\n')
+    stub(bin_dir, "ip", f'[ "$*" = "-o route show default" ] && echo "{route}"\n' if route else "exit 1\n")
+    env["STUB_OUT"] = str(out)
+    return env, out
+
+
+def recorded(out: Path, name: str) -> tuple[list[str], dict[str, str]]:
+    args = (out / f"{name}.args").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in (out / f"{name}.env").read_text().splitlines())
+    return args, env
+
+
+def run_train(env, *args):
+    result = subprocess.run(["bash", str(SBATCH), "configs/qwen3_vl_30b_a3b.yaml", *args], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_srun_gets_cpus_per_task_and_torchrun_the_socket_defaults(tmp_path):
+    env, out = stub_cluster(tmp_path)
+    run_train(env, "train.steps=1")
+    srun, srun_env = recorded(out, "srun")
+    assert "--cpus-per-task=64" in srun  # the #SBATCH value when sbatch exported none
+    assert f"--output={tmp_path}/logs/4242/node-%n.log" in srun and (tmp_path / "logs" / "4242").is_dir()
+    torchrun, torchrun_env = recorded(out, "torchrun")
+    assert torchrun[-2:] == ["runtime.gpus_per_node=8", "train.steps=1"]
+    assert torchrun_env["NCCL_SOCKET_IFNAME"] == "^lo,docker" and torchrun_env["GLOO_SOCKET_IFNAME"] == "ens5"
+    assert torchrun_env["TRITON_CACHE_DIR"] == "/tmp/triton-4242-gpu-001"  # expanded on the node
+    env["SLURM_CPUS_PER_TASK"] = "48"  # sbatch --cpus-per-task=48
+    run_train(env)
+    assert "--cpus-per-task=48" in recorded(out, "srun")[0]
+
+
+@pytest.mark.parametrize("overrides, nccl, gloo", [
+    (dict(SOCKET_IFNAME="ib0"), "ib0", "ib0"),
+    (dict(NCCL_SOCKET_IFNAME="=eth1"), "=eth1", "ens5"),
+    (dict(SOCKET_IFNAME="ib0", GLOO_SOCKET_IFNAME="eth0"), "ib0", "eth0"),
+])
+def test_socket_interfaces_can_be_overridden(tmp_path, overrides, nccl, gloo):
+    env, out = stub_cluster(tmp_path)
+    run_train(dict(env, **overrides))
+    _, torchrun_env = recorded(out, "torchrun")
+    assert (torchrun_env["NCCL_SOCKET_IFNAME"], torchrun_env["GLOO_SOCKET_IFNAME"]) == (nccl, gloo)
+
+
+def test_no_default_route_leaves_gloo_unset_and_says_so(tmp_path):
+    env, out = stub_cluster(tmp_path, route="")  # `ip` finds no default route
+    result = run_train(env)
+    assert recorded(out, "torchrun")[1]["GLOO_SOCKET_IFNAME"] == "<unset>"  # never "" (gloo fails)
+    assert "set GLOO_SOCKET_IFNAME" in result.stderr
+
+
+def test_grpo_wrapper_reaches_srun_with_the_same_settings(tmp_path):
+    env, out = stub_cluster(tmp_path)
+    env["MEGATRON_VLM_ROOT"] = str(ROOT)
+    result = subprocess.run(["bash", str(GRPO_SBATCH)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--cpus-per-task=64" in recorded(out, "srun")[0]
+    assert recorded(out, "torchrun")[1]["GLOO_SOCKET_IFNAME"] == "ens5"
+
+
+def test_job_log_needs_no_directory_and_submit_creates_one(tmp_path):
+    for script in (SBATCH, GRPO_SBATCH):  # opened by SLURM before the script runs: no directory
+        directive = next(l for l in script.read_text().splitlines() if l.startswith("#SBATCH --output="))
+        assert "/" not in directive, directive
+    env, out = stub_cluster(tmp_path)
+    env["LOG_DIR"] = str(tmp_path / "job-logs")
+    result = subprocess.run(["bash", str(SUBMIT), "--nodes=4", str(SBATCH), "c.yaml", "a.b=1"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # the stub sbatch checks LOG_DIR exists
+    args, sbatch_env = recorded(out, "sbatch")
+    assert args == [f"--output={tmp_path}/job-logs/%x-%j.out", "--nodes=4", str(SBATCH), "c.yaml", "a.b=1"]
+    assert sbatch_env["LOG_DIR"] == str(tmp_path / "job-logs")  # the job's node logs go there too
