@@ -34,8 +34,10 @@ class RecordingLLM:
     def __init__(self, *args, **kwargs):
         self.calls = [("__init__", args, kwargs)]
         RecordingLLM.instances.append(self)
-        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self._record(
-            "llm_engine.reset_encoder_cache", (), {}))
+        self.llm_engine = SimpleNamespace(
+            reset_encoder_cache=lambda *a, **k: self._record("llm_engine.reset_encoder_cache", a, k),
+            engine_core=SimpleNamespace(  # vLLM's InprocClient (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+                shutdown=lambda *a, **k: self._record("llm_engine.engine_core.shutdown", a, k)))
 
     def _record(self, name, args, kwargs):
         self.calls.append((name, args, kwargs))
@@ -59,9 +61,11 @@ class RecordingLLM:
 
     def collective_rpc(self, method, *args, **kwargs):
         self._record("collective_rpc", (method, *args), kwargs)
-        # external_launcher runs the worker method in this process: consume the stream like
-        # vLLM's loader does, keeping the names it saw.
-        self.loaded = [name for name, _ in kwargs["kwargs"]["weights_iterator"]]
+        # The worker method runs in this process: consume the stream like vLLM's loader does,
+        # keeping the names it saw. A callable (the CPU expert repack) is only recorded.
+        stream = (kwargs.get("kwargs") or {}).get("weights_iterator")
+        if stream is not None:
+            self.loaded = [name for name, _ in stream]
         return [None]
 
     def generate(self, prompts, *args, **kwargs):
