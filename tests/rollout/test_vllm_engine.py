@@ -202,10 +202,11 @@ def test_device_mode_decides_every_cpu_difference():
     assert gpu["gpu_memory_utilization"] == 0.4 and "kv_cache_memory_bytes" not in gpu
     assert cpu["kv_cache_memory_bytes"] == 1 << 29 and "gpu_memory_utilization" not in cpu
     assert gpu["enforce_eager"] is False and cpu["enforce_eager"] is True
-    assert ve.device_mode(cfg, "cpu").repack_experts and not ve.device_mode(cfg, "cuda").repack_experts
     assert cpu["distributed_executor_backend"] == "uni"  # one-rank replicas: independent engines
+    routed = ve.VllmEngineConfig(model_dir="m", return_routed_experts=True)  # a valid GPU config
+    assert ve.llm_kwargs(routed, "cuda")["enable_return_routed_experts"] is True
     with pytest.raises(ValueError, match="return_routed_experts: not available on cpu"):
-        ve.llm_kwargs(ve.VllmEngineConfig(model_dir="m", return_routed_experts=True), "cpu")
+        ve.check_supported(routed, ve.device_mode(routed, "cpu"))
     with pytest.raises(ValueError, match="runs on cuda or cpu, not 'mps'"):
         ve.device_mode(cfg, "mps")
 

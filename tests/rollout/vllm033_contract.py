@@ -106,11 +106,8 @@ def literal_choices(annotation):
 def run_step(device: str, tensor_parallel_size: int, environ: dict) -> SimpleNamespace:
     """One RL step of the adapter on `device`, then close; returns the engine, its recording LLM
     (close drops `engine.llm`) and the samples."""
-    cfg = ve.VllmEngineConfig(model_dir="/hf/qwen3-vl", tensor_parallel_size=tensor_parallel_size)
-    if device == "cuda":
-        # Set after construction: VllmEngineConfig(return_routed_experts=True) raises in
-        # __post_init__, which builds the CPU kwargs too (where routed experts are refused).
-        cfg.return_routed_experts = True
+    cfg = ve.VllmEngineConfig(model_dir="/hf/qwen3-vl", tensor_parallel_size=tensor_parallel_size,
+                              return_routed_experts=device == "cuda")  # refused on CPU
     engine = ve.VllmEngine(cfg, device=device, environ=environ)
     llm = engine.llm
     engine.sleep()
