@@ -9,6 +9,9 @@ import os
 import pytest
 import torch
 
+import megatron_vlm  # noqa: F401  first: with the vLLM extra, transformers' image code needs the
+                     # torchvision schemas it defines (rollout/vllm_cpu_compat.py)
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Two cores: tests that use torch inside one process should not oversubscribe them.

@@ -35,9 +35,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         raise AssertionError(f"{name}: " + "; ".join(problems))
 
 
-def run_worker(worker: str, out_dir, nproc: int = 2, timeout: int = 400) -> dict:
-    """Launch `worker OUT.json` on `nproc` local gloo ranks and return the JSON its rank 0 wrote
-    (printed too, so `pytest -s` shows the measured figures)."""
+def run_worker(worker: str, out_dir, nproc: int = 2, timeout: int = 400, args: tuple = ()) -> dict:
+    """Launch `worker OUT.json *args` on `nproc` local gloo ranks and return the JSON its rank 0
+    wrote (printed too, so `pytest -s` shows the measured figures)."""
     import json
     import os
     from pathlib import Path
@@ -46,7 +46,7 @@ def run_worker(worker: str, out_dir, nproc: int = 2, timeout: int = 400) -> dict
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = Path(out_dir) / (Path(worker).stem + ".json")
-    result = launch_local([worker, str(out)], nproc=nproc, timeout=timeout, env={"PYTHONPATH": root})
+    result = launch_local([worker, str(out), *args], nproc=nproc, timeout=timeout, env={"PYTHONPATH": root})
     assert result.ok, result.summary()
     report = json.loads(out.read_text())
     print(json.dumps(report))

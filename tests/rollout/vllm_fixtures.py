@@ -1,0 +1,91 @@
+"""What the real-vLLM workers share: the digits demo's tiny Qwen3-VL-MoE (its HF directory with
+tokenizer and processor, the one vLLM builds from), a megatron trainer holding seeded weights at the
+launch's layout, prompts with and without an image, and the engine-vs-trainer log-prob comparison.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_vlm.rollout.protocol import SamplingParams
+
+GREEDY = dict(temperature=0.0, max_new_tokens=16, n=1)
+SAMPLED = dict(temperature=1.0, max_new_tokens=16, n=4, seed=5)
+
+
+class Demo:
+    """The trainer side of one launch: assets, processor, trainer model, requests."""
+
+    def __init__(self, out_dir: Path, parallel, seed: int = 0):
+        from transformers import AutoConfig
+
+        from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
+        from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
+        from megatron_vlm.data.digits import DigitsConfig, build_demo_assets
+        from megatron_vlm.data.loading import LoadConfig, load_prompts
+        from megatron_vlm.data.processor import MultimodalProcessor
+        from megatron_vlm.models import family_for
+        from megatron_vlm.parallel.runtime import init_runtime
+        from megatron_vlm.trainer.vlm_run import PromptCache
+
+        self.runtime = init_runtime(parallel, seed)
+        self.assets = Path(out_dir) / "assets"
+        if self.runtime.rank == 0 and not (self.assets / "manifest.json").exists():
+            build_demo_assets(self.assets, seed, DigitsConfig(seed=seed, num_sft=8, num_rl=16,
+                                                              num_eval=8, num_pref=4, num_text=8))
+        torch.distributed.barrier()
+        self.model_dir = self.assets / "model"
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.family = family_for(self.hf_config)
+        self.rules = self.family.hf_rules(self.hf_config)
+        torch.manual_seed(seed)  # transformers' initialisation, identical on every rank
+        hf_model = self.family.hf_model_class(self.hf_config)
+        full = dict(hf_to_mcore(self.rules, hf_model.state_dict().__getitem__))
+        del hf_model
+        self.model = self.family.build(self.hf_config, parallel, "cpu").eval()
+        load_full_state_dict(self.model, full, RankLayout.current(self.model.config),
+                             self.hf_config.tie_word_embeddings)
+        self.processor = MultimodalProcessor.from_pretrained(self.model_dir)
+        self.cache = PromptCache(self.processor)
+        load = LoadConfig(max_prompt_length=256)
+        self.requests = (load_prompts(self.assets / "rl.parquet", self.processor, load).requests[:3]
+                         + load_prompts(self.assets / "rl_text.parquet", self.processor, load).requests[:1])
+        for request in self.requests:
+            self.cache(request)
+        tokenizer = self.processor.tokenizer
+        self.stop_token_ids = [tokenizer.eos_token_id]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def sampling(self, **kwargs) -> SamplingParams:
+        return SamplingParams(stop_token_ids=self.stop_token_ids, **kwargs)
+
+    def engine_config(self, **kwargs):
+        from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
+
+        defaults = dict(model_dir=str(self.model_dir), dtype="float32", max_model_len=256,
+                        max_num_seqs=32, cpu_kv_cache_gb=0.125)
+        return VllmEngineConfig(**{**defaults, **kwargs})
+
+    def trainer_logprobs(self, samples, model=None) -> list[list[float]]:
+        """The trainer's log-probs of the engine's samples (temperature 1)."""
+        from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs, score
+
+        batch, _, _ = build_batch(samples, {s.request_id: self.cache.get(s.request_id) for s in samples},
+                                  self.pad_id, self.hf_config.vision_config.spatial_merge_size)
+        with torch.no_grad():
+            return response_logprobs(score(model or self.model, batch, 1.0), batch)
+
+
+def outputs(samples) -> list[dict]:
+    """JSON-able (request, index, tokens, log-probs) of samples."""
+    return [dict(request=s.request_id, index=s.index, tokens=s.response_ids, logprobs=s.logprobs,
+                 finish=s.finish_reason) for s in samples]
+
+
+def diff_stats(engine: list[list[float]], trainer: list[list[float]]) -> dict:
+    """max / mean / 99th percentile of |engine - trainer| over every token."""
+    diffs = torch.cat([(torch.tensor(e, dtype=torch.float64) - torch.tensor(t, dtype=torch.float64)).abs()
+                       for e, t in zip(engine, trainer)])
+    return dict(max=float(diffs.max()), mean=float(diffs.mean()),
+                p99=float(torch.quantile(diffs, 0.99)), tokens=diffs.numel())
