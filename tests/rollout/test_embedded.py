@@ -1,5 +1,6 @@
 """The embedded engine after a weight sync: its log-probs for its own samples equal the trainer's,
-and a corrupted bucket is caught by the sync check."""
+and a corrupted bucket is caught by the sync check. Each test builds (and syncs) the engine it
+needs, so they pass alone and in any order."""
 import pytest
 import torch
 
@@ -39,19 +40,32 @@ def setup(single_rank_runtime):
     torch.manual_seed(0)
     model = family.build(hf_config, ParallelConfig(), "cpu").eval()
     requests, prepared = fixture_requests()
-    engine = EmbeddedEngine(hf_config, prepare=lambda r: prepared[r.request_id], pad_token_id=0)
-    return hf_config, family, model, engine, requests, prepared
+    return hf_config, family, model, requests, prepared
+
+
+def new_engine(setup) -> EmbeddedEngine:
+    hf_config, _, _, _, prepared = setup
+    return EmbeddedEngine(hf_config, prepare=lambda r: prepared[r.request_id], pad_token_id=0)
+
+
+@pytest.fixture
+def engine(setup):
+    """A fresh engine holding the trainer's weights."""
+    hf_config, family, model, _, _ = setup
+    engine = new_engine(setup)
+    sync_weights(model, family.hf_rules(hf_config), engine, bucket_bytes=200_000)
+    return engine
 
 
 def test_generate_refuses_before_sync(setup):
-    hf_config, family, model, _, requests, prepared = setup
-    fresh = EmbeddedEngine(hf_config, prepare=lambda r: prepared[r.request_id])
+    requests = setup[3]
     with pytest.raises(RuntimeError, match="before every weight was synced"):
-        fresh.generate(requests, SamplingParams())
+        new_engine(setup).generate(requests, SamplingParams())
 
 
 def test_engine_logprobs_equal_trainer_after_sync(setup):
-    hf_config, family, model, engine, requests, prepared = setup
+    hf_config, family, model, requests, prepared = setup
+    engine = new_engine(setup)
     stats = sync_weights(model, family.hf_rules(hf_config), engine, bucket_bytes=200_000)
     assert stats.tensors == len(engine.params) and not engine.missing_weights()
     largest_tensor = max(p.numel() * p.element_size() for p in engine.params.values())
@@ -70,16 +84,16 @@ def test_engine_logprobs_equal_trainer_after_sync(setup):
     assert check.tokens == sum(len(s.response_ids) for s in samples)
 
 
-def test_same_seed_same_samples(setup):
-    _, _, _, engine, requests, _ = setup
+def test_same_seed_same_samples(setup, engine):
+    requests = setup[3]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=5, n=2, seed=11)
     a = [s.response_ids for s in engine.generate(requests, sampling)]
     b = [s.response_ids for s in engine.generate(requests, sampling)]
     assert a == b
 
 
-def test_corrupted_bucket_is_caught(setup):
-    hf_config, family, model, engine, requests, prepared = setup
+def test_corrupted_bucket_is_caught(setup, engine):
+    hf_config, family, model, requests, prepared = setup
     rules = family.hf_rules(hf_config)
 
     def corrupt(buckets):
@@ -97,11 +111,10 @@ def test_corrupted_bucket_is_caught(setup):
     trainer = response_logprobs(score(model, batch, sampling.temperature), batch)
     with pytest.raises(WeightSyncError, match="engine and trainer disagree"):
         check_logprobs([s.logprobs for s in samples], trainer, bound=1e-3)
-    sync_weights(model, rules, engine, bucket_bytes=200_000)  # repair for other tests
 
 
-def test_sleeping_engine_refuses_to_generate(setup):
-    _, _, _, engine, requests, _ = setup
+def test_sleeping_engine_refuses_to_generate(setup, engine):
+    requests = setup[3]
     engine.sleep()
     engine.wake_up(["weights"])
     with pytest.raises(RuntimeError, match="partly asleep"):
