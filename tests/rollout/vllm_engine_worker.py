@@ -4,7 +4,8 @@
    prompts, against a fresh `vllm.LLM` built from an HF export of the same weights (load_format
    auto): the same tokens, the same log-probs. Twice: after a second update with other weights too
    (the CPU fused experts must be prepacked on every reload: vllm_cpu_compat).
-2. The engine's log-probs of its own samples against the trainer's, fp32 engine and bf16 engine.
+2. The engine's log-probs of its own samples against the trainer's, fp32 engine and bf16 engine;
+   a seeded GRPO-sized batch (more prompt tokens than one scheduler step takes) twice, the same.
 3. Broken syncs: one tensor transposed, one bucket left stale after an update. The run's sync check
    (rollout.sync_check_bound's default) must catch both; a full sync repairs the engine.
 With a second argument naming a `vllm_cpu_compat` workaround, only step 1 runs, without it
@@ -98,6 +99,10 @@ def main(out_path: str, skip: str | None = None) -> None:
 
     samples = engine.generate(demo.requests, sampled)
     report["fp32"] = diff_stats([s.logprobs for s in samples], demo.trainer_logprobs(samples))
+    big = demo.sampling(**dict(SAMPLED, n=8))  # 16 x 8 prompts of ~70 tokens: > 4096 per step
+    first, again = (engine.generate(demo.many_requests, big) for _ in range(2))
+    report["large_seeded_batch"] = dict(samples=len(first), prompt_tokens=sum(len(s.prompt_ids) for s in first),
+                                        repeatable=[s.response_ids for s in first] == [s.response_ids for s in again])
 
     bf16 = VllmEngine(demo.engine_config(dtype="bfloat16"), "cpu")
     keep.append(bf16)

@@ -49,9 +49,11 @@ class Demo:
         self.processor = MultimodalProcessor.from_pretrained(self.model_dir)
         self.cache = PromptCache(self.processor)
         load = LoadConfig(max_prompt_length=256)
-        self.requests = (load_prompts(self.assets / "rl.parquet", self.processor, load).requests[:3]
-                         + load_prompts(self.assets / "rl_text.parquet", self.processor, load).requests[:1])
-        for request in self.requests:
+        images = load_prompts(self.assets / "rl.parquet", self.processor, load).requests
+        self.requests = images[:3] + load_prompts(self.assets / "rl_text.parquet", self.processor,
+                                                  load).requests[:1]
+        self.many_requests = images  # 16 prompts: a GRPO-sized batch over vLLM's token budget
+        for request in images + self.requests:
             self.cache(request)
         tokenizer = self.processor.tokenizer
         self.stop_token_ids = [tokenizer.eos_token_id]
@@ -64,7 +66,7 @@ class Demo:
         from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
 
         defaults = dict(model_dir=str(self.model_dir), dtype="float32", max_model_len=256,
-                        max_num_seqs=32, cpu_kv_cache_gb=0.125)
+                        max_num_seqs=128, cpu_kv_cache_gb=0.125)  # 128: a step over 4096 tokens
         return VllmEngineConfig(**{**defaults, **kwargs})
 
     def trainer_logprobs(self, samples, model=None) -> list[list[float]]:
