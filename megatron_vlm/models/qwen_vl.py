@@ -6,7 +6,9 @@ and its weight-name rules in hf_adapter.py. Nothing here branches on the family.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -34,7 +36,7 @@ class Family:
         text = hf_config.text_config
         vision_config = hf_config.vision_config
         return VisionSpec(
-            build_vision=lambda: self.vision_class._from_config(vision_config),
+            build_vision=partial(build_vision_tower, self.vision_class, vision_config),
             image_features=vision_features,
             image_token_id=hf_config.image_token_id,
             spatial_merge_size=vision_config.spatial_merge_size,
@@ -60,6 +62,14 @@ class Family:
                                     mrope_section=vision.mrope_section,
                                     **{"apply_rope_fusion": False, **config_overrides})
         return VisionLanguageModel(lm, vision, config, device_type, pre_process, post_process)
+
+
+def build_vision_tower(vision_class, vision_config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' vision tower, parameters and buffers built directly on `device` in `dtype`
+    (the buffers transformers creates in fp32 on purpose, the rotary `inv_freq`, stay fp32 as
+    there). On a copy of the config: `_from_config` writes the dtype into the config it is given."""
+    with torch.device(device):
+        return vision_class._from_config(copy.deepcopy(vision_config), dtype=dtype)
 
 
 def vision_features(vision, pixel_values, image_grid_thw):

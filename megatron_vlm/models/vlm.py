@@ -7,7 +7,10 @@ Design decisions:
   vision half exactly transformers' (weights, position-embedding interpolation, window attention),
   so conversion parity there is by construction and new families cost nothing. Its parameters are
   plain replicated params: megatron's DDP reduces their gradients over DP x CP like any dense param
-  (each CP rank back-propagates only its own sequence chunks into it).
+  (each CP rank back-propagates only its own sequence chunks into it). It is built where megatron
+  builds the language model, on this rank's device (the current CUDA device on GPU) in the config's
+  `params_dtype`, buffers included (transformers keeps its rotary `inv_freq` in fp32), as is the
+  M-RoPE table: nothing of the model is left on the host for a later move to forget.
 - Image features are scattered into the text embeddings on the full sequence, in transformers'
   batch-major order; then the sequence is cut for context parallelism (megatron's load-balanced
   chunks) and scattered for sequence parallelism. Every CP rank therefore receives the full-length
@@ -44,7 +47,7 @@ from megatron_vlm.parallel.batching import split_for_cp
 @dataclass
 class VisionSpec:
     """What a family contributes besides its language config (see models/<family>/provider.py)."""
-    build_vision: Callable[[], torch.nn.Module]
+    build_vision: Callable[[torch.device, torch.dtype], torch.nn.Module]  # (device, params dtype) -> tower
     # (vision, pixel_values, image_grid_thw) -> (features [n_image_tokens, H], deepstack list)
     image_features: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
     image_token_id: int
@@ -65,10 +68,12 @@ class VisionLanguageModel(MegatronModule):
         self.pre_process, self.post_process = self.language.pre_process, self.language.post_process
         self.model_type = self.language.model_type  # read by megatron's schedules
         self.share_embeddings_and_output_weights = self.language.share_embeddings_and_output_weights
-        self.language.rotary_pos_emb = MRotaryEmbedding(
-            lm.head_dim, lm.rotary_base, vision.mrope_section, vision.mrope_interleaved,
-            cp_group=parallel_state.get_context_parallel_group())
-        self.vision = vision.build_vision() if self.pre_process else None
+        device = build_device(device_type)
+        with torch.device(device):
+            self.language.rotary_pos_emb = MRotaryEmbedding(
+                lm.head_dim, lm.rotary_base, vision.mrope_section, vision.mrope_interleaved,
+                cp_group=parallel_state.get_context_parallel_group())
+        self.vision = vision.build_vision(device, config.params_dtype) if self.pre_process else None
         self._deepstack: list[torch.Tensor] | None = None
         self._hook_deepstack_layers()
 
@@ -171,6 +176,14 @@ class VisionLanguageModel(MegatronModule):
         if self.config.sequence_parallel:
             local = tensor_parallel.scatter_to_sequence_parallel_region(local)
         return local
+
+
+def build_device(device_type: str) -> torch.device:
+    """Where this rank builds the modules megatron does not (vision tower, M-RoPE): the current CUDA
+    device, as megatron does for its own parameters, or the host."""
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type)
 
 
 def _scatter_batch_major(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor):
