@@ -136,10 +136,12 @@ def cu_seqlens_from_lengths(lengths, pad_to_multiple: int = 1):
             torch.cat([zero, padded.cumsum(0)]).to(torch.int32))
 
 
-def thd_params(cu_seqlens, cu_seqlens_padded=None):
-    """Keyword arguments for megatron.core.packed_seq_params.PackedSeqParams (self-attention)."""
+def thd_params(cu_seqlens, cu_seqlens_padded=None, max_seqlen: int | None = None):
+    """Keyword arguments for megatron.core.packed_seq_params.PackedSeqParams (self-attention).
+    `max_seqlen`: the longest sample, when the caller knows it on the host (reading it from
+    cu_seqlens on a GPU is a device sync)."""
     padded = cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if max_seqlen is None else int(max_seqlen)
     return dict(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                 cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded, max_seqlen_q=max_len, max_seqlen_kv=max_len)
 

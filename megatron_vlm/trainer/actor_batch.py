@@ -13,10 +13,15 @@ entry is T, as megatron's THD rotary embedding wants). The model runs in `return
 log-probs come from the last stage's hidden states and the vocab-parallel head weight through
 `kernels.logprobs.linear_logprobs` (TP vocab shards and the SP slice handled there, no [T, V]
 logits). Context parallelism is refused: the CPU core attention does CP on unpacked sequences only.
+
+Batches and packs are built on the host; a pack reaches the model's device whole, with
+`PackedMicroBatch.to` (every tensor field, `cu_seqlens` included: Transformer Engine reads them
+there), called by `megatron_step.on_device` just before its forward. Host-side bookkeeping (`put`,
+the attention's longest sample) reads the pack's Python `lengths`, never the device tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -25,6 +30,7 @@ from kernels.packing import cu_seqlens_from_lengths, thd_params
 from megatron_vlm.models.mrope import get_rope_index
 from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutSample
+from megatron_vlm.trainer.megatron_step import host_to_device, model_device
 
 
 @dataclass
@@ -110,10 +116,16 @@ class PackedMicroBatch:
     def tokens(self) -> int:
         return self.input_ids.shape[1]
 
+    def to(self, device) -> "PackedMicroBatch":
+        """This pack with every tensor field on `device` (pinned, non-blocking copies from the host to
+        CUDA); the Python lists stay as they are."""
+        return replace(self, **{f.name: host_to_device(getattr(self, f.name), device)
+                                for f in fields(self) if torch.is_tensor(getattr(self, f.name))})
+
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        return PackedSeqParams(**thd_params(self.cu_seqlens, self.cu_seqlens_padded))
+        return PackedSeqParams(**thd_params(self.cu_seqlens, self.cu_seqlens_padded, max_seqlen=max(self.lengths)))
 
     def take(self, per_row: torch.Tensor | None) -> torch.Tensor | None:
         """[B, S] per-token values -> [T] in pack order (0 on the tail padding)."""
@@ -123,8 +135,10 @@ class PackedMicroBatch:
 
     def put(self, packed: torch.Tensor, out: torch.Tensor) -> None:
         """Write [T] values back into their rows of `out` [B, S]."""
-        for r, n, start in zip(self.rows, self.lengths, self.cu_seqlens[:-1].tolist()):
+        start = 0
+        for r, n in zip(self.rows, self.lengths):
             out[r, :n] = packed[start:start + n]
+            start += n
 
 
 def pack_rows(batch: SequenceBatch, rows: list[int], images_per_row: list[int] | None = None,
@@ -188,8 +202,9 @@ def fixed_pack_length(config, pack_tokens) -> int | None:
 
 
 def forward_hidden(model, mb: PackedMicroBatch):
-    """The model on one pack: (hidden [1, T(/tp), H], head weight [V/tp, H]) on the last pipeline
-    stage, the activations to pass on elsewhere."""
+    """The model on one pack, already on the model's device (`PackedMicroBatch.to`): (hidden
+    [1, T(/tp), H], head weight [V/tp, H]) on the last pipeline stage, the activations to pass on
+    elsewhere."""
     return model(mb.input_ids, mb.position_ids, pixel_values=mb.pixel_values,
                  image_grid_thw=mb.image_grid_thw, mm_token_type_ids=mb.mm_token_type_ids,
                  packed_seq_params=mb.packed_seq_params(), return_hidden=True)
@@ -213,12 +228,14 @@ def packed_logprobs(output, labels: torch.Tensor, temperature: float, head: dict
 @torch.no_grad()
 def score(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
     """Log-probs [B, S] of every row (0 off the real tokens) as one pack, on every rank (a single
-    pipeline stage; `rl_step.score_rows` is the micro-batched, pipeline-aware version)."""
+    pipeline stage; `rl_step.score_rows` is the micro-batched, pipeline-aware version). On the
+    batch's device."""
     mb = pack_rows(batch, list(range(batch.input_ids.shape[0])), pad_to_multiple=pack_padding(model.config))
+    mb = mb.to(model_device(model))
     logprobs, _ = packed_logprobs(forward_hidden(model, mb), mb.labels, temperature, head_parallelism(model))
-    out = torch.zeros_like(batch.loss_mask)
+    out = torch.zeros(batch.loss_mask.shape, dtype=batch.loss_mask.dtype, device=logprobs.device)
     mb.put(logprobs, out)
-    return out
+    return out.to(batch.loss_mask.device)
 
 
 def response_logprobs(full: torch.Tensor, batch: SequenceBatch) -> list[list[float]]:

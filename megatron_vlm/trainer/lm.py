@@ -39,8 +39,8 @@ def answer_accuracy_step(data_iterator, model):
         predicted = torch.cat(pieces, dim=-1).argmax(-1)
         mask = mb["loss_mask"].bool()
         wrong = ((predicted != mb["labels"]) & mask).any(-1)
-        report = torch.stack([(~wrong).sum().float(), torch.tensor(float(len(wrong)))])
-        return output.sum() * 0, torch.tensor(1, dtype=torch.int), {"lm loss": report}
+        report = torch.stack([(~wrong).sum().float(), wrong.new_tensor(len(wrong), dtype=torch.float)])
+        return output.sum() * 0, wrong.new_ones((), dtype=torch.int), {"lm loss": report}
 
     return logits, count
 

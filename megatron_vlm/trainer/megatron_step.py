@@ -8,12 +8,17 @@ over micro-batches, DP ranks and CP ranks gives the gradient of the full-batch t
 A micro-batch is a dict of [b, s_local] tensors: `tokens`, `position_ids`, `labels`, `loss_mask`
 (already split for CP with `parallel.batching.split_for_cp`; sequence parallelism splits inside the
 model).
+
+Where tensors live: micro-batches are built on the host and reach the model's device in one place,
+`on_device`, as the schedule asks for each (pinned, non-blocking copies on CUDA); every tensor
+that enters a collective is on `collective_device(group)` (NCCL takes device tensors only; gloo
+would hide a host tensor on CPU).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -42,6 +47,52 @@ class OptimConfig:
         if self.decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(f"optim.decay_style must be constant|linear|cosine, "
                              f"got {self.decay_style!r}")
+
+
+# -- where tensors live ---------------------------------------------------------------------------
+def device_for_backend(backend: str) -> torch.device:
+    """The device a collective of `backend` takes its tensors on: the current CUDA device when the
+    backend is NCCL (alone or as a group's CUDA half, e.g. "cpu:gloo,cuda:nccl"), else the host."""
+    if "nccl" in str(backend).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor entering a collective over `group` (None: the world) must live."""
+    return device_for_backend(torch.distributed.get_backend(group))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (a DDP wrapper's are its module's)."""
+    return next(model.parameters()).device
+
+
+def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device`; from the host to CUDA through pinned memory, without blocking the host."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def to_device(microbatch, device):
+    """A micro-batch on `device`: a tensor, an object with its own `.to(device)` (a packed
+    micro-batch), or a dict of them; other values (None, flags) as they are."""
+    if torch.is_tensor(microbatch):
+        return host_to_device(microbatch, device)
+    if isinstance(microbatch, dict):
+        return {key: to_device(value, device) for key, value in microbatch.items()}
+    if callable(getattr(microbatch, "to", None)):
+        return microbatch.to(device)
+    return microbatch
+
+
+def on_device(microbatches: Iterable, device) -> Iterator:
+    """The micro-batches for a schedule's data_iterator, each moved to `device` when the schedule
+    takes it, just before its forward: the one place a batch reaches the model's device."""
+    for microbatch in microbatches:
+        yield to_device(microbatch, device)
 
 
 def wrap_ddp(model: torch.nn.Module, distributed_optimizer: bool):
@@ -111,19 +162,21 @@ def forward_backward(model_chunks: list, microbatches: list[dict], forward_only:
 
     first = microbatches[0]["tokens"]
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=model_chunks,
-        num_microbatches=len(microbatches), seq_length=first.shape[1],
+        forward_step_func=forward_step, data_iterator=on_device(microbatches, model_device(model_chunks[0])),
+        model=model_chunks, num_microbatches=len(microbatches), seq_length=first.shape[1],
         micro_batch_size=first.shape[0], forward_only=forward_only,
     )
-    totals = torch.zeros(2)
-    for item in losses:  # only the last pipeline stage has losses
-        totals += item["lm loss"].detach().float().cpu()
-    totals = totals.to(first.device)
     # Sum over DP x CP (each holds different tokens), then share with the other pipeline stages.
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(
-        with_context_parallel=True))
-    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "tokens": int(totals[1].item())}
+    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    totals = torch.zeros(2, device=collective_device(dp_cp_group))
+    for item in losses:  # only the last pipeline stage has losses
+        totals += item["lm loss"].detach().float().to(totals.device)
+    torch.distributed.all_reduce(totals, group=dp_cp_group)
+    totals = totals.to(collective_device(pp_group))
+    torch.distributed.all_reduce(totals, group=pp_group)
+    loss, tokens = torch.stack([totals[0] / totals[1].clamp(min=1), totals[1]]).tolist()  # one host sync
+    return {"loss": loss, "tokens": int(tokens)}
 
 
 def train_step(model_chunks: list, optimizer, scheduler, microbatches: Iterable[dict],

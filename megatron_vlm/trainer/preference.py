@@ -106,9 +106,8 @@ class _Norm:
 def _pair_loss(mb: dict, cfg: PreferenceConfig, norm: _Norm, head: dict, output):
     packed = mb["batch"]
     logprobs, _ = packed_logprobs(output, packed.labels, 1.0, head)  # [T]
-    inputs = PreferenceInputs.from_packed(
-        logprobs, mb["ref_logprobs"].to(logprobs.device), packed.loss_mask.to(logprobs.device),
-        packed.cu_seqlens_padded.to(logprobs.device), num_pairs=1.0,
+    inputs = PreferenceInputs.from_packed(  # mb is on the model's device (megatron_step.on_device)
+        logprobs, mb["ref_logprobs"], packed.loss_mask, packed.cu_seqlens_padded, num_pairs=1.0,
         num_chosen_tokens=norm.chosen_tokens_per_pair, reward_shift=norm.reward_shift)
     loss, metrics = preference_loss_fn(inputs, cfg)  # the sum over this micro-batch's pairs
     scale = 0.0 if mb["silent"] else 1.0

@@ -15,6 +15,10 @@ Loss normalisation is exact across micro-batches and DP ranks: each micro-batch 
 (tokens for token-mean, non-empty sequences for the seq-mean modes); megatron
 (`calculate_per_token_loss=True`) sums gradients over micro-batches and DP ranks and divides once by
 the global unit count.
+
+Micro-batches are packed on the host and moved to the model's device by `megatron_step.on_device`
+as the schedule takes them (train_step, score_rows); metric totals and broadcast log-probs are on
+the group's device (`megatron_step.collective_device`).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute
 from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config, policy_loss_fn
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, fixed_pack_length, forward_hidden, head_parallelism,
                                               pack_padding, pack_rows, packed_logprobs)
+from megatron_vlm.trainer.megatron_step import collective_device, model_device, on_device
 
 # Metrics that are sums in the loss's own units (the loss called with normalizer=1); the others
 # are masked token means of their micro-batch.
@@ -138,9 +143,9 @@ def train_step(model_chunks, optimizer, scheduler, microbatches: list[dict], for
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=model_chunks,
-        num_microbatches=len(microbatches), seq_length=max(mb["batch"].tokens for mb in microbatches),
-        micro_batch_size=1, forward_only=False)
+        forward_step_func=forward_step, data_iterator=on_device(microbatches, model_device(model_chunks[0])),
+        model=model_chunks, num_microbatches=len(microbatches),
+        seq_length=max(mb["batch"].tokens for mb in microbatches), micro_batch_size=1, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     if not ok:
         raise FloatingPointError("optimizer step skipped: non-finite gradients")
@@ -201,39 +206,44 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
         last = torch.distributed.get_process_group_ranks(pp_group)[-1]
         torch.distributed.broadcast_object_list(holder, src=last, group=pp_group)
         names = holder[0]
-    totals = torch.zeros(len(names), 2)
+    dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    totals = torch.zeros(len(names), 2, device=collective_device(dp_cp_group))
     for o in outputs:
         for i, k in enumerate(names):
             if k in o:
-                totals[i] += o[k].detach().float().cpu()
-    torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+                totals[i] += o[k].detach().float().to(totals.device)
+    torch.distributed.all_reduce(totals, group=dp_cp_group)
+    totals = totals.to(collective_device(pp_group))
     torch.distributed.all_reduce(totals, group=pp_group)
-    return {("loss" if k == "lm loss" else k): float(t[0] / t[1].clamp(min=1)) for k, t in zip(names, totals)}
+    means = (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()  # one host sync for all metrics
+    return {("loss" if k == "lm loss" else k): mean for k, mean in zip(names, means)}
 
 
 def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature: float,
                micro_batch_size: int, pack_tokens: int | None = None) -> torch.Tensor:
-    """Log-probs [B, S] of every row on every rank (0 off the real tokens), with no grad, over
-    packed micro-batches through megatron's forward-only schedule (pipeline-aware: the last stage
-    broadcasts the result to the others)."""
+    """Log-probs [B, S] of every row on every rank (0 off the real tokens; on the batch's device),
+    with no grad, over packed micro-batches through megatron's forward-only schedule
+    (pipeline-aware: the last stage broadcasts the result to the others)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     rows = list(range(batch.input_ids.shape[0]))
     mbs = make_microbatches(batch, images_per_row, patches, rows, pack_budget(pack_tokens, micro_batch_size, batch),
                             None, None, None, model.config, dp_size=1, dp_rank=0)
+    device = model_device(model)
     with torch.no_grad():
         out = get_forward_backward_func()(
-            forward_step_func=partial(_score_forward_step, temperature), data_iterator=iter(mbs), model=[model],
-            num_microbatches=len(mbs), seq_length=max(mb["batch"].tokens for mb in mbs), micro_batch_size=1,
-            forward_only=True)
-    logprobs = torch.zeros_like(batch.loss_mask)
+            forward_step_func=partial(_score_forward_step, temperature), data_iterator=on_device(mbs, device),
+            model=[model], num_microbatches=len(mbs), seq_length=max(mb["batch"].tokens for mb in mbs),
+            micro_batch_size=1, forward_only=True)
+    logprobs = torch.zeros(batch.loss_mask.shape, dtype=batch.loss_mask.dtype, device=device)  # [B, S]
     for mb, result in zip(mbs, out):
         mb["batch"].put(result["logprobs"], logprobs)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         group = ps.get_pipeline_model_parallel_group()
+        logprobs = logprobs.to(collective_device(group))
         torch.distributed.broadcast(logprobs, src=torch.distributed.get_process_group_ranks(group)[-1], group=group)
-    return logprobs
+    return logprobs.to(batch.loss_mask.device)
 
 
 def _score_forward_step(temperature: float, data_iterator, model):
@@ -241,6 +251,6 @@ def _score_forward_step(temperature: float, data_iterator, model):
 
     def keep_logprobs(output):
         logprobs, _ = packed_logprobs(output, packed.labels, temperature, head_parallelism(model))
-        return logprobs.new_zeros(()), torch.tensor(0, dtype=torch.int), {"logprobs": logprobs}
+        return logprobs.new_zeros(()), logprobs.new_zeros((), dtype=torch.int), {"logprobs": logprobs}
 
     return forward_hidden(model, packed), keep_logprobs
