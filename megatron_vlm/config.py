@@ -51,6 +51,13 @@ class RuntimeConfig:
             raise ValueError(f"runtime.params_dtype must be float32 or bfloat16, "
                              f"got {self.params_dtype!r}")
 
+    @property
+    def torch_dtype(self):
+        """params_dtype as a torch dtype: what every module that builds parameters is given."""
+        import torch
+
+        return getattr(torch, self.params_dtype)
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -130,7 +137,10 @@ class RunConfig:
                             source, names)
 
     def check(self, world_size: int, planned: PlannedModel | None = None) -> None:
-        """Every layout error, before any process group is created (`planned`: planned_model())."""
+        """Every layout error, before any process group is created (`planned`: planned_model());
+        a VLM run must also say where its weights come from."""
+        if self.is_vlm:
+            self.vlm.check_weights_source()
         (planned or self.planned_model()).check_layout(self.parallel)
         if self.is_vlm and self.model != LanguageModelConfig():
             raise ValueError("a model: section is read by the LM trainer only; a VLM run builds the "

@@ -1,4 +1,6 @@
 """Config loading, overrides and the one-line errors a broken config or layout gives."""
+from pathlib import Path
+
 import pytest
 
 from megatron_vlm.cli import main
@@ -121,3 +123,25 @@ def test_every_shipped_recipe_loads():
         cfg = load_config(path)
         if cfg.is_vlm:
             cfg.rl.check(cfg.rollout)
+            cfg.vlm.check_weights_source()  # real weights, or random init asked for by name
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_vlm_run_without_a_weights_source_is_refused_before_launch(capsys):
+    grpo = str(CONFIGS / "qwen3_vl_30b_a3b_grpo.yaml")
+    with pytest.raises(ValueError, match="vlm.init_from is not set: name the weights"):
+        load_config(grpo, ["vlm.init_from=null"]).check(32)
+    for command in ("plan", "train"):  # the check both run before any process starts
+        assert main([command, "--config", grpo, "vlm.init_from=null"]) == 2
+        assert "vlm.init_from is not set" in capsys.readouterr().err
+    demo = str(CONFIGS / "digits_demo.yaml")
+    with pytest.raises(ValueError, match="or set vlm.random_init: true"):
+        load_config(demo, ["vlm.random_init=false"]).check(2)
+    load_config(demo).check(2)  # the demo asks for random init
+
+
+def test_weights_and_random_init_together_are_refused():
+    with pytest.raises(ValueError, match=r"vlm.init_from \(w\) and vlm.random_init: true both set"):
+        load_config(CONFIGS / "digits_demo.yaml", ["vlm.init_from=w"])

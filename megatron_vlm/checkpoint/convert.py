@@ -13,6 +13,11 @@ Memory: hf-to-mcore holds one output file plus the rule being converted (at most
 fused experts); mcore-to-hf holds one HF shard plus one rule's tensors, read lazily from the rank
 files. Errors name the file or tensor: a missing or truncated shard, a tensor whose shape disagrees
 with the config, a layout that does not divide the model.
+
+A live model starts from either kind of directory (`load_weights`, told apart by their files): a
+megatron_vlm checkpoint of the run's layout loads each rank's own two files; an HF directory loads
+shard by shard, each rank reading only its slice of every tensor (`load_hf_into_model`: its
+pipeline stage's layers, its experts, its TP rows or columns), never the full model.
 """
 from __future__ import annotations
 
@@ -25,11 +30,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from megatron_vlm.checkpoint.hf_io import (HFCheckpointReader, ShardedWriter, copy_side_files,
-                                           open_safetensors)
-from megatron_vlm.checkpoint.hf_rules import check_hf_keys
-from megatron_vlm.checkpoint.sharding import (RankLayout, canonical_name, is_expert_param,
-                                              local_name, partition_dim_of, shard_tensor)
+from megatron_vlm.checkpoint.hf_io import (INDEX, SINGLE, HFCheckpointReader, ShardedWriter,
+                                           copy_side_files, open_safetensors)
+from megatron_vlm.checkpoint.hf_rules import check_hf_keys, qkv
+from megatron_vlm.checkpoint.sharding import (RankLayout, canonical_name, global_name,
+                                              is_expert_param, local_name, partition_dim_of,
+                                              shard_tensor, split_dim)
 from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 
@@ -82,10 +88,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: ParallelConfig, part: tuple
     lm = family.language_config(hf_config)
     lm.check_layout(parallel)
     rules = family.hf_rules(hf_config)
-    # Some checkpoints store the tied output projection anyway; it is the embedding, so skip it.
-    tied_copy = {"lm_head.weight"} if lm.tie_word_embeddings else set()
-    check_hf_keys(rules, reader.keys() - tied_copy, hf_dir)
-    check_hf_shapes(family, hf_config, reader)
+    check_hf_source(family, hf_config, reader)
     out = Path(out_dir)
     tmp = _partial_dir(out)
     specs = file_specs(lm, parallel)
@@ -121,6 +124,15 @@ def _convert_file(spec: FileSpec, rules, reader, lm, parallel) -> dict[str, torc
         tensors["language.output_layer.weight"] = shard_tensor(
             full, "language.output_layer.weight", 0, layout).clone()
     return tensors
+
+
+def check_hf_source(family, hf_config, reader) -> None:
+    """Every tensor the family's rules need is in the checkpoint, nothing else, each in the shape
+    the config implies (headers only: nothing is read)."""
+    # Some checkpoints store the tied output projection anyway; it is the embedding, so skip it.
+    tied_copy = {"lm_head.weight"} if hf_config.tie_word_embeddings else set()
+    check_hf_keys(family.hf_rules(hf_config), reader.keys() - tied_copy, str(reader.dir))
+    check_hf_shapes(family, hf_config, reader)
 
 
 def check_hf_shapes(family, hf_config, reader) -> None:
@@ -187,6 +199,10 @@ class McoreCheckpoint:
         self.family = family_for(self.hf_config)
         self.lm = self.family.language_config(self.hf_config)
         self.parallel = ParallelConfig(**self.meta["layout"])
+        missing = [s.name for s in file_specs(self.lm, self.parallel) if not (self.dir / s.name).is_file()]
+        if missing:  # checked on every rank alike, so no rank waits in a collective for a failed one
+            raise FileNotFoundError(f"{self.dir / missing[0]}: rank file missing from the checkpoint "
+                                    f"({len(missing)} of {len(file_specs(self.lm, self.parallel))} missing)")
 
     def _open(self, spec: FileSpec):
         """Open one rank file (use as a context manager: it is unmapped on exit)."""
@@ -241,6 +257,190 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 2 << 30) -> 
 
 
 # --- a live model ----------------------------------------------------------------------------------
+def checkpoint_kind(directory: str | Path, field: str = "vlm.init_from") -> str:
+    """'mcore' (`megatron-vlm convert hf-to-mcore` output) or 'hf' (a Hugging Face checkpoint
+    directory), from the files in `directory`; `field` names the setting in the error."""
+    path = Path(directory)
+    if (path / META).is_file():
+        return "mcore"
+    if (path / "config.json").is_file() and ((path / INDEX).is_file() or (path / SINGLE).is_file()):
+        return "hf"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{field}: {path} does not exist")
+    raise FileNotFoundError(f"{field}: {path} is neither a Hugging Face checkpoint (config.json with "
+                            f"{SINGLE} or {INDEX}) nor a megatron_vlm checkpoint ({META}, written "
+                            f"by `megatron-vlm convert hf-to-mcore`)")
+
+
+def load_weights(model: torch.nn.Module, directory: str, family, hf_config,
+                 field: str = "vlm.init_from") -> str:
+    """Load this rank's weights from either kind of checkpoint; returns what was read, for the log."""
+    kind = checkpoint_kind(directory, field)
+    if kind == "mcore":
+        ckpt = McoreCheckpoint(directory)
+        if ckpt.family.architecture != family.architecture:
+            raise ValueError(f"{field}: {directory} holds a {ckpt.family.architecture}, the run builds "
+                             f"a {family.architecture}")
+        load_into_model(model, directory)
+        return f"megatron_vlm checkpoint {directory} (this rank's files)"
+    reader = HFCheckpointReader(directory)
+    check_hf_source(family, hf_config, reader)
+    load_hf_into_model(model, reader, family.hf_rules(hf_config), family.language_config(hf_config))
+    return (f"HF checkpoint {directory}: this rank read {reader.bytes_read / 2**20:.1f} of "
+            f"{reader.total_bytes() / 2**20:.1f} MiB")
+
+
+@torch.no_grad()
+def load_hf_into_model(model: torch.nn.Module, reader: HFCheckpointReader, rules, lm) -> None:
+    """Copy this rank's parameters from an HF checkpoint, reading only this rank's slice of each
+    tensor (`_read_local`); the same values as converting the full tensors and cutting them."""
+    layout = RankLayout.current(model.config)
+    wanted = _local_params(model, layout, lm.tie_word_embeddings)
+    for rule in rules:
+        names = [n for n in rule.mcore if n in wanted]
+        if not names:
+            continue  # another pipeline stage's or expert-parallel rank's tensors: not read
+        for name, piece in _read_local(rule, names, reader, layout, lm, wanted).items():
+            for local, param, _ in wanted.pop(name):
+                if piece.shape != param.shape:
+                    raise ValueError(f"{reader.dir}: tensor {name!r} gives shape {list(piece.shape)} "
+                                     f"on this rank, the model expects {list(param.shape)} for {local}")
+                param.copy_(piece)
+    if wanted:
+        raise KeyError(f"{reader.dir}: no rule provides {sorted(wanted)[:3]} ({len(wanted)} parameters)")
+
+
+def _local_params(model, layout: RankLayout, tied_embeddings: bool) -> dict[str, list]:
+    """Full-model (TP=PP=EP=1) name -> [(local name, parameter, split dim)] of this rank."""
+    wanted: dict[str, list] = {}
+    for name, param in model.named_parameters():
+        canonical = canonical_name(name)
+        key = global_name(canonical, layout)
+        if tied_embeddings and key.endswith("output_layer.weight"):  # PP > 1: the last stage's copy
+            key = key.replace("output_layer.weight", "embedding.word_embeddings.weight")
+        dim = split_dim(canonical, param)
+        if dim != partition_dim_of(key):
+            raise AssertionError(f"{name}: megatron splits it along {dim}, the conversion table "
+                                 f"says {partition_dim_of(key)}")
+        wanted.setdefault(key, []).append((name, param, dim))
+    return wanted
+
+
+def _tp(name: str, layout: RankLayout) -> tuple[int, int]:
+    """(rank, size) of the group `name` is split over: expert TP for experts, else TP."""
+    if is_expert_param(name):
+        return layout.etp_rank, layout.etp_size
+    return layout.tp_rank, layout.tp_size
+
+
+def _rows(length: int, rank: int, size: int, name: str) -> slice:
+    """This rank's contiguous range of `length` rows split `size` ways (as torch.chunk cuts it)."""
+    if length % size:
+        raise ValueError(f"tensor {name!r}: {length} rows do not split evenly over {size} ranks")
+    return slice(rank * length // size, (rank + 1) * length // size)
+
+
+def _along(dim: int, rows: slice) -> tuple[slice, ...]:
+    return (slice(None),) * dim + (rows,)
+
+
+def _read_local(rule, names, reader, layout, lm, wanted) -> dict[str, torch.Tensor]:
+    """This rank's pieces of the megatron tensors `names` of `rule`, reading only their slices.
+
+    Rules are recognised by their shape (hf_rules.py): one tensor to one (`same`: slice it along
+    the split dim), gate + up to fc1 (each sliced, then stacked), q, k, v to grouped QKV (this
+    rank's query groups of each), one fused [E, ...] tensor to E experts (this rank's experts, its
+    expert-TP piece). Any other rule, or a tensor of an unexpected shape, is read in full and cut."""
+    dims = {n: wanted[n][0][2] for n in names}
+    full_shape = {n: _full_shape(wanted[n][0][1].shape, dims[n], _tp(n, layout)[1]) for n in names}
+    shapes = [reader.shape(h) for h in rule.hf]
+    name = names[0]
+    rank, size = _tp(name, layout) if dims[name] is not None else (0, 1)
+    if len(rule.hf) == 1 and len(rule.mcore) == 1 and shapes[0] == full_shape[name]:  # same
+        if dims[name] is None:
+            return {name: reader.get(rule.hf[0])}
+        index = _along(dims[name], _rows(shapes[0][dims[name]], rank, size, rule.hf[0]))
+        return {name: reader.get_slice(rule.hf[0], index)}
+    if (len(rule.hf) == 2 and len(rule.mcore) == 1 and name.endswith("linear_fc1.weight")
+            and dims[name] in (0, None) and shapes[0] == shapes[1]
+            and (2 * shapes[0][0], *shapes[0][1:]) == full_shape[name]):  # gate_up
+        rows = _rows(shapes[0][0], rank, size, rule.hf[0])
+        return {name: rule.to_mcore([reader.get_slice(h, (rows,)) for h in rule.hf])[0]}
+    if (len(rule.hf) == 3 and len(rule.mcore) == 1 and ".linear_qkv." in name
+            and dims[name] in (0, None)):
+        pieces = _read_qkv(rule, name, reader, rank, size, lm, shapes, full_shape[name])
+        if pieces is not None:
+            return {name: pieces}
+    if len(rule.hf) == 1 and len(rule.mcore) > 1 and all(is_expert_param(n) for n in names):
+        pieces = _read_experts(rule, names, dims, reader, layout, shapes[0], full_shape[name])
+        if pieces is not None:
+            return pieces
+    full = rule.to_mcore([reader.get(h) for h in rule.hf])
+    return {n: shard_tensor(full[rule.mcore.index(n)], canonical_name(wanted[n][0][0]), dims[n],
+                            layout).clone() for n in names}
+
+
+def _full_shape(local: torch.Size, dim: int | None, size: int) -> tuple[int, ...]:
+    shape = list(local)
+    if dim is not None:
+        shape[dim] *= size
+    return tuple(shape)
+
+
+def _read_qkv(rule, name, reader, rank, size, lm, shapes, full_shape):
+    """This rank's query groups of q, k and v, stacked as the `qkv` rule stacks the full ones."""
+    groups, head_dim = lm.num_query_groups, lm.head_dim
+    per_group = lm.num_attention_heads // groups
+    rest = shapes[0][1:]
+    if (shapes != [(groups * per_group * head_dim, *rest), (groups * head_dim, *rest),
+                   (groups * head_dim, *rest)]
+            or full_shape != (groups * (per_group + 2) * head_dim, *rest)):
+        return None
+    mine = _rows(groups, rank, size, name)
+    local_groups = mine.stop - mine.start
+    q = reader.get_slice(rule.hf[0], (slice(mine.start * per_group * head_dim,
+                                            mine.stop * per_group * head_dim),))
+    k, v = (reader.get_slice(h, (slice(mine.start * head_dim, mine.stop * head_dim),))
+            for h in rule.hf[1:])
+    local = qkv(*rule.hf, name, local_groups * per_group, local_groups, head_dim)
+    return local.to_mcore([q, k, v])[0]
+
+
+def _read_experts(rule, names, dims, reader, layout, shape, expert_shape):
+    """This rank's experts of a fused [E, in, out] (Hub) or [E, out, in] tensor, each cut for
+    expert TP; the layout is told apart by shape as the `fused_experts` rule tells it."""
+    positions = [rule.mcore.index(n) for n in names]  # expert ids, in order
+    first, last = positions[0], positions[-1]
+    out_features, in_features = expert_shape
+    if (positions != list(range(first, last + 1)) or len(shape) != 3
+            or shape[0] != len(rule.mcore)):
+        return None
+    if shape[1:] == (in_features, out_features):
+        hub = True
+    elif shape[1:] == (out_features, in_features):
+        hub = False
+    else:
+        return None
+    dim, experts = dims[names[0]], slice(first, last + 1)
+    rank, size = _tp(names[0], layout)
+    if dim is None or size == 1:
+        fused = reader.get_slice(rule.hf[0], (experts,))
+    else:
+        file_dim = 1 + (1 - dim if hub else dim)  # the expert's [out, in] dim in the file
+        length = shape[file_dim]
+        gated = layout.gated_linear_unit and names[0].endswith("linear_fc1.weight")
+        halves = [slice(0, length // 2), slice(length // 2, length)] if gated else [slice(0, length)]
+        pieces = []
+        for half in halves:
+            rows = _rows(half.stop - half.start, rank, size, rule.hf[0])
+            index = (experts,) + _along(file_dim - 1, slice(half.start + rows.start, half.start + rows.stop))
+            pieces.append(reader.get_slice(rule.hf[0], index))
+        fused = torch.cat(pieces, dim=file_dim)
+    if hub:
+        fused = fused.transpose(1, 2)
+    return {n: e.contiguous() for n, e in zip(names, fused.unbind(0))}
+
+
 def load_into_model(model: torch.nn.Module, ckpt_dir: str) -> None:
     """Copy this rank's tensors from a megatron_vlm checkpoint of the same layout into `model`."""
     from megatron.core import parallel_state as ps

@@ -2,7 +2,9 @@
 
 Reader: validates the directory before anything is converted (config.json present, every shard the
 index names exists and has a readable safetensors header — a truncated file fails here, naming it),
-then hands out single tensors through `safe_open` (memory-mapped, nothing else loaded).
+then hands out single tensors, or slices of them (`get_slice`: a rank's TP / EP piece, read without
+the rest of the tensor), through `safe_open` (memory-mapped, nothing else loaded). `bytes_read`
+counts what was handed out, so a caller can show it read only its share.
 
 Writer: size-bounded safetensors shards named as transformers names them
 (`model-00001-of-00003.safetensors` + `model.safetensors.index.json`), written into
@@ -40,6 +42,7 @@ class HFCheckpointReader:
         if not (self.dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.dir}: no config.json (not a Hugging Face checkpoint dir)")
         self.weight_map = self._weight_map()
+        self.bytes_read = 0  # tensor bytes handed out by get / get_slice
         self._shapes = {}
         for file in sorted(set(self.weight_map.values())):
             path = self.dir / file
@@ -80,7 +83,18 @@ class HFCheckpointReader:
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: no tensor {name!r}")
         with open_safetensors(self.dir / self.weight_map[name]) as handle:
-            return handle.get_tensor(name).clone()
+            return self._count(handle.get_tensor(name).clone())
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """`tensor[index]` (one slice per leading dim), reading only those elements from the file."""
+        if name not in self.weight_map:
+            raise KeyError(f"{self.dir}: no tensor {name!r}")
+        with open_safetensors(self.dir / self.weight_map[name]) as handle:
+            return self._count(handle.get_slice(name)[index].clone())
+
+    def _count(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def config(self):
         from transformers import AutoConfig

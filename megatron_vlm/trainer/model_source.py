@@ -2,7 +2,8 @@
 
 `resolve_hf_config(vlm)` looks, in order, at
   vlm.assets/model       what the run builds from (config, tokenizer, processor);
-  vlm.init_from          the weights directory, when the assets are not there yet;
+  vlm.init_from          the weights directory, when the assets are not there yet (for a
+                         megatron_vlm checkpoint, the HF config it carries in hf/);
   vlm.model_config       a copy of the config kept for planning where neither is at hand (the GPU
                          recipes point at configs/hf/...): refused if it disagrees with one found
                          above, so a plan can never describe another model than the run builds;
@@ -39,8 +40,13 @@ def resolve_hf_config(vlm):
 
 
 def _model_dirs(vlm) -> list[Path]:
+    from megatron_vlm.checkpoint.convert import META
+
     dirs = [Path(vlm.assets) / "model"] if vlm.assets else []
-    return dirs + ([Path(vlm.init_from)] if vlm.init_from else [])
+    if vlm.init_from:
+        weights = Path(vlm.init_from)
+        dirs.append(weights / "hf" if (weights / META).is_file() else weights)
+    return dirs
 
 
 def _read(directory: Path):

@@ -3,11 +3,12 @@ an HF export.
 
     megatron-vlm train --config configs/digits_demo.yaml
 
-Setup builds the megatron VLM from the HF config in `vlm.assets/model` (weights from transformers'
-initialiser, seeded, identical on every rank), a colocated embedded engine on every rank, and the
-reward scorer. Each stage runs its steps; held-out accuracy (greedy decoding through the engine,
-scored by the task's verifier) is measured before training, every `eval.every` steps and at the end
-of each stage. Metrics: `train.out_dir/metrics.jsonl` (one object per step with its stage), the
+Setup builds the megatron VLM from the HF config in `vlm.assets/model` in `runtime.params_dtype`
+(weights from `vlm.init_from`, each rank reading only its share; or, with `vlm.random_init`,
+transformers' initialiser, seeded, identical on every rank), a colocated embedded engine on every
+rank, and the reward scorer. Each stage runs its steps; held-out accuracy (greedy decoding through
+the engine, scored by the task's verifier) is measured before training, every `eval.every` steps
+and at the end of each stage. Metrics: `train.out_dir/metrics.jsonl` (one object per step with its stage), the
 curves in `curves.png`; the final policy is exported to `train.out_dir/hf_export/`.
 """
 from __future__ import annotations
@@ -51,8 +52,11 @@ class StageConfig:
 class VLMConfig:
     assets: str | None = None        # dir with model/ (HF config, tokenizer, processor) + data
     build_demo_assets: bool = False  # write the digits demo assets there first when missing
-    init_from: str | None = None     # HF checkpoint dir with the weights to start from (None: random
-                                     # init); full tensors on every rank: for big models, `convert`
+    init_from: str | None = None     # the weights to start from: an HF checkpoint dir (each rank
+                                     # reads only its slice) or `megatron-vlm convert hf-to-mcore`
+                                     # output of the run's layout (each rank its own files)
+    random_init: bool = False        # no weights: transformers' seeded initialiser (demos, tests);
+                                     # a run names init_from or asks for this
     model_config: str | None = None  # dir with a copy of the model's config.json: what `plan` and
                                      # `check` read where assets/model is not at hand; must agree
                                      # with assets/model (trainer/model_source.py)
@@ -70,6 +74,16 @@ class VLMConfig:
     def __post_init__(self):
         if self.load.max_prompt_length is not None:
             raise ValueError("set vlm.max_prompt_length, not vlm.load.max_prompt_length")
+        if self.init_from and self.random_init:
+            raise ValueError(f"vlm.init_from ({self.init_from}) and vlm.random_init: true both set: "
+                             f"start from those weights (random_init: false) or from none")
+
+    def check_weights_source(self) -> None:
+        """A run starts from real weights unless it asks for a random model."""
+        if not self.init_from and not self.random_init:
+            raise ValueError("vlm.init_from is not set: name the weights to start from (an HF "
+                             "checkpoint dir, or `megatron-vlm convert hf-to-mcore` output), or set "
+                             "vlm.random_init: true to train a randomly initialised model (demos, tests)")
 
 
 @dataclass(kw_only=True)
@@ -445,29 +459,38 @@ def _assets(cfg) -> Path:
 
 
 def _build_policy(cfg, runtime, family, hf_config):
-    from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
+    """The policy in `runtime.params_dtype` (megatron's mixed-precision optimizer keeps fp32 master
+    weights and Adam state for bf16 params), weights from `vlm.init_from` or seeded random init."""
     from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
     from megatron_vlm.trainer.megatron_step import build_optimizer, wrap_ddp
 
-    if cfg.vlm.init_from:  # an HF checkpoint (e.g. an earlier run's hf_export), every rank reads it
-        from megatron_vlm.checkpoint.convert import check_hf_shapes
-        from megatron_vlm.checkpoint.hf_io import HFCheckpointReader
-
-        reader = HFCheckpointReader(cfg.vlm.init_from)
-        check_hf_shapes(family, hf_config, reader)
-        full = dict(hf_to_mcore(family.hf_rules(hf_config), reader.get))
+    cfg.vlm.check_weights_source()
+    # random weights first: the seeded draw comes before the build, as it always has
+    full = None if cfg.vlm.init_from else _random_weights(cfg.runtime.seed, family, hf_config)
+    model = family.build(hf_config, cfg.parallel, runtime.device.type, cfg.runtime.torch_dtype,
+                         backend=cfg.runtime.backend, calculate_per_token_loss=True)
+    if full is not None:
+        load_full_state_dict(model, full, RankLayout.current(model.config), hf_config.tie_word_embeddings)
     else:
-        torch.manual_seed(cfg.runtime.seed)  # transformers' initialisation, identical on every rank
-        hf_model = family.hf_model_class(hf_config)
-        full = dict(hf_to_mcore(family.hf_rules(hf_config), hf_model.state_dict().__getitem__))
-        del hf_model
-    model = family.build(hf_config, cfg.parallel, runtime.device.type, backend=cfg.runtime.backend,
-                         calculate_per_token_loss=True)
-    load_full_state_dict(model, full, RankLayout.current(model.config), hf_config.tie_word_embeddings)
+        from megatron_vlm.checkpoint.convert import load_weights
+
+        loaded = load_weights(model, cfg.vlm.init_from, family, hf_config)
+        if runtime.rank == 0:
+            print(f"weights: {loaded}", flush=True)
     ddp = wrap_ddp(model, cfg.parallel.distributed_optimizer)
     total = sum(stage.steps for stage in cfg.stages) or 1
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.parallel.distributed_optimizer, total)
     return model, ddp, optimizer, scheduler
+
+
+def _random_weights(seed: int, family, hf_config) -> dict:
+    """transformers' initialisation as full megatron tensors, seeded, so identical on every rank
+    (the full HF model is built on each: for the demo and tests, never for a real model)."""
+    from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
+
+    torch.manual_seed(seed)
+    hf_model = family.hf_model_class(hf_config)
+    return dict(hf_to_mcore(family.hf_rules(hf_config), hf_model.state_dict().__getitem__))
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
