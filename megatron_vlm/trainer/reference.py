@@ -6,9 +6,10 @@
 
 The reference is a second megatron model with the policy's layout, so each rank copies its own
 shards (no communication, no gather) and scores with the same code as the old log-probs. It has no
-gradients, no DDP wrapper and no optimizer state: its cost is one copy of the model parameters
-(bf16 on GPU). Right after `reset_from` it gives bit-identical log-probs to the policy, which is
-what the tests check (KL = 0 at the first step).
+gradients, no DDP wrapper and no optimizer state: its cost is one copy of the model parameters in
+the policy's dtype (`runtime.params_dtype`; `reset_from` refuses a reference of another dtype).
+Right after `reset_from` it gives bit-identical log-probs to the policy, which is what the tests
+check (KL = 0 at the first step).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ class ReferencePolicy:
             raise ValueError(f"reference and policy differ in parameters (e.g. {missing}): "
                              f"they must be built with the same family and layout")
         for name, param in mine.items():
+            if param.dtype != theirs[name].dtype:  # a silent cast would score pi_ref != pi at reset
+                raise ValueError(f"reference {name} is {param.dtype}, the policy's is "
+                                 f"{theirs[name].dtype}: build it with the policy's params_dtype")
             param.copy_(theirs[name])
         buffers = dict(policy.named_buffers())  # e.g. router expert biases that training moves
         for name, buffer in self.model.named_buffers():
