@@ -1,16 +1,13 @@
 """A run starts from real weights (`vlm.init_from`): an HF directory, each rank reading only its
 slice, or `convert hf-to-mcore` output, each rank its own files; told apart by their files, with
 errors that name the setting, the directory or the missing file."""
-import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_vlm.checkpoint import convert
-from megatron_vlm.checkpoint.hf_io import HFCheckpointReader
 from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
 from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
 from megatron_vlm.models import family_for
