@@ -43,6 +43,7 @@ class EmbeddedEngine:
         with torch.device("meta"):
             model = family.hf_model_class(hf_config)
         self.model = model.to_empty(device=device).to(dtype).eval()
+        self.dtype = dtype
         self._restore_buffers(family, hf_config)
         self.prepare, self.device, self.pad_token_id = prepare, torch.device(device), pad_token_id
         self.params = dict(self.model.named_parameters())

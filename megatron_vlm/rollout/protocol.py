@@ -73,6 +73,8 @@ class RolloutSample:
 
 
 class RolloutEngine(Protocol):
+    dtype: Any  # what it computes in (torch.dtype or vLLM's name): the sync check's precision
+
     def generate(self, requests: list[RolloutRequest], sampling: SamplingParams) -> list[RolloutSample]:
         ...
 

@@ -406,6 +406,7 @@ class VllmEngine:
                              "builds from (the run fills it from vlm.assets/model)")
         environ = os.environ if environ is None else environ
         self.cfg, self.mode = cfg, device_mode(cfg, device or runtime_device())
+        self.dtype = cfg.dtype
         environ.update(check_environment(environ, cfg.tensor_parallel_size, self.mode.device))
         check_supported(cfg, self.mode)
         kwargs = llm_kwargs(cfg, self.mode.device)

@@ -24,7 +24,7 @@ from megatron_vlm.rl.sampling import (DynamicSamplingConfig, RolloutGroup, fill_
                                       informative_groups, is_informative)
 from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
 from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
-from megatron_vlm.rollout.weight_sync import check_logprobs, sync_weights
+from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs, precision, sync_weights
 from megatron_vlm.rl.advantages import group_index_from_ids
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
 from megatron_vlm.trainer.prompt_mix import PromptMixConfig
@@ -40,7 +40,7 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 32
     bucket_mb: float = 16.0          # weight-sync bucket bound
-    sync_check_bound: float = 1e-3   # max |engine - trainer| log-prob before the run stops
+    sync_check: SyncCheckConfig = field(default_factory=SyncCheckConfig)  # engine vs trainer
     old_logprobs: str = "trainer"    # trainer | engine
     drop_equal_groups: bool = True   # DAPO dynamic-sampling filter (groups with one reward value)
 
@@ -49,8 +49,8 @@ class RolloutConfig:
             raise ValueError("rollout.prompts_per_step, rollout.n, rollout.max_new_tokens must be >= 1")
         if self.old_logprobs not in ("trainer", "engine"):
             raise ValueError(f"rollout.old_logprobs must be trainer|engine, got {self.old_logprobs!r}")
-        if self.bucket_mb <= 0 or self.sync_check_bound <= 0:
-            raise ValueError("rollout.bucket_mb and rollout.sync_check_bound must be > 0")
+        if self.bucket_mb <= 0:
+            raise ValueError(f"rollout.bucket_mb must be > 0, got {self.bucket_mb}")
 
     def sampling(self, stop_token_ids: list[int], seed: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -208,7 +208,7 @@ def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], re
     kept = [s for g in groups for s in g.payload]
     kept_rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float)
     if kept:
-        metrics.update(_train_on(actor, kept, kept_rewards, rollout, update_cfg, rl, timer))
+        metrics.update(_train_on(actor, kept, kept_rewards, rollout, update_cfg, rl, timer, engine.dtype))
     rollout_tokens = sum(len(s.response_ids) for s in seen)
     metrics["rollout_tokens_per_s"] = rollout_tokens / max(timer.seconds["rollout"], 1e-9)
     metrics.update({f"time_{k}": v for k, v in timer.seconds.items()})
@@ -264,14 +264,15 @@ def _groups(samples: list[RolloutSample], rewards: torch.Tensor) -> list[Rollout
             for rid, idx in members.items()]
 
 
-def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer) -> dict:
+def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dtype) -> dict:
     prepared = {s.request_id: actor.prepared(s.request_id) for s in samples}
     batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size)
     with timer("old_logprobs"):
         trainer_lp = score_rows(actor.model, batch, images, patches, update_cfg.temperature,
                                 update_cfg.micro_batch_size)
+    bounds = rollout.sync_check.resolved(precision(engine_dtype, actor.model.config.params_dtype))
     check = check_logprobs([s.sampled_logprobs() for s in samples], response_logprobs(trainer_lp, batch),
-                           rollout.sync_check_bound)
+                           bounds)
     old = trainer_lp if rollout.old_logprobs == "trainer" else _engine_logprobs(samples, batch)
     ref = None
     if update_cfg.loss.kl_type != "none":
@@ -283,7 +284,7 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer) -> dict:
                                         update_cfg.micro_batch_size)
     advantages = sequence_advantages(rewards, [s.request_id for s in samples], batch.loss_mask,
                                      update_cfg.advantage)
-    report = dict(sync_logprob_max_abs=check.max_abs, sync_logprob_mean_abs=check.mean_abs)
+    report = check.metrics()
     if rl.mask_truncated:  # the advantages above still saw them: only their tokens leave the loss
         truncated = torch.tensor([s.finish_reason == "length" for s in samples])
         batch.loss_mask = batch.loss_mask * (~truncated).float()[:, None]

@@ -8,7 +8,8 @@ from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.rollout.embedded import EmbeddedEngine, Prepared
 from megatron_vlm.rollout.protocol import RolloutRequest, SamplingParams
-from megatron_vlm.rollout.weight_sync import WeightSyncError, check_logprobs, sync_weights
+from megatron_vlm.rollout.weight_sync import (SyncCheckConfig, WeightSyncError, check_logprobs,
+                                              sync_weights)
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs, score
 from tests.models.vlm_fixtures import IMAGE, make_config, make_inputs
 
@@ -79,7 +80,8 @@ def test_engine_logprobs_equal_trainer_after_sync(setup):
     assert all(all(lp <= 0 for lp in s.logprobs) for s in samples)
     batch, _, _ = build_batch(samples, prepared, pad_id=0, spatial_merge_size=2)
     trainer = response_logprobs(score(model, batch, sampling.temperature), batch)
-    check = check_logprobs([s.logprobs for s in samples], trainer, bound=1e-5)
+    check = check_logprobs([s.logprobs for s in samples], trainer, SyncCheckConfig().resolved("float32"))
+    assert check.max_abs < 1e-5
     print(f"sync check: max {check.max_abs:.2e} mean {check.mean_abs:.2e} over {check.tokens} tokens")
     assert check.tokens == sum(len(s.response_ids) for s in samples)
 
@@ -110,7 +112,7 @@ def test_corrupted_bucket_is_caught(setup, engine):
     batch, _, _ = build_batch(samples, prepared, pad_id=0, spatial_merge_size=2)
     trainer = response_logprobs(score(model, batch, sampling.temperature), batch)
     with pytest.raises(WeightSyncError, match="engine and trainer disagree"):
-        check_logprobs([s.logprobs for s in samples], trainer, bound=1e-3)
+        check_logprobs([s.logprobs for s in samples], trainer, SyncCheckConfig().resolved("float32"))
 
 
 def test_sleeping_engine_refuses_to_generate(setup, engine):

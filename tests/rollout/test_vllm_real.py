@@ -80,3 +80,25 @@ def test_tp1_replicas_deal_the_prompts_and_each_sample_comes_back_once(tmp_path)
     expected = [[r, i] for r in result["requests"] for i in range(result["n"])]
     assert ranks[0]["keys"] == ranks[1]["keys"] == expected  # once each, in request order
     assert result["fp32"]["max"] < 1e-5, result["fp32"]
+
+
+def test_sync_check_defaults_pass_healthy_runs_and_stop_broken_ones(single):
+    """The defaults (weight_sync.SYNC_CHECK_DEFAULTS) against what was measured: each healthy
+    comparison passes its regime's bounds; the stale bucket exceeds the bf16-engine mean and p99
+    bounds (its KL, 1.7e-4, sits under a bound sized for rare outliers), the transposed tensor
+    every bf16-trainer bound."""
+    from megatron_vlm.rollout.weight_sync import SYNC_CHECK_DEFAULTS
+
+    def exceeded(stats, regime):
+        bounds = SYNC_CHECK_DEFAULTS[regime]
+        return {name for name, key in (("mean_abs", "mean"), ("quantile_abs", "p99"), ("kl", "kl"))
+                if not stats[key] <= bounds[name]}
+
+    assert not exceeded(single["fp32"], "float32")
+    assert not exceeded(single["bf16_vs_fp32_trainer"], "bfloat16_engine")
+    assert not exceeded(single["bf16_vs_bf16_trainer"], "bfloat16")
+    transposed, repaired, stale, _ = single["broken_stats"]
+    assert {"mean_abs", "quantile_abs"} <= exceeded(stale, "bfloat16_engine"), stale
+    assert exceeded(transposed, "bfloat16") == {"mean_abs", "quantile_abs", "kl"}, transposed
+    assert not exceeded(repaired, "float32")
+    assert not any(any(flags) for flags in single["nan"])  # neither side produced a NaN

@@ -21,7 +21,6 @@ class Demo:
         from transformers import AutoConfig
 
         from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
-        from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
         from megatron_vlm.data.digits import DigitsConfig, build_demo_assets
         from megatron_vlm.data.loading import LoadConfig, load_prompts
         from megatron_vlm.data.processor import MultimodalProcessor
@@ -41,11 +40,10 @@ class Demo:
         self.rules = self.family.hf_rules(self.hf_config)
         torch.manual_seed(seed)  # transformers' initialisation, identical on every rank
         hf_model = self.family.hf_model_class(self.hf_config)
-        full = dict(hf_to_mcore(self.rules, hf_model.state_dict().__getitem__))
+        self.full = dict(hf_to_mcore(self.rules, hf_model.state_dict().__getitem__))
         del hf_model
-        self.model = self.family.build(self.hf_config, parallel, "cpu").eval()
-        load_full_state_dict(self.model, full, RankLayout.current(self.model.config),
-                             self.hf_config.tie_word_embeddings)
+        self.parallel = parallel
+        self.model = self.trainer()
         self.processor = MultimodalProcessor.from_pretrained(self.model_dir)
         self.cache = PromptCache(self.processor)
         load = LoadConfig(max_prompt_length=256)
@@ -58,6 +56,15 @@ class Demo:
         tokenizer = self.processor.tokenizer
         self.stop_token_ids = [tokenizer.eos_token_id]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def trainer(self, dtype: torch.dtype = torch.float32):
+        """A megatron model holding the seeded weights, in `dtype`."""
+        from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
+
+        model = self.family.build(self.hf_config, self.parallel, "cpu").eval()
+        load_full_state_dict(model, self.full, RankLayout.current(model.config),
+                             self.hf_config.tie_word_embeddings)
+        return model.to(dtype)
 
     def sampling(self, **kwargs) -> SamplingParams:
         return SamplingParams(stop_token_ids=self.stop_token_ids, **kwargs)
@@ -86,8 +93,10 @@ def outputs(samples) -> list[dict]:
 
 
 def diff_stats(engine: list[list[float]], trainer: list[list[float]]) -> dict:
-    """max / mean / 99th percentile of |engine - trainer| over every token."""
-    diffs = torch.cat([(torch.tensor(e, dtype=torch.float64) - torch.tensor(t, dtype=torch.float64)).abs()
-                       for e, t in zip(engine, trainer)])
-    return dict(max=float(diffs.max()), mean=float(diffs.mean()),
-                p99=float(torch.quantile(diffs, 0.99)), tokens=diffs.numel())
+    """The sync check's statistics (max, mean, p99 of |diff|, k3 KL) over every token."""
+    from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs
+
+    unbounded = SyncCheckConfig()  # no bounds: statistics only
+    check = check_logprobs(engine, trainer, unbounded)
+    return dict(max=check.max_abs, mean=check.mean_abs, p99=check.quantile_abs, kl=check.kl,
+                tokens=check.tokens)

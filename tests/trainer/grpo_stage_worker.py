@@ -67,7 +67,7 @@ def main():
                   reference=reference)
     engine = EmbeddedEngine(hf.config, prepare=lambda r: prepared[r.request_id])
     rollout = RolloutConfig(prompts_per_step=3, n=4, max_new_tokens=6, temperature=0.9,
-                            sync_check_bound=1e-4, bucket_mb=0.1)
+                            bucket_mb=0.1)
     update = UpdateConfig(temperature=0.9, micro_batch_size=4,
                           loss=LossConfig(name="dapo", kl_type="k3", kl_coef=0.1))
 

@@ -17,7 +17,7 @@ from megatron_vlm.parallel.runtime import init_runtime, set_layout
 from megatron_vlm.rl.losses import LossConfig
 from megatron_vlm.rollout.embedded import EmbeddedEngine
 from megatron_vlm.rollout.protocol import SamplingParams
-from megatron_vlm.rollout.weight_sync import check_logprobs, sync_weights
+from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs, sync_weights
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
 from megatron_vlm.trainer.megatron_step import OptimConfig
 from megatron_vlm.trainer.rl_step import UpdateConfig, score_rows, sequence_advantages, update
@@ -49,7 +49,8 @@ def main():
     samples = engine.generate(requests, sampling)
     batch, images, patches = build_batch(samples, prepared, pad_id=0, spatial_merge_size=2)
     old = score_rows(model, batch, images, patches, UPDATE.temperature, micro_batch_size=4)
-    check = check_logprobs([s.logprobs for s in samples], response_logprobs(old, batch), bound=1e-4)
+    check = check_logprobs([s.logprobs for s in samples], response_logprobs(old, batch),
+                           SyncCheckConfig().resolved("float32"))
     rewards = torch.tensor([sum(t < 100 for t in s.response_ids) / max(1, len(s.response_ids))
                             for s in samples])
     advantages = sequence_advantages(rewards, [s.request_id for s in samples], batch.loss_mask,
