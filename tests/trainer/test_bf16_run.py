@@ -37,8 +37,6 @@ def test_vision_tower_follows_the_dtype(report):
 
 
 @pytest.mark.dist
-@pytest.mark.xfail(reason="the CPU layer spec's norm (parallel/cpu_compat.SequenceParallelRMSNorm) "
-                          "builds its weight in fp32 whatever config.params_dtype says")
 def test_cpu_norms_follow_the_dtype(report):
     assert report["not_bf16"] == []
 
