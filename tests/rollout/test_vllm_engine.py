@@ -163,10 +163,7 @@ def test_environment_refuses_expandable_segments(var):
 
 def test_environment_needs_launcher_variables_and_no_v1_multiprocessing():
     with pytest.raises(RuntimeError, match="reads RANK, LOCAL_RANK"):
-        ve.check_environment({"WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, 2)
-    assert ve.check_environment({}, 1, "cpu") == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    with pytest.raises(RuntimeError, match="reads RANK"):
-        ve.check_environment({}, 1, "cuda")  # the GPU always takes its rank from the launcher
+        ve.check_environment({"WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING must be 0"):
         ve.check_environment(dict(LAUNCHER_ENV, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
     assert ve.check_environment(dict(LAUNCHER_ENV, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:False")) \
@@ -205,8 +202,8 @@ def test_device_mode_decides_every_cpu_difference():
     assert cpu["kv_cache_memory_bytes"] == 1 << 29 and "gpu_memory_utilization" not in cpu
     assert gpu["enforce_eager"] is False and cpu["enforce_eager"] is True
     assert cpu["enable_chunked_prefill"] is False and "enable_chunked_prefill" not in gpu
-    assert cpu["distributed_executor_backend"] == "uni"  # one-rank replicas: independent engines
-    assert gpu["distributed_executor_backend"] == "external_launcher"  # uni would pick cuda:0
+    assert cpu["distributed_executor_backend"] == gpu["distributed_executor_backend"] == \
+        "external_launcher"  # the same executor on both (uni would put every GPU rank on cuda:0)
     routed = ve.VllmEngineConfig(model_dir="m", return_routed_experts=True)  # a valid GPU config
     assert ve.llm_kwargs(routed, "cuda")["enable_return_routed_experts"] is True
     with pytest.raises(ValueError, match="return_routed_experts: not available on cpu"):

