@@ -16,9 +16,13 @@ Loss normalisation is exact across micro-batches and DP ranks: each micro-batch 
 (`calculate_per_token_loss=True`) sums gradients over micro-batches and DP ranks and divides once by
 the global unit count.
 
+Scoring (score_rows: old and reference log-probs) is split the same way: each DP rank runs the
+forward on its own share of the rows only, and the shares' real tokens are all-gathered over the DP
+group, so the work per rank falls as DP grows and every rank still holds the full [B, S] result.
+
 Micro-batches are packed on the host and moved to the model's device by `megatron_step.on_device`
-as the schedule takes them (train_step, score_rows); metric totals and broadcast log-probs are on
-the group's device (`megatron_step.collective_device`).
+as the schedule takes them (train_step, score_rows); metric totals, gathered and broadcast log-probs
+are on the group's device (`megatron_step.collective_device`).
 """
 from __future__ import annotations
 
@@ -178,8 +182,8 @@ def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[
         packed = pack_rows(batch, chosen or rows[:1] or [0], images_per_row, patches, multiple, length)
         if not chosen:  # no sample here: a fully masked row keeps this rank in the reductions
             packed.loss_mask = torch.zeros_like(packed.loss_mask)
-        out.append({"batch": packed, "old_logprobs": packed.take(old), "advantages": packed.take(adv),
-                    "ref_logprobs": packed.take(ref)})
+        out.append({"batch": packed, "rows": chosen, "old_logprobs": packed.take(old), "advantages": packed.take(adv),
+                    "ref_logprobs": packed.take(ref)})  # rows: [] for the masked stand-in
     return out
 
 
@@ -220,16 +224,23 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
 
 
 def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature: float,
-               micro_batch_size: int, pack_tokens: int | None = None) -> torch.Tensor:
-    """Log-probs [B, S] of every row on every rank (0 off the real tokens; on the batch's device),
-    with no grad, over packed micro-batches through megatron's forward-only schedule
-    (pipeline-aware: the last stage broadcasts the result to the others)."""
+               micro_batch_size: int, pack_tokens: int | None = None, split_over_dp: bool = True) -> torch.Tensor:
+    """Log-probs [B, S] of every row, the same on every rank (0 off the real tokens; on the batch's
+    device), with no grad, over packed micro-batches through megatron's forward-only schedule.
+
+    Each DP rank scores its share of the rows (make_microbatches: dealt by token cost, the same
+    deterministic plan on every rank, the same number of micro-batches per rank, which the EP
+    all-to-alls need), the last pipeline stage all-gathers the shares over the DP group and
+    broadcasts the full result to the other stages. TP / CP ranks of one DP rank score the same
+    rows. split_over_dp=False scores every row on every DP rank (the unsplit reference)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    dp_size, dp_rank = (ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()) if split_over_dp else (1, 0)
     rows = list(range(batch.input_ids.shape[0]))
-    mbs = make_microbatches(batch, images_per_row, patches, rows, pack_budget(pack_tokens, micro_batch_size, batch),
-                            None, None, None, model.config, dp_size=1, dp_rank=0)
+    budget = pack_budget(pack_tokens, micro_batch_size, batch)
+    mbs = make_microbatches(batch, images_per_row, patches, rows, budget, None, None, None, model.config,
+                            dp_size=dp_size, dp_rank=dp_rank)
     device = model_device(model)
     with torch.no_grad():
         out = get_forward_backward_func()(
@@ -238,12 +249,39 @@ def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature
             micro_batch_size=1, forward_only=True)
     logprobs = torch.zeros(batch.loss_mask.shape, dtype=batch.loss_mask.dtype, device=device)  # [B, S]
     for mb, result in zip(mbs, out):
-        mb["batch"].put(result["logprobs"], logprobs)
+        if mb["rows"]:  # not the masked stand-in (its row is another pack's, or another rank's)
+            mb["batch"].put(result["logprobs"], logprobs)
+    if dp_size > 1 and ps.is_pipeline_last_stage(ignore_virtual=True):
+        shares = [sorted(r for pack in rank for r in pack) for rank in _plan(batch, rows, budget, dp_size)]
+        logprobs = gather_rows(logprobs, shares, batch.row_lengths(), ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         group = ps.get_pipeline_model_parallel_group()
         logprobs = logprobs.to(collective_device(group))
         torch.distributed.broadcast(logprobs, src=torch.distributed.get_process_group_ranks(group)[-1], group=group)
     return logprobs.to(batch.loss_mask.device)
+
+
+def gather_rows(values: torch.Tensor, shares: list[list[int]], lengths: list[int], group) -> torch.Tensor:
+    """[B, S] with every row filled from the group rank that owns it (shares[rank] = its rows, the
+    same lists on every rank). Only real tokens travel: each rank sends its rows' first lengths[r]
+    values end to end, padded to the largest share (the sizes follow from `shares`, no extra
+    collective)."""
+    device = collective_device(group)
+    sizes = [sum(lengths[r] for r in share) for share in shares]
+    mine = shares[torch.distributed.get_group_rank(group, torch.distributed.get_rank())]
+    flat = torch.zeros(max(sizes), dtype=values.dtype, device=device)  # [max share tokens]
+    if mine:
+        sent = torch.cat([values[r, :lengths[r]] for r in mine])
+        flat[:sent.numel()] = sent.to(device)
+    received = [torch.empty_like(flat) for _ in shares]
+    torch.distributed.all_gather(received, flat, group=group)
+    out = torch.zeros_like(values)
+    for share, flat_share in zip(shares, received):
+        start = 0
+        for r in share:
+            out[r, :lengths[r]] = flat_share[start:start + lengths[r]].to(out.device)
+            start += lengths[r]
+    return out
 
 
 def _score_forward_step(temperature: float, data_iterator, model):
