@@ -7,7 +7,10 @@ gathered where it lives and then shared:
                     SwiGLU fc1 halves are gathered separately ([gate; up] per rank);
   expert parallel   broadcast from the EP rank that owns the expert (global id e lives on EP rank
                     e // local_experts);
-  pipeline          broadcast from the stage that holds the layer (shape first, as an object).
+  pipeline          broadcast from the stage that holds the layer. The receivers allocate it from
+                    a shape table that each stage computes for its own tensors from its local
+                    shards and shares once per stream (one object all-gather over PP, not one
+                    object broadcast per tensor).
 DP and CP replicas already hold identical copies. Extra memory is one rule's tensors (at most one
 layer's experts), never the model. `bucket_bytes` groups consecutive tensors for the weight sync.
 """
@@ -40,6 +43,9 @@ class _Locator:
         self.ep_size = ps.get_expert_model_parallel_world_size()
         self.ep_rank = ps.get_expert_model_parallel_rank()
         self.local_experts = experts // self.ep_size
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.etp_size = ps.get_expert_tensor_parallel_world_size()
+        self.full_meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # see share_meta
 
     def stage(self, name: str) -> int:
         m = _LAYER.search(name)
@@ -59,6 +65,34 @@ class _Locator:
         expert = int(m.group(1))
         local = _EXPERT.sub(f".local_experts.{expert % self.local_experts}.", name, count=1)
         return local, expert // self.local_experts
+
+    def owned_param(self, name: str) -> tuple[str, torch.Tensor, int]:
+        """(local name, local shard, owning EP rank or -1) of `name` on its pipeline stage."""
+        local, owner_ep = self.local_name(name)
+        if local not in self.params:
+            raise KeyError(f"{name!r}: no parameter {local!r} on pipeline stage {self.stage(name)}")
+        return local, self.params[local], owner_ep
+
+    def share_meta(self, names: list[str]) -> None:
+        """(full shape, dtype) of every name, on every stage: each stage derives its own tensors'
+        from the local shards (the TP split dim times the (expert) TP size; an expert's local slot has
+        the shape of the owning EP rank's) and one all_gather_object over PP shares them. Collective."""
+        from megatron.core import parallel_state as ps
+
+        if self.pp_size == 1:
+            return
+        own = {}
+        for name in names:
+            if self.stage(name) == self.pp_rank:
+                local, param, _ = self.owned_param(name)
+                shape, dim = list(param.shape), split_dim(local, param)
+                if dim is not None:
+                    shape[dim] *= self.etp_size if is_expert_param(local) else self.tp_size
+                own[name] = (tuple(shape), param.dtype)
+        stages = [None] * self.pp_size
+        torch.distributed.all_gather_object(stages, own, group=ps.get_pipeline_model_parallel_group())
+        for stage_meta in stages:
+            self.full_meta.update(stage_meta)
 
 
 def _gather_tensor_parallel(param: torch.Tensor, name: str) -> torch.Tensor:
@@ -83,16 +117,15 @@ def _gather_tensor_parallel(param: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def gather_full(locator: _Locator, name: str) -> torch.Tensor:
-    """The full tensor `name` on every rank (collective: every rank calls it in the same order)."""
+    """The full tensor `name` on every rank (collective: every rank calls it in the same order;
+    with PP > 1 after `locator.share_meta` over the names)."""
     from megatron.core import parallel_state as ps
 
     owner_stage = locator.stage(name)
     tensor = None
     if owner_stage == locator.pp_rank:
-        local, owner_ep = locator.local_name(name)
-        if local not in locator.params:
-            raise KeyError(f"{name!r}: no parameter {local!r} on pipeline stage {owner_stage}")
-        tensor = _gather_tensor_parallel(locator.params[local], local)
+        local, param, owner_ep = locator.owned_param(name)
+        tensor = _gather_tensor_parallel(param, local)
         if owner_ep >= 0 and locator.ep_size > 1:
             group = ps.get_expert_model_parallel_group()
             src = torch.distributed.get_process_group_ranks(group)[owner_ep]
@@ -101,10 +134,9 @@ def gather_full(locator: _Locator, name: str) -> torch.Tensor:
     if locator.pp_size > 1:
         group = ps.get_pipeline_model_parallel_group()
         src = torch.distributed.get_process_group_ranks(group)[owner_stage]
-        meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
-        torch.distributed.broadcast_object_list(meta, src=src, group=group)
         if tensor is None:
-            tensor = torch.empty(meta[0][0], dtype=meta[0][1], device=_device(locator))
+            shape, dtype = locator.full_meta[name]
+            tensor = torch.empty(shape, dtype=dtype, device=_device(locator))
         tensor = tensor.contiguous()
         torch.distributed.broadcast(tensor, src=src, group=group)
     return tensor
@@ -117,6 +149,7 @@ def _device(locator: _Locator) -> torch.device:
 def iter_hf_weights(model: torch.nn.Module, rules: list[Rule]) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every HF tensor of the model, one rule at a time, on every rank."""
     locator = _Locator(_unwrap(model))
+    locator.share_meta([name for rule in rules for name in rule.mcore])
     for rule in rules:
         full = [gather_full(locator, name) for name in rule.mcore]
         yield from zip(rule.hf, rule.to_hf(full))
