@@ -1,8 +1,9 @@
-"""One rank of the DP-split scoring launch (2 gloo ranks): score_rows with each DP rank scoring its
-share of the rows and the shares all-gathered, against every rank scoring every row, at DP=2 and at
-EP=2 x DP=2 (the experts' all-to-alls span the DP ranks), for a token budget of one row per pack and
-for micro_batch_size=4. Writes the figures as JSON: max |split - unsplit|, max |rank 0 - rank 1|,
-and each rank's rows, tokens, packs and masked stand-in packs.
+"""One rank of the DP-split scoring launch: score_rows with each DP rank scoring its share of the
+rows and the shares all-gathered, against every rank scoring every row, for a token budget of one
+row per pack and for micro_batch_size=4; on 2 gloo ranks at DP=2 and EP=2 x DP=2 (the experts'
+all-to-alls span the DP ranks), on 4 at PP=2 x DP=2 (gather on the last stage, then the PP
+broadcast) and TP=2 x DP=2. Writes the figures as JSON: max |split - unsplit|, max |this rank -
+any rank|, and each DP rank's rows, tokens, packs and masked stand-in packs.
 """
 import json
 import sys
@@ -18,7 +19,8 @@ from megatron_vlm.trainer.sft import labelled_sample
 from tests.rollout.test_embedded import fixture_requests
 from tests.trainer.policy_fixtures import tiny_policy_weights
 
-LAYOUTS = {"dp2": ParallelConfig(), "ep2_dp2": ParallelConfig(ep=2, etp=1)}
+LAYOUTS = {2: {"dp2": ParallelConfig(), "ep2_dp2": ParallelConfig(ep=2, etp=1)},  # by world size
+           4: {"pp2_dp2": ParallelConfig(pp=2), "tp2_dp2": ParallelConfig(tp=2)}}
 TEMPERATURE = 0.9
 
 
@@ -63,7 +65,7 @@ def main():
     budgets = {"one_row_per_pack": dict(micro_batch_size=1, pack_tokens=int(batch.lengths.max())),
                "micro_batch_size_4": dict(micro_batch_size=4)}
     report = {"row_lengths": batch.row_lengths()}
-    for name, parallel in LAYOUTS.items():
+    for name, parallel in LAYOUTS[runtime.world_size].items():
         set_layout(runtime, parallel, seed=5)
         model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
         load_full_state_dict(model, full, RankLayout.current(model.config))
@@ -80,7 +82,7 @@ def main():
                 "max_abs_split_vs_unsplit": float((split - unsplit).abs().max()),
                 "max_abs_across_ranks": across_ranks_max_abs(split),
                 "split_forwards_per_rank": all_ranks(len(calls)),
-                "shares": share_report(batch, tokens, 2)}
+                "shares": share_report(batch, tokens, parallel.data_parallel_size(runtime.world_size))}
     if runtime.rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,7 +1,8 @@
 """DP-split scoring (issue #11 item 9): score_rows runs each DP rank on its own share of the rows
-(dealt by token cost) and all-gathers the shares; on two gloo ranks (dp_score_worker.py), at DP=2
-and at EP=2 x DP=2, the result equals every rank scoring every row, on both ranks, and the ranks of
-the expert group run the same number of forwards."""
+(dealt by token cost) and all-gathers the shares (dp_score_worker.py): on two gloo ranks at DP=2
+and at EP=2 x DP=2, on four at PP=2 x DP=2 and TP=2 x DP=2, the result equals every rank scoring
+every row, on every rank, and every rank (the expert group's included) runs the same number of
+forwards."""
 import json
 import os
 
@@ -14,9 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.mark.dist
-def test_dp_split_scoring_equals_unsplit_on_two_ranks(tmp_path):
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_dp_split_scoring_equals_unsplit(nproc, tmp_path):
     out = tmp_path / "dp_score.json"
-    result = launch_local([WORKER, str(out)], nproc=2, timeout=400, env={"PYTHONPATH": ROOT})
+    result = launch_local([WORKER, str(out)], nproc=nproc, timeout=400, env={"PYTHONPATH": ROOT})
     assert result.ok, result.summary()
     report = json.loads(out.read_text())
     print(json.dumps(report))
@@ -30,4 +32,4 @@ def test_dp_split_scoring_equals_unsplit_on_two_ranks(tmp_path):
         assert all(s["rows"] > 0 for s in r["shares"]), case  # neither rank scores everything
         packs = {s["packs"] for s in r["shares"]}
         assert len(packs) == 1, case                         # as many micro-batches on every rank...
-        assert r["split_forwards_per_rank"] == [packs.pop()] * 2, case  # ...and as many forwards
+        assert r["split_forwards_per_rank"] == [packs.pop()] * nproc, case  # ...and as many forwards
