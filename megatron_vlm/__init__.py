@@ -16,6 +16,6 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|A
 
 # With the CPU vLLM extra installed, transformers' image code imports a torchvision whose compiled
 # ops cannot load beside the CPU torch; a no-op everywhere else (rollout/vllm_cpu_compat.py).
-from megatron_vlm.rollout.vllm_cpu_compat import define_torchvision_schemas as _define_schemas
+from megatron_vlm.rollout.vllm_cpu_compat import arm_torchvision_schemas as _arm_schemas
 
-_define_schemas()
+_arm_schemas()

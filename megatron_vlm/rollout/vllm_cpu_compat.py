@@ -12,8 +12,10 @@ parallelism for MoE) is not patched: `rollout/vllm_engine.py` decides it per dev
    does not load beside the CPU torch, and then `torchvision/_meta_registrations.py` registers fake
    kernels for `torchvision::nms` / `torchvision::qnms`, which do not exist: "operator
    torchvision::nms does not exist", at import. Defining the two schemas first (no kernels: an NMS
-   call would still fail, loudly) lets torchvision import. Applied at `import megatron_vlm` (any
-   transformers image code fails otherwise once the extra is installed) and in the one subprocess
+   call would still fail, loudly) lets torchvision import. Armed at `import megatron_vlm` (any
+   transformers image code fails otherwise once the extra is installed) as an import hook that
+   defines them just before torchvision is first imported (`import megatron_vlm` itself must not
+   import torch: the reward workers stay torch-free), and applied in the one subprocess
    vLLM starts here: its model-registry inspection runs `python -m
    vllm.model_executor.models.registry` (`_SUBPROCESS_COMMAND`, which vLLM leaves open for
    wrappers), which imports transformers' image code before it could load any vLLM plugin; `apply`
@@ -32,6 +34,7 @@ parallelism for MoE) is not patched: `rollout/vllm_engine.py` decides it per dev
 from __future__ import annotations
 
 import glob
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -74,6 +77,29 @@ def define_torchvision_schemas() -> bool:
         library.define(schema)
     _libraries.append(library)
     return True
+
+
+class _SchemasBeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: on the first import of torchvision it defines the schemas, then
+    steps aside for the real finders."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            sys.meta_path.remove(self)
+            define_torchvision_schemas()
+        return None
+
+
+def arm_torchvision_schemas() -> None:
+    """At package import: the schemas before torchvision's first import, without importing torch."""
+    if "torchvision" in sys.modules or any(isinstance(f, _SchemasBeforeTorchvision) for f in sys.meta_path):
+        return
+    try:
+        if importlib.util.find_spec("torchvision") is None:
+            return
+    except (ImportError, ValueError):
+        return
+    sys.meta_path.insert(0, _SchemasBeforeTorchvision())
 
 
 def patch_expert_reload() -> None:
