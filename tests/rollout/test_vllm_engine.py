@@ -290,6 +290,13 @@ def test_engine_level2_sleep_forces_reload(engine):
     engine.generate(requests(), SamplingParams())
 
 
+def test_a_replica_with_no_prompts_calls_nothing(engine):
+    engine.update_weights([bucket("model.a")])
+    calls = len(engine.llm.calls)
+    assert engine.generate([], SamplingParams()) == []
+    assert len(engine.llm.calls) == calls  # no generate: independent replicas never wait on it
+
+
 def test_engine_update_with_no_tensors_is_an_error(engine):
     with pytest.raises(ValueError, match="received no tensors"):
         engine.update_weights([])

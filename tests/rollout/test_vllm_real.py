@@ -79,6 +79,8 @@ def test_tp1_replicas_deal_the_prompts_and_each_sample_comes_back_once(tmp_path)
     assert ranks[0]["mine"] == result["requests"][0::2] and ranks[1]["mine"] == result["requests"][1::2]
     expected = [[r, i] for r in result["requests"] for i in range(result["n"])]
     assert ranks[0]["keys"] == ranks[1]["keys"] == expected  # once each, in request order
+    lone = [[result["requests"][0], i] for i in range(result["n"])]
+    assert ranks[0]["lone"] == ranks[1]["lone"] == lone  # the idle replica did not block the other
     assert result["fp32"]["max"] < 1e-5, result["fp32"]
 
 

@@ -5,7 +5,8 @@
 its own): vLLM slices the streamed full HF tensors for its TP; both ranks must see the same greedy
 outputs (compared with TP=1 by the test).
 `tp1`: trainer DP=2 and one independent TP=1 engine per rank: the prompts are dealt by replica
-(`generate_share`), every sample comes back once, in request order, on both ranks.
+(`generate_share`), every sample comes back once, in request order, on both ranks; with one
+prompt for two replicas, the idle replica skips `generate` and nothing waits for it.
 Writes rank 0's figures as JSON for test_vllm_real.py.
 """
 import json
@@ -50,7 +51,9 @@ def tp1(demo) -> dict:
     mine = [r.request_id for r in demo.requests[replica::replicas]]
     samples = generate_share(actor, engine, demo.requests, sampling)
     keys = [(s.request_id, s.index) for s in samples]
-    everyone = gathered(dict(replica=replica, mine=mine, keys=keys))
+    lone = generate_share(actor, engine, demo.requests[:1], sampling)  # replica 1 has nothing to do
+    everyone = gathered(dict(replica=replica, mine=mine, keys=keys,
+                             lone=[(s.request_id, s.index) for s in lone]))
     report = dict(replicas=replicas, ranks=everyone, requests=[r.request_id for r in demo.requests],
                   n=sampling.n, fp32=diff_stats([s.logprobs for s in samples],
                                                 demo.trainer_logprobs(samples)))
