@@ -2,24 +2,14 @@
 tensor from one shape table shared per stream (a single all_gather_object over PP) instead of one
 broadcast_object_list per tensor; the buckets stay what the PP=1 stream yields, name for name and
 bit for bit (stream_meta_worker.py, 2 gloo ranks)."""
-import json
-import os
-
 import pytest
 
-from megatron_vlm.parallel.launch import launch_local
-
-WORKER = os.path.join(os.path.dirname(__file__), "stream_meta_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.utils import run_worker
 
 
 @pytest.mark.dist
 def test_stream_shares_metadata_once_and_keeps_the_buckets(tmp_path):
-    out = tmp_path / "stream.json"
-    result = launch_local([WORKER, str(out)], nproc=2, timeout=300, env={"PYTHONPATH": ROOT})
-    assert result.ok, result.summary()
-    report = json.loads(out.read_text())
-    print(json.dumps(report))
+    report = run_worker("tests/checkpoint/stream_meta_worker.py", tmp_path, nproc=2, timeout=300)
     assert report["all_ranks_agree"] and report["buckets"] > 1
     for layout in ("pp1", "pp2", "ep2"):
         assert report[layout]["same_bucket_names"] and report[layout]["same_tensors"], layout

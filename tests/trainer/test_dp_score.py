@@ -3,25 +3,15 @@
 and at EP=2 x DP=2, on four at PP=2 x DP=2 and TP=2 x DP=2, the result equals every rank scoring
 every row, on every rank, and every rank (the expert group's included) runs the same number of
 forwards."""
-import json
-import os
-
 import pytest
 
-from megatron_vlm.parallel.launch import launch_local
-
-WORKER = os.path.join(os.path.dirname(__file__), "dp_score_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.utils import run_worker
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_dp_split_scoring_equals_unsplit(nproc, tmp_path):
-    out = tmp_path / "dp_score.json"
-    result = launch_local([WORKER, str(out)], nproc=nproc, timeout=400, env={"PYTHONPATH": ROOT})
-    assert result.ok, result.summary()
-    report = json.loads(out.read_text())
-    print(json.dumps(report))
+    report = run_worker("tests/trainer/dp_score_worker.py", tmp_path, nproc=nproc, timeout=400)
     rows = len(report.pop("row_lengths"))
     assert len(report) == 4
     for case, r in report.items():
