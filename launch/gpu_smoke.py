@@ -57,7 +57,11 @@ BENCH_SHAPE = dict(tokens=4096, hidden=1024, vocab=32768)
 # Seconds per stage: several times what each should take on one H100/H200 (the whole run: < 8 min),
 # so a hang is cut off without a slow machine failing.
 TIMEOUTS = dict(cuda=60, install=240, imports=120, kernels=180, bench=180, train=300, train_vllm=420)
-STAGE_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": None}  # None: removed
+# None: removed. The rendezvous variables too: each stage is its own world of one, and an inherited
+# MASTER_PORT (a launcher's, or a test process's bound store) would make its store fail to listen.
+STAGE_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": None,
+             **dict.fromkeys(("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                              "LOCAL_WORLD_SIZE"), None)}
 
 
 class StageFailed(Exception):

@@ -85,7 +85,7 @@ def test_dry_run_lists_every_stage_and_reports_no_cuda(tmp_path, how):
         train = listing[stage][0]
         assert train[1:6] == ["-m", "megatron_vlm.cli", "train", "--config", config]
         assert {"runtime.nproc=1", "runtime.device=cuda", "parallel.ep=1"} <= set(train)
-    assert "TRITON_INTERPRET unset" in out
+    assert "TRITON_INTERPRET, MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE unset" in out
     assert "held (held-constraints.txt): torch==" in out
     assert not out_dir.exists()  # a dry run writes nothing
 
@@ -236,7 +236,8 @@ def test_train_stage_command_runs_on_cpu(tmp_path):
     settings = smoke.Settings(out=tmp_path, wheels=None, has_te=False, has_vllm=False)
     stage = smoke.train_stage(settings, vllm=False)
     command = ["runtime.device=cpu" if arg == "runtime.device=cuda" else arg for arg in stage.commands[0]]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=smoke.stage_env())  # the environment run_stage gives it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figure = stage.figure(result.stdout)
     assert figure.startswith("sft loss ") and "grpo loss" in figure and "spec local" in figure
@@ -277,3 +278,15 @@ def test_install_preflight_holds_the_installed_torch(tmp_path):
     held = (tmp_path / "held-constraints.txt").read_text().splitlines()
     assert f"torch=={torch.__version__}" in held
     assert smoke.install_stage(settings).commands[0][-len(smoke.requirements()):] == smoke.requirements()
+
+
+def test_stages_do_not_inherit_a_rendezvous(monkeypatch):
+    """Each stage is a world of one: a MASTER_PORT left in the environment (a launcher's, or this
+    test process's own bound store after single_rank_runtime) made the train stage's store fail to
+    listen (EADDRINUSE) in the full suite."""
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", RANK="0", WORLD_SIZE="1",
+                            LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)
+    env = smoke.stage_env()
+    assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"} & set(env)
+    assert env["PYTHONUNBUFFERED"] == "1"
