@@ -303,16 +303,31 @@ def map_outputs(requests: list[RolloutRequest], outputs: list, n: int,
     return samples
 
 
-def checked_hf_weights(buckets: Iterable[Bucket], counter: dict) -> Iterator[tuple[str, Any]]:
+class IncompleteUpdateError(RuntimeError):
+    pass
+
+
+def checked_hf_weights(buckets: Iterable[Bucket], counter: dict,
+                       expected: frozenset[str] | None = None) -> Iterator[tuple[str, Any]]:
     """The buckets as one lazy stream of (HF name, tensor), refusing non-HF (megatron) names,
-    which vLLM's loader would otherwise skip with only a log line."""
+    which vLLM's loader would otherwise skip with only a log line, and, at its end, a stream that
+    lacks any tensor of `expected` (the first full load's names)."""
+    names = counter.setdefault("names", set())
     for name, tensor in itertools.chain.from_iterable(buckets):
         if not name.startswith(HF_PREFIXES):
             raise ValueError(f"weight {name!r} is not an HF checkpoint name (expected a prefix in "
                              f"{HF_PREFIXES}); stream models' to_hf names (iter_hf_buckets)")
         counter["tensors"] += 1
         counter["bytes"] += tensor.numel() * tensor.element_size()
+        names.add(name)
         yield name, tensor
+    missing = sorted(expected - names) if expected is not None else []
+    if missing:
+        raise IncompleteUpdateError(
+            f"update_weights: the stream lacked {len(missing)} of the {len(expected)} tensors of "
+            f"the first full load (e.g. {missing[:3]}); vLLM's reload processes such a layer with "
+            f"its unloaded weights uninitialised (NaN log-probs seen here), and a complete reload "
+            f"afterwards did not repair it: this engine refuses all further work; build a new one")
 
 
 class EngineStateError(RuntimeError):
@@ -329,6 +344,7 @@ class EngineState:
     def __init__(self):
         self.awake = {"weights": True, "kv_cache": True}   # LLM(...) returns fully awake
         self.weights_valid = False                         # load_format="dummy"
+        self.broken: str | None = None                     # why no reload can be trusted again
         self.sleep_level: int | None = None
 
     def on_sleep(self, level: int) -> None:
@@ -353,6 +369,8 @@ class EngineState:
             self.sleep_level = None
 
     def check_can_load(self) -> None:
+        if self.broken:
+            raise EngineStateError(self.broken)
         if not self.awake["weights"]:
             raise EngineStateError("update_weights with the weights asleep: call "
                                    "wake_up(['weights']) first")
@@ -361,6 +379,8 @@ class EngineState:
         self.weights_valid = True
 
     def check_can_generate(self) -> None:
+        if self.broken:
+            raise EngineStateError(self.broken)
         asleep = [t for t in TAGS if not self.awake[t]]
         if asleep:
             raise EngineStateError(
@@ -370,7 +390,8 @@ class EngineState:
         if not self.weights_valid:
             raise EngineStateError(
                 "generate before the weights were loaded (the engine starts from dummy weights, "
-                "and a level-2 sleep discards them): call update_weights(...) first")
+                "a level-2 sleep discards them, and a failed update leaves them undefined): call "
+                "update_weights(...) first")
 
 
 def runtime_device() -> str:
@@ -406,6 +427,7 @@ class VllmEngine:
         self.replicas, self.replica = engine_data_parallel(
             int(environ["WORLD_SIZE"]), int(environ["RANK"]), cfg.tensor_parallel_size)
         self.state = EngineState()
+        self.full_names: frozenset[str] | None = None  # the first update's: every later one too
         self.llm = LLM(**kwargs)
         self.last_sync: dict = {}
 
@@ -425,10 +447,18 @@ class VllmEngine:
         self.state.check_can_load()
         counter = {"tensors": 0, "bytes": 0}
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": checked_hf_weights(buckets, counter), "is_checkpoint_format": True})
+        self.state.weights_valid = False  # until this load completes
+        stream = checked_hf_weights(buckets, counter, self.full_names)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream,
+                                                              "is_checkpoint_format": True})
+        except IncompleteUpdateError as error:
+            self.state.broken = str(error)
+            raise
         if counter["tensors"] == 0:
             raise ValueError("update_weights received no tensors")
+        self.full_names = self.full_names or frozenset(counter.pop("names"))
+        counter.pop("names", None)
         self.state.on_loaded()
         self._reset_caches()
         self.last_sync = dict(counter, seconds=time.perf_counter() - start)

@@ -40,5 +40,7 @@ def test_regimes_and_config_validation():
     assert explicit.mean_abs == 1.0 and explicit.kl == 1e-8  # given values win over the defaults
     with pytest.raises(ValueError, match="rollout.sync_check.kl must be > 0"):
         SyncCheckConfig(kl=0)
+    with pytest.raises(WeightSyncError, match="not finite at 1 of 2 tokens"):
+        check_logprobs([[-1.0, float("nan")]], [[-1.0, -2.0]], SyncCheckConfig())  # NaN > bound is False
     with pytest.raises(WeightSyncError, match="engine scored 1 tokens, trainer 2"):
         check_logprobs([[-1.0]], [[-1.0, -2.0]], SyncCheckConfig())

@@ -225,10 +225,22 @@ def test_checked_hf_weights_streams_lazily_and_refuses_megatron_names():
     stream = ve.checked_hf_weights(iter([bucket("model.visual.x"), bucket("lm_head.weight")]), counter)
     assert counter["tensors"] == 0  # nothing consumed yet
     assert [name for name, _ in stream] == ["model.visual.x", "lm_head.weight"]
-    assert counter == {"tensors": 2, "bytes": 2 * 6 * 4}
+    assert counter == {"tensors": 2, "bytes": 2 * 6 * 4, "names": {"model.visual.x", "lm_head.weight"}}
     bad = ve.checked_hf_weights([bucket("language.decoder.layers.0.mlp.linear_fc1.weight")], counter)
     with pytest.raises(ValueError, match="not an HF checkpoint name"):
         list(bad)
+
+
+def test_an_update_missing_a_tensor_breaks_the_engine_for_good(engine):
+    """vLLM's reload processes a layer whose tensors did not all arrive with the rest
+    uninitialised, and no later reload repaired it (test_vllm_real): refuse everything after."""
+    engine.update_weights([bucket("model.a", "model.b")])
+    with pytest.raises(ve.IncompleteUpdateError, match=r"lacked 1 of the 2 tensors .*'model.b'"):
+        engine.update_weights([bucket("model.a")])
+    for call in (lambda: engine.generate(requests(), SamplingParams()),
+                 lambda: engine.update_weights([bucket("model.a", "model.b")])):
+        with pytest.raises(ve.EngineStateError, match="build a new one"):
+            call()
 
 
 # ---- the adapter's call sequence ----------------------------------------------------------------

@@ -53,6 +53,9 @@ def test_bf16_engine_logprobs_near_the_fp32_trainers(single):
 def test_broken_syncs_are_caught_and_a_full_sync_repairs(single):
     assert single["transposed_error"] and "disagree" in single["transposed_error"]
     assert single["stale_error"] and "disagree" in single["stale_error"], single["stale_bucket"]
+    assert "lacked 3 of the 86 tensors" in single["dropped_error"]
+    assert "build a new one" in single["generate_after_dropped"]
+    assert "build a new one" in single["update_after_dropped"]
     assert single["repaired"] < 1e-5
 
 
@@ -86,9 +89,9 @@ def test_tp1_replicas_deal_the_prompts_and_each_sample_comes_back_once(tmp_path)
 
 def test_sync_check_defaults_pass_healthy_runs_and_stop_broken_ones(single):
     """The defaults (weight_sync.SYNC_CHECK_DEFAULTS) against what was measured: each healthy
-    comparison passes its regime's bounds; the stale bucket exceeds the bf16-engine mean and p99
-    bounds (its KL, 1.7e-4, sits under a bound sized for rare outliers), the transposed tensor
-    every bf16-trainer bound."""
+    comparison passes its regime's bounds; the stale bucket (fp32 engine) exceeds every fp32 bound,
+    the transposed tensor even every bf16-trainer bound. A stale bucket under a bf16 engine is not
+    claimed: its signal here (mean 5.4e-3) is within 3x of bf16 rounding (2.0e-3)."""
     from megatron_vlm.rollout.weight_sync import SYNC_CHECK_DEFAULTS
 
     def exceeded(stats, regime):
@@ -100,7 +103,7 @@ def test_sync_check_defaults_pass_healthy_runs_and_stop_broken_ones(single):
     assert not exceeded(single["bf16_vs_fp32_trainer"], "bfloat16_engine")
     assert not exceeded(single["bf16_vs_bf16_trainer"], "bfloat16")
     transposed, repaired, stale, _ = single["broken_stats"]
-    assert {"mean_abs", "quantile_abs"} <= exceeded(stale, "bfloat16_engine"), stale
+    assert exceeded(stale, "float32") == {"mean_abs", "quantile_abs", "kl"}, stale
     assert exceeded(transposed, "bfloat16") == {"mean_abs", "quantile_abs", "kl"}, transposed
     assert not exceeded(repaired, "float32")
     assert not any(any(flags) for flags in single["nan"])  # neither side produced a NaN

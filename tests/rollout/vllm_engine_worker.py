@@ -6,8 +6,10 @@
    (the CPU fused experts must be prepacked on every reload: vllm_cpu_compat).
 2. The engine's log-probs of its own samples against the trainer's, fp32 engine and bf16 engine;
    a seeded GRPO-sized batch (more prompt tokens than one scheduler step takes) twice, the same.
-3. Broken syncs: one tensor transposed, one bucket left stale after an update. The run's sync check
-   (rollout.sync_check's bf16-engine defaults, looser than fp32's) must catch both; a full sync repairs it.
+3. Broken syncs: one tensor transposed, one bucket left stale after an update (its old values),
+   one bucket dropped (update_weights raises; the engine then refuses to generate or reload: a
+   complete reload after vLLM's partial one still left that layer 0.017 off). The sync check
+   (rollout.sync_check's fp32 defaults, this engine's) must catch both; a full sync repairs it.
    The statistics of every case are reported: they are what the defaults were set from.
 With a second argument naming a `vllm_cpu_compat` workaround, only step 1 runs, without it
 (test_vllm_cpu_compat.py). Writes the figures as JSON.
@@ -20,14 +22,15 @@ import torch
 
 from megatron_vlm.checkpoint.streaming import iter_hf_buckets
 from megatron_vlm.parallel.config import ParallelConfig
-from megatron_vlm.rollout.vllm_engine import VllmEngine, llm_kwargs
+from megatron_vlm.rollout.vllm_engine import (EngineStateError, IncompleteUpdateError, VllmEngine,
+                                              llm_kwargs)
 from megatron_vlm.rollout.weight_sync import (SyncCheckConfig, WeightSyncError, check_logprobs,
                                               sync_weights)
 from tests.rollout.vllm_fixtures import GREEDY, SAMPLED, Demo, diff_stats, outputs
 
 BUCKET = 256 << 10  # many small buckets: a dropped one leaves a few tensors stale
 SQUARE = "model.language_model.layers.1.self_attn.o_proj.weight"  # [128, 128]: transposable
-BOUNDS = SyncCheckConfig().resolved("bfloat16_engine")  # looser than fp32: a broken sync still fails
+BOUNDS = SyncCheckConfig().resolved("float32")  # this engine's regime (fp32 engine and trainer)
 
 
 def fresh_engine_outputs(demo, export_dir, requests, sampling):
@@ -133,12 +136,30 @@ def main(out_path: str, skip: str | None = None) -> None:
 
     report["transposed_error"] = sync_error(lambda: check(transposed()))
     check(iter_hf_buckets(demo.model, demo.rules, BUCKET))  # repaired
+    before = [[(n, t.clone()) for n, t in bucket] for bucket in iter_hf_buckets(demo.model, demo.rules, BUCKET)]
     perturb(demo.model, 0.05, 2)
     fresh = list(iter_hf_buckets(demo.model, demo.rules, BUCKET))
     stale = len(fresh) // 2
     report["stale_bucket"] = dict(index=stale, names=[n for n, _ in fresh[stale]], buckets=len(fresh))
-    report["stale_error"] = sync_error(lambda: check(fresh[:stale] + fresh[stale + 1:]))
+    # stale: that bucket's tensors as they were before the update
+    report["stale_error"] = sync_error(lambda: check(fresh[:stale] + [before[stale]] + fresh[stale + 1:]))
     report["repaired"] = check(iter(fresh)).max_abs  # broken_stats: transposed, repaired, stale, repaired
+    # dropped: vLLM would process the bucket's layers with uninitialised weights; refused instead
+    try:
+        engine.update_weights(fresh[:stale] + fresh[stale + 1:])
+        report["dropped_error"] = None
+    except IncompleteUpdateError as error:
+        report["dropped_error"] = str(error)
+    try:
+        engine.generate(demo.requests, sampled)
+        report["generate_after_dropped"] = None
+    except EngineStateError as error:
+        report["generate_after_dropped"] = str(error)
+    try:
+        engine.update_weights(iter(fresh))
+        report["update_after_dropped"] = None
+    except EngineStateError as error:
+        report["update_after_dropped"] = str(error)
     for item in keep:  # VllmEngine.close or the same call on a plain LLM
         (item.llm if isinstance(item, VllmEngine) else item).llm_engine.engine_core.shutdown()
     Path(out_path).write_text(json.dumps(report))
