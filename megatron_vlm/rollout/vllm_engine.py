@@ -457,8 +457,8 @@ class VllmEngine:
             raise
         if counter["tensors"] == 0:
             raise ValueError("update_weights received no tensors")
-        self.full_names = self.full_names or frozenset(counter.pop("names"))
-        counter.pop("names", None)
+        names = frozenset(counter.pop("names"))
+        self.full_names = self.full_names or names
         self.state.on_loaded()
         self._reset_caches()
         self.last_sync = dict(counter, seconds=time.perf_counter() - start)
