@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from megatron_vlm.parallel.devices import collective_device, device_for_backend  # noqa: F401 (re-exported)
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -50,19 +52,6 @@ class OptimConfig:
 
 
 # -- where tensors live ---------------------------------------------------------------------------
-def device_for_backend(backend: str) -> torch.device:
-    """The device a collective of `backend` takes its tensors on: the current CUDA device when the
-    backend is NCCL (alone or as a group's CUDA half, e.g. "cpu:gloo,cuda:nccl"), else the host."""
-    if "nccl" in str(backend).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def collective_device(group=None) -> torch.device:
-    """Where a tensor entering a collective over `group` (None: the world) must live."""
-    return device_for_backend(torch.distributed.get_backend(group))
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's parameters (a DDP wrapper's are its module's)."""
     return next(model.parameters()).device
