@@ -6,7 +6,9 @@
 Verifiers and user rewards (dotted paths) run in a `WorkerPool` with a hard timeout; tasks whose
 verifier is `"reward_model"` are scored in this process by the reward model given to the scorer
 (it owns a device). A sample whose reward raises, hangs or dies gets `failure_score`, is listed in
-`result.failures` with its id, and is counted in the metrics; the batch always completes.
+`result.failures` with its id, and is counted in the metrics; the batch always completes. A call
+in which more than `max_failure_rate` of the samples fail raises RewardFailureRateError instead:
+a verifier that fails on most samples is broken, and training on its failure scores would hide it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class RewardConfig:
     start_method: str = "forkserver"  # or spawn; never fork (torch thread pools deadlock)
     monitor_tasks: list[str] = field(default_factory=list)  # verifier tasks also scored by the RM, to catch RM hacking
     hacking: HackingMonitorConfig = field(default_factory=HackingMonitorConfig)
+    max_failure_rate: float = 0.5  # a score() call with a larger share of failed samples raises; 1 never
 
     def __post_init__(self):
         if not self.verifiers:
@@ -62,6 +65,8 @@ class RewardConfig:
                                  f"other than the reward model")
         if self.start_method not in START_METHODS:
             raise ValueError(f"reward.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ValueError(f"reward.max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
 
 
 @dataclass(kw_only=True)
@@ -92,6 +97,27 @@ class RewardResult:
     hacking: HackingReport | None = None  # when monitor_tasks are configured
 
 
+class RewardFailureRateError(ValueError):
+    """More than `reward.max_failure_rate` of one score() call's samples failed (raised, hung,
+    crashed); the message names the task with the most failures, the rate and the first messages."""
+
+    def __init__(self, failures: Sequence[RewardFailure], samples: Sequence[RewardSample], max_rate: float):
+        per_task: dict[str, list[int]] = {}  # task -> [failures, samples]
+        for s in samples:
+            per_task.setdefault(s.task, [0, 0])[1] += 1
+        for f in failures:
+            per_task[f.task][0] += 1
+        worst = max(per_task, key=lambda t: (per_task[t][0], per_task[t][0] / per_task[t][1]))
+        failed, total = per_task[worst]
+        first = "; ".join(f"{f.sample_id} ({f.task}, {f.kind}): {f.message}" for f in failures[:3])
+        super().__init__(f"{len(failures)} of {len(samples)} samples failed to score "
+                         f"({len(failures) / len(samples):.0%} > reward.max_failure_rate={max_rate:g}); "
+                         f"worst task {worst!r}: {failed} of {total} failed "
+                         f"({sum(f.kind == 'timeout' for f in failures if f.task == worst)} timeouts); "
+                         f"first failures: {first}")
+        self.failures, self.task, self.rate = list(failures), worst, len(failures) / len(samples)
+
+
 class RewardModel(Protocol):
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               references: Sequence[Any] | None = None) -> list[float]: ...
@@ -115,6 +141,8 @@ class RewardScorer:
             raise KeyError(f"samples have tasks {unknown} without a verifier; configured: {sorted(self.cfg.verifiers)}")
         raw: list[float] = [self.cfg.failure_score] * len(samples)
         failures = self._score_with_pool(samples, raw) + self._score_with_reward_model(samples, raw)
+        if samples and len(failures) > self.cfg.max_failure_rate * len(samples):
+            raise RewardFailureRateError(failures, samples, self.cfg.max_failure_rate)
         rewards, self.stats = normalize_by_task(raw, [s.task for s in samples], self.cfg.normalization,
                                                 self.cfg.weights, self.stats)
         metrics = task_metrics(samples, raw, rewards, failures)

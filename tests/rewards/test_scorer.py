@@ -4,12 +4,14 @@ measured against their setting, metrics with sample ids, and the run going on af
 One scorer (two forkserver workers) is shared by the module: worker start-up is the slow part.
 """
 import time
+from dataclasses import replace
 
 import pytest
 
 from megatron_vlm.rewards import RewardConfig, RewardSample, RewardScorer
 from megatron_vlm.rewards.hacking import HackingMonitorConfig
 from megatron_vlm.rewards.pool import Job, WorkerPool
+from megatron_vlm.rewards.scorer import RewardFailureRateError
 
 from . import user_rewards
 
@@ -28,7 +30,8 @@ def scorer():
                    "base_exception": f"{USER}:raises_base_exception", "crash": f"{USER}:exits",
                    "nan": f"{USER}:returns_nan", "sleep": f"{USER}:sleeps",
                    "torch": f"{USER}:torch_imported"},
-        timeout_s=TIMEOUT_S, failure_score=FAILURE_SCORE, num_workers=2)
+        timeout_s=TIMEOUT_S, failure_score=FAILURE_SCORE, num_workers=2,
+        max_failure_rate=1.0)  # these tests study the failures; the rate limit has its own tests
     with RewardScorer(cfg) as s:
         # wait for both workers and their first math-verify call once, here
         warm = s.score([sample(f"warm-{i}", "math", "\\boxed{1}", "1") for i in range(4)])
@@ -182,6 +185,8 @@ def test_monitor_tasks_compare_the_reward_model_with_the_verifier():
     (dict(verifiers={"t": "math"}, normalization="zscore"), "reward.normalization must be one of"),
     (dict(verifiers={"t": "math"}, start_method="fork"), "reward.start_method must be one of"),
     (dict(verifiers={"t": "reward_model"}, monitor_tasks=["t"]), "reward.monitor_tasks has 't'"),
+    (dict(verifiers={"t": "math"}, max_failure_rate=1.5), "reward.max_failure_rate must be in \\[0, 1\\], got 1.5"),
+    (dict(verifiers={"t": "math"}, max_failure_rate=-0.1), "reward.max_failure_rate must be in \\[0, 1\\]"),
 ])
 def test_config_errors_name_the_field_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -191,3 +196,45 @@ def test_config_errors_name_the_field_and_value(kwargs, message):
 def test_bad_user_reward_fails_at_startup_not_mid_run():
     with pytest.raises(TypeError, match="must accept"):
         RewardScorer(RewardConfig(verifiers={"t": f"{USER}:wrong_signature"}))
+
+
+def _limited(scorer, monkeypatch, max_failure_rate):
+    """The shared scorer (its warm workers) with a failure-rate limit and the `flaky` task."""
+    cfg = replace(scorer.cfg, max_failure_rate=max_failure_rate,
+                  verifiers={**scorer.cfg.verifiers, "flaky": f"{USER}:raises_unless_ok"})
+    monkeypatch.setattr(scorer, "cfg", cfg)
+    return scorer
+
+
+def test_a_reward_failing_on_most_samples_stops_the_call(scorer, monkeypatch):
+    batch = [sample("good", "flaky", "ok")] + [sample(f"bad-{i}", "flaky", f"x{i}") for i in range(4)] + \
+            [sample("exact", "exact", "a", "a")]
+    limited = _limited(scorer, monkeypatch, 0.5)
+    with pytest.raises(RewardFailureRateError) as caught:
+        limited.score(batch)
+    message = str(caught.value)
+    assert "4 of 6 samples failed to score (67% > reward.max_failure_rate=0.5)" in message
+    assert "worst task 'flaky': 4 of 5 failed (0 timeouts)" in message
+    assert message.count("cannot parse") == 3 and "bad-0 (flaky, error): ValueError: cannot parse 'x0'" in message
+    assert caught.value.task == "flaky" and len(caught.value.failures) == 4 and "\n" not in message
+    # at the limit, or under a looser one, the call scores as before
+    assert len(limited.score(batch[:1] + batch[2:5] + batch[5:] + batch[:1]).failures) == 3  # 3 of 6
+    assert len(_limited(scorer, monkeypatch, 0.7).score(batch).failures) == 4
+
+
+def test_hanging_reward_on_most_samples_stops_the_call(scorer, monkeypatch):
+    limited = _limited(scorer, monkeypatch, 0.5)
+    start = time.monotonic()
+    with pytest.raises(RewardFailureRateError, match=r"2 of 3 samples .* worst task 'hang': 2 of 2 failed "
+                                                     r"\(2 timeouts\); first failures: h0 \(hang, timeout\)"):
+        limited.score([sample("h0", "hang", "x"), sample("h1", "hang", "x"), sample("e", "exact", "a", "a")])
+    assert time.monotonic() - start < 3 * TIMEOUT_S  # both hangs side by side, then the exact match
+    assert limited.score([sample("after", "exact", "a", "a")]).raw == [1.0]  # the pool goes on
+
+
+def test_the_failure_rate_limit_applies_to_the_reward_model_and_by_default():
+    assert RewardConfig(verifiers={"t": "math"}, num_workers=1).max_failure_rate == 0.5  # as the run builds it
+    cfg = RewardConfig(verifiers={"chat": "reward_model"}, num_workers=1)
+    with RewardScorer(cfg, reward_model=FakeRewardModel(fail=True)) as s:
+        with pytest.raises(RewardFailureRateError, match="worst task 'chat': 2 of 2 failed .* CUDA out of memory"):
+            s.score([sample(0, "chat", "abc"), sample(1, "chat", "de")])

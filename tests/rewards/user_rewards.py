@@ -26,6 +26,13 @@ def raises_base_exception(response: str, reference, metadata) -> float:
     raise _NotAnException("escaped except Exception")
 
 
+def raises_unless_ok(response: str, reference, metadata) -> float:
+    """A verifier broken for most of the data: it parses nothing but "ok"."""
+    if response != "ok":
+        raise ValueError(f"cannot parse {response!r}")
+    return 1.0
+
+
 def hangs(response: str, reference, metadata) -> float:
     while True:  # a busy loop, as sympy does; `time.sleep` would be as deadly
         pass
