@@ -23,6 +23,8 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
+    from megatron_vlm.parallel.preemption import EXIT_PREEMPTED, record_preemption
+
     cfg = _config(args)
     world = cfg.runtime.nproc if "RANK" not in os.environ else int(os.environ["WORLD_SIZE"])
     cfg.check(world)  # layout errors before any process starts
@@ -31,18 +33,21 @@ def cmd_train(args) -> int:
 
         argv = ["-m", "megatron_vlm.cli", "train", "--config", args.config, *args.overrides]
         result = launch_local(argv, cfg.runtime.nproc, timeout=args.timeout, stream_rank0=True)
-        if not result.ok:
+        if result.exit_code == EXIT_PREEMPTED:  # every rank saved and stopped: a SLURM script requeues
+            print(f"megatron-vlm: ranks stopped for a preemption (exit {EXIT_PREEMPTED})", file=sys.stderr)
+        elif not result.ok:
             print(result.summary(), file=sys.stderr)
-            return 1
-        return 0
+        return result.exit_code  # the ranks' own code when they agree, else 1
     if cfg.is_vlm:
-        from megatron_vlm.trainer import vlm_run
-
-        vlm_run.run(cfg)
+        from megatron_vlm.trainer.vlm_run import run
     else:
-        from megatron_vlm.trainer import lm
-
-        lm.run(cfg)
+        from megatron_vlm.trainer.lm import run
+    try:
+        run(cfg)
+    except SystemExit as stop:
+        if stop.code == EXIT_PREEMPTED:  # torchrun turns the 75 into 1: leave the sbatch a marker
+            record_preemption(f"exit {EXIT_PREEMPTED}")
+        raise
     return 0
 
 
@@ -106,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a training job from a config")
     train.add_argument("--config", required=True)
     train.add_argument("--timeout", type=float, default=3600, help="seconds, for local ranks")
+    train.add_argument("--resume", default=None, metavar="auto|PATH",
+                       help="continue from the newest valid checkpoint in train.out_dir (auto: a "
+                            "fresh start when there is none) or from the checkpoint PATH")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs of another run in train.out_dir")
     train.add_argument("overrides", nargs="*", help="key.sub=value")
     train.set_defaults(func=cmd_train)
     plan = sub.add_parser("plan", help="print the parallel plan and per-rank memory")
