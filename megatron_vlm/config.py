@@ -187,7 +187,8 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def from_dict(cls, data: dict | None, prefix: str = ""):
-    """Build dataclass `cls` from nested dicts, rejecting unknown keys by their full name."""
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys by their full name and values
+    of the wrong type by their full path (`stages[0].steps: expected int, got 2.5`)."""
     data = data or {}
     if not isinstance(data, dict):
         raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, "
@@ -198,27 +199,107 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     if unknown:
         raise ValueError(f"unknown config key '{prefix}{unknown[0]}' (known under "
                          f"'{prefix.rstrip('.') or '<root>'}': {', '.join(sorted(known))})")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        optional = [a for a in typing.get_args(hint) if a is not type(None)]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(optional) == 1:
-            hint = optional[0] if value is not None else None  # X | None: X, or None as given
-        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
-        if hint is None:
-            kwargs[name] = None
-        elif dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
-        elif item is not None and dataclasses.is_dataclass(item):
-            if not isinstance(value, list):
-                raise ValueError(f"config key '{prefix}{name}' must be a list, got {type(value).__name__}")
-            kwargs[name] = [from_dict(item, v, f"{prefix}{name}[{i}].") for i, v in enumerate(value)]
-        else:
-            kwargs[name] = value
+    kwargs = {name: _typed_value(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: {exc}") from None
+
+
+class _TypeMismatch(ValueError):
+    """A config value whose type is not its field's annotation; `key` is the full path."""
+
+    def __init__(self, key: str, hint, value):
+        shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+        hint_text = ""
+        if float in (hint, *typing.get_args(hint)) and isinstance(value, str) and _parses_as_float(value):
+            hint_text = " (YAML reads a number without a dot as a string: write e.g. 1.0e-6)"
+        super().__init__(f"{key}: expected {_type_name(hint)}, got {shown}{hint_text}")
+        self.key = key
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    return str(hint).replace("typing.", "")
+
+
+def _typed_value(hint, value, key: str):
+    """`value` checked against annotation `hint`, converted where that loses nothing (an int for a
+    float field becomes a float); a dataclass recurses through from_dict. bool is not an int here:
+    YAML `true` for an int field is a mistake. Annotations this does not know pass through."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        return _union_value(hint, args, value, key)
+    if origin is typing.Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise _TypeMismatch(key, hint, value)
+        return value
+    if origin in (list, dict):
+        return _container_value(hint, origin, args, value, key)
+    scalar_ok = {bool: type(value) is bool,
+                 int: isinstance(value, int) and not isinstance(value, bool),
+                 float: isinstance(value, (int, float)) and not isinstance(value, bool),
+                 str: isinstance(value, str),
+                 list: isinstance(value, (list, tuple)),
+                 dict: isinstance(value, dict)}
+    if hint in scalar_ok and not scalar_ok[hint]:
+        raise _TypeMismatch(key, hint, value)
+    return float(value) if hint is float else value
+
+
+def _union_value(hint, args, value, key: str):
+    """`X | None` takes None or an X; a wider union takes the first member that fits. When no member
+    fits, the error of a member whose container matched (list for `list[str]`) names the bad item."""
+    if value is None and type(None) in args:
+        return None
+    members = [a for a in args if a is not type(None)]
+    if len(members) == 1:
+        try:
+            return _typed_value(members[0], value, key)
+        except _TypeMismatch as exc:
+            raise exc if exc.key != key else _TypeMismatch(key, hint, value) from None
+    inner = None
+    for member in members:
+        try:
+            return _typed_value(member, value, key)
+        except _TypeMismatch as exc:
+            inner = exc if exc.key != key else inner
+    raise inner or _TypeMismatch(key, hint, value)
+
+
+def _container_value(hint, origin, args, value, key: str):
+    """list[X] checks every item (`key[2]`), dict[K, V] every key and value (`key.name`)."""
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _TypeMismatch(key, hint, value)
+        return [_typed_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if not isinstance(value, dict):
+        raise _TypeMismatch(key, hint, value)
+    if not args:
+        return value
+    key_hint, value_hint = args
+    return {_typed_value(key_hint, k, f"{key} key {k!r}"): _typed_value(value_hint, v, f"{key}.{k}")
+            for k, v in value.items()}
 
 
 def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -145,3 +145,86 @@ def test_vlm_run_without_a_weights_source_is_refused_before_launch(capsys):
 def test_weights_and_random_init_together_are_refused():
     with pytest.raises(ValueError, match=r"vlm.init_from \(w\) and vlm.random_init: true both set"):
         load_config(CONFIGS / "digits_demo.yaml", ["vlm.init_from=w"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stages=[{kind: sft, steps: 2.5}]"], "stages[0].steps: expected int, got 2.5"),
+    (["vlm.export='no'"], "vlm.export: expected bool, got 'no'"),
+    (["rollout.temperature=hot"], "rollout.temperature: expected float, got 'hot'"),
+    (["rollout.n=true"], "rollout.n: expected int, got True"),                # YAML true is no int
+    (["rollout.top_p=false"], "rollout.top_p: expected float, got False"),
+    (["train.out_dir=3"], "train.out_dir: expected str, got 3"),
+    (["runtime.device=5"], "runtime.device: expected str | null, got 5"),
+    (["optim.lr=1e-6"], "optim.lr: expected float, got '1e-6' (YAML reads a number without a dot"),
+    (["model.dense_layers=[0, 1, x]"], "model.dense_layers[2]: expected int, got 'x'"),
+    (["model.dense_layers=3"], "model.dense_layers: expected list[int], got 3"),
+    (["stages=3"], "stages: expected list[StageConfig], got 3"),
+    (["vlm.prompt_sources=[{path: [a.jsonl, 3]}]"], "vlm.prompt_sources[0].path[1]: expected str, got 3"),
+    (["vlm.prompt_sources=[{path: 3}]"], "vlm.prompt_sources[0].path: expected str | list[str], got 3"),
+    (["reward={verifiers: {a: math}, weights: {a: heavy}}"], "reward.weights.a: expected float, got 'heavy'"),
+    (["reward={verifiers: {1: math}}"], "reward.verifiers key 1: expected str, got 1"),
+    (["rl.prompt_mix={pool_key: t, curriculum: {stages: [{a: 1}, {b: x}]}}"],
+     "rl.prompt_mix.curriculum.stages[1].b: expected float, got 'x'"),
+    (["rl.vllm.extra_llm_kwargs=3"], "rl.vllm.extra_llm_kwargs: expected dict, got 3"),
+])
+def test_values_of_the_wrong_type_name_their_full_path(overrides, message):
+    with pytest.raises(ValueError) as caught:
+        load_config(None, overrides)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_values_of_the_right_type_load_and_ints_become_floats():
+    cfg = load_config(None, ["rollout.temperature=1", "reward={verifiers: {a: math}, weights: {a: 2}}",
+                             "vlm.prompt_sources=[{path: a.jsonl}, {path: [b.jsonl, c.jsonl], ratio: 2}]",
+                             "parallel.etp=null", "vlm.export=false", "rl.vllm.extra_llm_kwargs={x: [1]}"])
+    assert cfg.rollout.temperature == 1.0 and type(cfg.rollout.temperature) is float
+    assert type(cfg.reward.weights["a"]) is float and type(cfg.vlm.prompt_sources[1].ratio) is float
+    assert [s.path for s in cfg.vlm.prompt_sources] == ["a.jsonl", ["b.jsonl", "c.jsonl"]]
+    assert cfg.parallel.etp is None and cfg.vlm.export is False and cfg.rl.vllm.extra_llm_kwargs == {"x": [1]}
+
+
+def _reachable_dataclasses(cls, path: str, seen: dict) -> dict:
+    """{dataclass: the path of its first field} for every dataclass a RunConfig field can hold."""
+    import dataclasses
+    import typing
+
+    seen.setdefault(cls, path)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        stack = [hints[f.name]]
+        while stack:
+            hint = stack.pop()
+            if dataclasses.is_dataclass(hint) and hint not in seen:
+                _reachable_dataclasses(hint, f"{path}{f.name}.", seen)
+            stack.extend(typing.get_args(hint))
+    return seen
+
+
+def test_every_default_of_every_section_has_its_annotated_type():
+    import dataclasses
+    import typing
+
+    from megatron_vlm.config import _typed_value
+
+    classes = _reachable_dataclasses(RunConfig, "", {})
+    assert len(classes) >= 25  # the walk reaches the nested and optional sections too
+    for cls, path in classes.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                continue  # required: the recipes below give it
+            if dataclasses.is_dataclass(default):
+                default = dataclasses.asdict(default)
+            _typed_value(hints[f.name], default, f"{path}{f.name}")
+
+
+def test_every_recipe_in_configs_loads_with_its_base_chain():
+    recipes = sorted(CONFIGS.rglob("*.yaml"))
+    chained = [p for p in recipes if "base:" in p.read_text()]
+    assert len(recipes) >= 10 and len(chained) >= 5
+    for path in recipes:
+        assert isinstance(load_config(path), RunConfig), path
