@@ -1,6 +1,6 @@
 """`megatron-vlm` command line: train, plan, bench.
 
-  megatron-vlm train --config configs/lm_demo.yaml [key.sub=value ...]
+  megatron-vlm train --config configs/lm_demo.yaml [--resume auto|PATH] [--overwrite] [key.sub=value ...]
   megatron-vlm plan  --config configs/qwen3_vl_30b_a3b.yaml [--nproc N]
   megatron-vlm convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N --etp N --nproc N]
   megatron-vlm convert mcore-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
@@ -23,7 +23,7 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from megatron_vlm.parallel.preemption import EXIT_PREEMPTED, record_preemption
+    from megatron_vlm.parallel.preemption import EXIT_PREEMPTED
 
     cfg = _config(args)
     world = cfg.runtime.nproc if "RANK" not in os.environ else int(os.environ["WORLD_SIZE"])
@@ -31,23 +31,27 @@ def cmd_train(args) -> int:
     if cfg.runtime.nproc > 1 and "RANK" not in os.environ:
         from megatron_vlm.parallel.launch import launch_local
 
-        argv = ["-m", "megatron_vlm.cli", "train", "--config", args.config, *args.overrides]
-        result = launch_local(argv, cfg.runtime.nproc, timeout=args.timeout, stream_rank0=True)
+        argv = ["-m", "megatron_vlm.cli", "train", "--config", args.config]
+        argv += (["--resume", args.resume] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
+        result = launch_local(argv + list(args.overrides), cfg.runtime.nproc, timeout=args.timeout,
+                              stream_rank0=True)
         if result.exit_code == EXIT_PREEMPTED:  # every rank saved and stopped: a SLURM script requeues
             print(f"megatron-vlm: ranks stopped for a preemption (exit {EXIT_PREEMPTED})", file=sys.stderr)
         elif not result.ok:
             print(result.summary(), file=sys.stderr)
         return result.exit_code  # the ranks' own code when they agree, else 1
-    if cfg.is_vlm:
-        from megatron_vlm.trainer.vlm_run import run
-    else:
+    if not cfg.is_vlm:
         from megatron_vlm.trainer.lm import run
-    try:
+
         run(cfg)
-    except SystemExit as stop:
-        if stop.code == EXIT_PREEMPTED:  # torchrun turns the 75 into 1: leave the sbatch a marker
-            record_preemption(f"exit {EXIT_PREEMPTED}")
-        raise
+        return 0
+    from megatron_vlm.trainer.vlm_run import Preempted, run
+
+    try:
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
+    except Preempted as stop:
+        print(f"megatron-vlm: {stop}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -75,21 +79,32 @@ def cmd_convert(args) -> int:
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a worker of --nproc
+        if not os.environ.get(convert.PARTIAL_ENV):
+            raise ValueError(f"hf-to-mcore under a launcher (RANK is set) is a worker of --nproc and "
+                             f"needs {convert.PARTIAL_ENV}; run it once, with --nproc N, instead")
         part = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
-        convert.hf_to_mcore(args.hf, args.out, parallel, part=part, finalize=False)
+        convert.hf_to_mcore(args.hf, args.out, parallel, part=part, finalize=False,
+                            partial=os.environ[convert.PARTIAL_ENV])
         return 0
     if args.nproc > 1:
+        import shutil
+
         from megatron_vlm.parallel.launch import launch_local
 
         argv = ["-m", "megatron_vlm.cli", "convert", "hf-to-mcore", "--hf", args.hf, "--out",
                 args.out, "--tp", str(args.tp), "--pp", str(args.pp), "--ep", str(args.ep)]
         if args.etp is not None:
             argv += ["--etp", str(args.etp)]
-        result = launch_local(argv, args.nproc, timeout=args.timeout)
-        if not result.ok:
-            print(result.summary(), file=sys.stderr)
-            return 1
-        out = convert.finalize_mcore(args.hf, args.out, parallel)
+        partial = convert.new_partial_dir(args.out)  # one for all the workers
+        try:
+            result = launch_local(argv, args.nproc, timeout=args.timeout,
+                                  env={convert.PARTIAL_ENV: str(partial)})
+            if not result.ok:
+                print(result.summary(), file=sys.stderr)
+                return 1
+            out = convert.finalize_mcore(args.hf, args.out, parallel, partial)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # gone already when finalize renamed it
     else:
         out = convert.hf_to_mcore(args.hf, args.out, parallel)
     print(f"wrote {out}")

@@ -16,18 +16,112 @@ from pathlib import Path
 
 import yaml
 
+from megatron_vlm.data.loading import LoadConfig, SourceConfig
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.models.specs import BackendConfig
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.plan import PlannedModel
 from megatron_vlm.rewards.reward_model import RewardModelConfig
+from megatron_vlm.rewards.scorer import RewardConfig
+from megatron_vlm.rl.config import RLConfig, RolloutConfig, UpdateConfig
 from megatron_vlm.rl.preference import PreferenceConfig
 from megatron_vlm.rl.rejection import RejectionConfig
-from megatron_vlm.rewards.scorer import RewardConfig
-from megatron_vlm.trainer.grpo import RLConfig, RolloutConfig
-from megatron_vlm.trainer.megatron_step import OptimConfig
-from megatron_vlm.trainer.rl_step import UpdateConfig
-from megatron_vlm.trainer.vlm_run import EvalConfig, StageConfig, VLMConfig
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0     # 0 disables clipping
+    warmup_steps: int = 0
+    decay_style: str = "constant"  # megatron OptimizerParamScheduler styles: constant|linear|cosine
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.decay_style must be constant|linear|cosine, "
+                             f"got {self.decay_style!r}")
+
+
+PREFERENCE_KINDS = ("dpo", "mpo")
+STAGE_KINDS = ("sft", "grpo", "rft") + PREFERENCE_KINDS
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    kind: str                 # sft | grpo | rft (rejection-sampling fine-tuning) | dpo | mpo
+    steps: int
+    batch_size: int = 32      # sft: labelled examples per step (grpo uses rollout.prompts_per_step)
+    lr: float | None = None   # a constant rate for this stage; None: optim's schedule continues
+    reset_optimizer: bool = False  # start the stage with fresh Adam moments (RL after SFT)
+
+    def __post_init__(self):
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"stages[].kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"stages[] {self.kind}: lr must be > 0, got {self.lr}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"stages[] {self.kind}: steps must be >= 0 and batch_size >= 1")
+
+
+@dataclass(kw_only=True)
+class VLMConfig:
+    assets: str | None = None        # dir with model/ (HF config, tokenizer, processor) + data
+    build_demo_assets: bool = False  # write the digits demo assets there first when missing
+    init_from: str | None = None     # the weights to start from: an HF checkpoint dir (each rank
+                                     # reads only its slice) or `megatron-vlm convert hf-to-mcore`
+                                     # output of the run's layout (each rank its own files)
+    random_init: bool = False        # no weights: transformers' seeded initialiser (demos, tests);
+                                     # a run names init_from or asks for this
+    model_config: str | None = None  # dir with a copy of the model's config.json: what `plan` and
+                                     # `check` read where assets/model is not at hand; must agree
+                                     # with assets/model (models/source.py)
+    sft_data: str = "sft.parquet"
+    prompt_data: str = "rl.parquet"
+    eval_data: str = "eval.parquet"
+    preference_data: str = "pref.parquet"  # dpo / mpo stages: prompt, chosen, rejected
+    prompt_sources: list[SourceConfig] | None = None  # instead of prompt_data: a mixture by ratio
+    load: LoadConfig = field(default_factory=LoadConfig)  # transforms (MCQ -> fill-in, question
+                                                          # into the image), template, length rules
+    max_prompt_length: int = 256     # the loader's limit (expanded tokens): one place to set it
+    verifier: str = "numeric"        # for every task of the prompt files
+    export: bool = True
+
+    def __post_init__(self):
+        if self.load.max_prompt_length is not None:
+            raise ValueError("set vlm.max_prompt_length, not vlm.load.max_prompt_length")
+        if self.init_from and self.random_init:
+            raise ValueError(f"vlm.init_from ({self.init_from}) and vlm.random_init: true both set: "
+                             f"start from those weights (random_init: false) or from none")
+
+    def check_weights_source(self) -> None:
+        """A run starts from real weights unless it asks for a random model."""
+        if not self.init_from and not self.random_init:
+            raise ValueError("vlm.init_from is not set: name the weights to start from (an HF "
+                             "checkpoint dir, or `megatron-vlm convert hf-to-mcore` output), or set "
+                             "vlm.random_init: true to train a randomly initialised model (demos, tests)")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 20
+    samples: int = 128
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        if self.every < 1 or self.samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.every, eval.samples and eval.max_new_tokens must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -60,6 +154,19 @@ class RuntimeConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """`train.checkpoint`: when a VLM run saves its state (trainer/checkpointing.py)."""
+    every: int | None = None   # steps of a stage between saves; None: only at the end of each stage
+    keep: int = 2              # the newest checkpoints kept (older ones are deleted after a save)
+
+    def __post_init__(self):
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"train.checkpoint.every must be >= 1 or null, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"train.checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     steps: int = 100
     seq_length: int = 64
@@ -68,6 +175,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     out_dir: str = "runs/lm"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # VLM runs
+    save_by: float | str | None = None  # time budget: seconds from the start or an ISO-8601 time by
+                                        # which the run saves and exits 75; None: the SLURM job's end
 
     def __post_init__(self):
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "log_every",
@@ -123,12 +233,12 @@ class RunConfig:
 
     def planned_model(self) -> PlannedModel:
         """The model this run builds: `model:` for the LM trainer; for a VLM run the HF config it
-        reads (trainer/model_source.py), vision tower included. The `model:` section is unused then."""
+        reads (models/source.py), vision tower included. The `model:` section is unused then."""
         if not self.is_vlm:
             return PlannedModel(self.model)
         from megatron_vlm.models import family_for
         from megatron_vlm.models.qwen_vl import HF_TEXT_FIELDS
-        from megatron_vlm.trainer.model_source import resolve_hf_config
+        from megatron_vlm.models.source import resolve_hf_config
 
         hf_config, source = resolve_hf_config(self.vlm)
         family = family_for(hf_config)

@@ -9,6 +9,12 @@ A rank of any DP / CP replica loads the two files its (pp, tp, ep, etp) coordina
 (`load_into_model`). Files are independent, so conversion parallelises over them: with N
 processes, process i writes files i, i+N, ... (`part`), and the parent finalises.
 
+Files are written into a partial directory next to the output, `OUT.partial-HOST-PID-TOKEN`, and
+renamed into place once all are there. It is unique per conversion and never reused (a rerun with
+another layout must not pick up a killed run's rank files); the --nproc workers write into their
+parent's, named in PARTIAL_ENV. At start-up, the partial directories of conversions whose process
+is gone from this host are removed; any other is named on stderr and left alone.
+
 Memory: hf-to-mcore holds one output file plus the rule being converted (at most one layer's
 fused experts); mcore-to-hf holds one HF shard plus one rule's tensors, read lazily from the rank
 files. Errors name the file or tensor: a missing or truncated shard, a tensor whose shape disagrees
@@ -22,6 +28,11 @@ pipeline stage's layers, its experts, its TP rows or columns), never the full mo
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
+import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +52,7 @@ from megatron_vlm.parallel.config import ParallelConfig
 
 META = "megatron_vlm_checkpoint.json"
 FORMAT = 1
+PARTIAL_ENV = "MEGATRON_VLM_CONVERT_PARTIAL"  # a --nproc worker's partial directory (its parent's)
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,9 @@ def _progress(label: str, done: int, total: int, start: float) -> None:
 
 # --- HF -> megatron ------------------------------------------------------------------------------
 def hf_to_mcore(hf_dir: str, out_dir: str, parallel: ParallelConfig, part: tuple[int, int] = (0, 1),
-                finalize: bool = True) -> Path:
+                finalize: bool = True, partial: str | Path | None = None) -> Path:
+    """Write this process's `part` of the rank files into `partial` (default: a new partial
+    directory, removed if the conversion fails), then, with `finalize`, move them to `out_dir`."""
     reader = HFCheckpointReader(hf_dir)
     hf_config = reader.config()
     family = family_for(hf_config)
@@ -90,17 +104,22 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: ParallelConfig, part: tuple
     rules = family.hf_rules(hf_config)
     check_hf_source(family, hf_config, reader)
     out = Path(out_dir)
-    tmp = _partial_dir(out)
+    tmp = Path(partial) if partial is not None else new_partial_dir(out)
     specs = file_specs(lm, parallel)
     mine = specs[part[0]::part[1]]
     start = time.time()
-    for done, spec in enumerate(mine, start=1):
-        tensors = _convert_file(spec, rules, reader, lm, parallel)
-        save_file(tensors, str(tmp / spec.name), metadata={"format": "pt"})
-        del tensors
-        _progress(f"hf-to-mcore {part[0]}/{part[1]}", done, len(mine), start)
-    if finalize:
-        finalize_mcore(hf_dir, out, parallel)
+    try:
+        for done, spec in enumerate(mine, start=1):
+            tensors = _convert_file(spec, rules, reader, lm, parallel)
+            save_file(tensors, str(tmp / spec.name), metadata={"format": "pt"})
+            del tensors
+            _progress(f"hf-to-mcore {part[0]}/{part[1]}", done, len(mine), start)
+        if finalize:
+            finalize_mcore(hf_dir, out, parallel, tmp)
+    except BaseException:
+        if partial is None:  # a caller's directory is the caller's to clean up
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -150,20 +169,53 @@ def check_hf_shapes(family, hf_config, reader) -> None:
                              f"checkpoint has {list(found)}")
 
 
-def _partial_dir(out: Path) -> Path:
+def new_partial_dir(out: str | Path) -> Path:
+    """A new, empty partial directory for one conversion to `out` (see the module docstring)."""
+    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
-    tmp = out.parent / f"{out.name}.partial"
-    tmp.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale_partials(out)
+    tmp = out.parent / f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     return tmp
 
 
-def finalize_mcore(hf_dir, out: str | Path, parallel: ParallelConfig) -> Path:
-    """Check every rank file is there, add metadata and the HF side files, rename into place."""
+def clear_stale_partials(out: Path) -> None:
+    """Remove the partial directories for `out` whose conversion process is gone from this host;
+    name the others (live, another host's, or an older version's `OUT.partial`) on stderr."""
+    pattern = re.compile(re.escape(out.name) + r"\.partial-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+    here = socket.gethostname()
+    partials = [p for p in out.parent.iterdir() if p.is_dir() and p.name.startswith(f"{out.name}.partial")]
+    for path in sorted(partials):
+        match = pattern.fullmatch(path.name)
+        if match and match["host"] == here and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}: a partial conversion whose process {match['pid']} is gone",
+                  file=sys.stderr)
+        else:
+            print(f"note: {path} is another conversion's partial directory (running, on another "
+                  f"host, or killed under an older version); remove it if none is running",
+                  file=sys.stderr)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def finalize_mcore(hf_dir, out: str | Path, parallel: ParallelConfig, partial: str | Path) -> Path:
+    """Check every rank file is in `partial`, add metadata and the HF side files, rename it into
+    place as `out`."""
     hf_config = HFCheckpointReader(hf_dir).config()
     lm = family_for(hf_config).language_config(hf_config)
     out = Path(out)
-    tmp = out.parent / f"{out.name}.partial"
+    tmp = Path(partial)
     missing = [s.name for s in file_specs(lm, parallel) if not (tmp / s.name).is_file()]
     if missing:
         raise RuntimeError(f"conversion incomplete, missing {missing[:3]} in {tmp}")

@@ -16,39 +16,15 @@ would hide a host tensor on CPU).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
 from megatron_vlm.parallel.devices import collective_device, device_for_backend  # noqa: F401 (re-exported)
 
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0     # 0 disables clipping
-    warmup_steps: int = 0
-    decay_style: str = "constant"  # megatron OptimizerParamScheduler styles: constant|linear|cosine
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
-        if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"optim.decay_style must be constant|linear|cosine, "
-                             f"got {self.decay_style!r}")
+if TYPE_CHECKING:
+    from megatron_vlm.config import OptimConfig
 
 
 # -- where tensors live ---------------------------------------------------------------------------

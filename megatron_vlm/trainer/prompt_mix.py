@@ -13,24 +13,11 @@ replacement within a pool's epoch, reshuffled per epoch from the seed).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-from megatron_vlm.rl.curriculum import (AdaptiveMixConfig, CurriculumConfig, CurriculumState, PoolDrawer,
-                                        adaptive_mix, advance_curriculum, allocate, curriculum_mix,
-                                        pass_rates_by_pool)
+from megatron_vlm.rl.config import PromptMixConfig
+from megatron_vlm.rl.curriculum import (CurriculumState, PoolDrawer, adaptive_mix, advance_curriculum, allocate,
+                                        curriculum_mix, pass_rates_by_pool)
 from megatron_vlm.rollout.protocol import RolloutRequest
-
-
-@dataclass(kw_only=True)
-class PromptMixConfig:
-    pool_key: str                               # metadata field naming a prompt's pool
-    adaptive: AdaptiveMixConfig | None = None   # GLM-4.5V: shares from the last step's pass rates
-    curriculum: CurriculumConfig | None = None  # stages of shares, advanced by a rule
-    pass_threshold: float = 1.0                 # a response passes when its raw reward >= this
-
-    def __post_init__(self):
-        if (self.adaptive is None) == (self.curriculum is None):
-            raise ValueError("rl.prompt_mix needs exactly one of adaptive or curriculum")
 
 
 class PromptMix:
@@ -53,6 +40,20 @@ class PromptMix:
             raise ValueError(f"rl.prompt_mix names pools {unknown} that no prompt has; pools in the data: "
                              f"{sorted(pools)}")
         self.drawer = PoolDrawer(pools, seed=seed)
+
+    def state_dict(self) -> dict:
+        """What the next draws depend on (JSON-able): the uniform draw's RNG, the last pass rates,
+        the curriculum's position, and how far each pool's epoch has been drawn."""
+        return {"rng": random_state(self.rng), "pass_rates": dict(self.pass_rates),
+                "curriculum": [self.state.stage, self.state.steps_in_stage],
+                "cursor": dict(self.drawer.cursor) if self.cfg is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_random_state(self.rng, state["rng"])
+        self.pass_rates = dict(state["pass_rates"])
+        self.state = CurriculumState(*state["curriculum"])
+        if self.cfg is not None:
+            self.drawer.cursor = dict(state["cursor"])
 
     def shares(self) -> dict[str, float]:
         if self.cfg.adaptive is not None:
@@ -79,3 +80,14 @@ class PromptMix:
             metrics["curriculum_stage"] = float(self.state.stage)
         metrics.update({f"next_share/{pool}": share for pool, share in self.shares().items()})
         return metrics
+
+
+def random_state(rng: random.Random) -> list:
+    """A `random.Random`'s state as JSON-able lists (`set_random_state` puts it back)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_random_state(rng: random.Random, state: list) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))

@@ -26,7 +26,6 @@ are on the group's device (`megatron_step.collective_device`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -34,7 +33,8 @@ import torch
 from kernels.packing import PackCost, plan_packs
 from kernels.policy_loss import SeqLayout, fused_linear_policy_loss
 from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute_advantages, group_index_from_ids
-from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config, policy_loss_fn
+from megatron_vlm.rl.config import UpdateConfig
+from megatron_vlm.rl.losses import LossInputs, kernel_policy_config, policy_loss_fn
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, fixed_pack_length, forward_hidden, head_parallelism,
                                               pack_padding, pack_rows, packed_logprobs)
 from megatron_vlm.trainer.megatron_step import collective_device, model_device, on_device
@@ -42,26 +42,6 @@ from megatron_vlm.trainer.megatron_step import collective_device, model_device, 
 # Metrics that are sums in the loss's own units (the loss called with normalizer=1); the others
 # are masked token means of their micro-batch.
 UNIT_SUMS = ("pg_loss", "kl_loss", "nll_loss")
-
-
-@dataclass(kw_only=True)
-class UpdateConfig:
-    temperature: float = 1.0
-    micro_batch_size: int = 8
-    # tokens per packed micro-batch; None = micro_batch_size x the batch's padded width (the
-    # padded path's bound). A longer sample is a micro-batch of its own.
-    pack_tokens: int | None = None
-    optimizer_steps: int = 1          # optimizer steps per rollout batch (mini-batches)
-    loss: LossConfig = field(default_factory=LossConfig)
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"update.temperature must be > 0, got {self.temperature}")
-        if self.micro_batch_size < 1 or self.optimizer_steps < 1:
-            raise ValueError("update.micro_batch_size and update.optimizer_steps must be >= 1")
-        if self.pack_tokens is not None and self.pack_tokens < 1:
-            raise ValueError(f"update.pack_tokens must be >= 1 or null, got {self.pack_tokens}")
 
 
 def sequence_advantages(rewards: torch.Tensor, group_ids: list, loss_mask: torch.Tensor,

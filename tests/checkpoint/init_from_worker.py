@@ -1,4 +1,4 @@
-"""One rank of the init_from launch (2 gloo ranks): the policy `_build_policy` builds from an HF
+"""One rank of the init_from launch (2 gloo ranks): the policy `build_policy` builds from an HF
 directory and from `convert hf-to-mcore` output equals the full load (every HF tensor read whole,
 converted and cut for this rank), parameter for parameter, bit for bit, at several layouts; from the
 HF directory each rank reads exactly its own parameters' bytes, counted by the reader.
@@ -22,7 +22,7 @@ from megatron_vlm.config import load_config
 from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
-from megatron_vlm.trainer.vlm_run import _build_policy
+from megatron_vlm.trainer.context import build_policy
 
 LAYOUTS = {  # family -> layout name -> parallel settings
     "qwen3_vl_moe": {"tp2_ep2": dict(tp=2, ep=2, etp=1), "tp2_etp2": dict(tp=2), "ep2": dict(ep=2),
@@ -43,7 +43,7 @@ class CountingReader(HFCheckpointReader):
 def policy(runtime, family, hf_config, parallel: dict, init_from: str):
     overrides = [f"vlm.init_from={init_from}", "stages=[{kind: sft, steps: 1}]",
                  *(f"parallel.{k}={v}" for k, v in parallel.items())]
-    return _build_policy(load_config(None, overrides), runtime, family, hf_config)[0]
+    return build_policy(load_config(None, overrides), runtime, family, hf_config)[0]
 
 
 def full_load(family, hf_config, hub: Path, parallel: ParallelConfig):

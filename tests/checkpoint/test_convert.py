@@ -1,5 +1,9 @@
 """HF <-> megatron conversion: lossless round trip, loadable export, and clear errors on bad input."""
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +193,76 @@ def test_transformer_engine_names_map_to_the_local_spec():
     assert canonical_name(layer + "mlp.experts.linear_fc1.weight7") == layer + "mlp.experts.local_experts.7.linear_fc1.weight"
     assert canonical_name(layer + "mlp.experts.linear_fc2.weight0") == layer + "mlp.experts.local_experts.0.linear_fc2.weight"
     assert canonical_name(layer + "self_attention.linear_qkv.weight") == layer + "self_attention.linear_qkv.weight"
+
+
+# --- partial directories -------------------------------------------------------------------------
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def killed_run_partial(out: Path, pid: int, files=("dense-pp1-tp1.safetensors",)) -> Path:
+    """What a conversion killed mid-way leaves: its partial directory with some rank files."""
+    partial = out.parent / f"{out.name}.partial-{socket.gethostname()}-{pid}-0123abcd"
+    partial.mkdir(parents=True)
+    for name in files:
+        (partial / name).write_bytes(b"left by a killed run")
+    return partial
+
+
+def test_rerun_after_a_killed_run_with_another_layout_has_only_its_own_files(moe, tmp_path, capsys):
+    _, hub, _ = moe
+    out = tmp_path / "mc"
+    stale = killed_run_partial(out, dead_pid(), files=("dense-pp1-tp1.safetensors",
+                                                       "experts-pp0-ep1-etp0.safetensors"))
+    legacy = tmp_path / "mc.partial"  # an older version's fixed name: nobody can tell if it is live
+    legacy.mkdir()
+    (legacy / "dense-pp0-tp1.safetensors").write_bytes(b"old")
+    assert cli(["convert", "hf-to-mcore", "--hf", str(hub), "--out", str(out), "--nproc", "2"]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["dense-pp0-tp0.safetensors",
+                                                                 "experts-pp0-ep0-etp0.safetensors"]
+    assert convert.McoreCheckpoint(out).meta["layout"] == {"tp": 1, "pp": 1, "ep": 1, "etp": 1}
+    err = capsys.readouterr().err
+    assert not stale.exists() and f"removed {stale}" in err
+    assert legacy.is_dir() and f"note: {legacy} is another conversion's partial directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mc", "mc.partial"]  # no partial of its own
+
+
+def test_a_live_conversions_partial_directory_is_left_alone(moe, tmp_path, capsys):
+    _, hub, _ = moe
+    live = killed_run_partial(tmp_path / "mc", os.getpid())  # this process is alive
+    convert.hf_to_mcore(str(hub), str(tmp_path / "mc"), ParallelConfig())
+    assert live.is_dir() and f"note: {live}" in capsys.readouterr().err
+    assert not (tmp_path / "mc" / "dense-pp1-tp1.safetensors").exists()
+
+
+def test_each_conversion_gets_a_new_partial_directory_and_a_failed_one_removes_it(moe, tmp_path, monkeypatch):
+    _, hub, _ = moe
+    first, second = convert.new_partial_dir(tmp_path / "mc"), convert.new_partial_dir(tmp_path / "mc")
+    assert first != second and first.is_dir() and second.is_dir() and not any(first.iterdir())
+    first.rmdir()
+    second.rmdir()
+    original = convert._convert_file
+    calls = {"n": 0}
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("interrupted")
+        return original(*args)
+
+    monkeypatch.setattr(convert, "_convert_file", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert.hf_to_mcore(str(hub), str(tmp_path / "mc"), ParallelConfig(ep=2, etp=1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_without_its_parents_partial_directory_is_refused(moe, tmp_path, monkeypatch, capsys):
+    _, hub, _ = moe
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(convert.PARTIAL_ENV, raising=False)
+    assert cli(["convert", "hf-to-mcore", "--hf", str(hub), "--out", str(tmp_path / "mc")]) == 2
+    assert convert.PARTIAL_ENV in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -93,8 +93,8 @@ def test_checkpoint_of_another_architecture_is_refused(hub, tmp_path, single_ran
 
 
 def test_hf_config_of_a_megatron_checkpoint_is_read_from_its_hf_dir(hub, tmp_path):
-    from megatron_vlm.trainer.model_source import resolve_hf_config
-    from megatron_vlm.trainer.vlm_run import VLMConfig
+    from megatron_vlm.models.source import resolve_hf_config
+    from megatron_vlm.config import VLMConfig
 
     hf, hub_dir = hub
     convert.hf_to_mcore(str(hub_dir), str(tmp_path / "mc"), ParallelConfig())

@@ -14,7 +14,8 @@ from megatron_vlm.models.language import LanguageModelConfig, build_language_mod
 from megatron_vlm.parallel import cpu_compat
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime
-from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, forward_backward, wrap_ddp
+from megatron_vlm.config import OptimConfig
+from megatron_vlm.trainer.megatron_step import build_optimizer, forward_backward, wrap_ddp
 
 MODEL = LanguageModelConfig(num_layers=2, dense_layers=[0])
 TIED = LanguageModelConfig(num_layers=2, num_experts=None, tie_word_embeddings=True)

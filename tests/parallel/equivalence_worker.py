@@ -23,7 +23,8 @@ from megatron_vlm.parallel.batching import local_batch, merge_from_cp
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.plan import stage_counts
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
-from megatron_vlm.trainer.megatron_step import OptimConfig, build_optimizer, forward_backward, wrap_ddp
+from megatron_vlm.config import OptimConfig
+from megatron_vlm.trainer.megatron_step import build_optimizer, forward_backward, wrap_ddp
 
 LAYOUTS = {
     "tp2_sp": dict(tp=2),

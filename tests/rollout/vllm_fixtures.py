@@ -26,7 +26,7 @@ class Demo:
         from megatron_vlm.data.processor import MultimodalProcessor
         from megatron_vlm.models import family_for
         from megatron_vlm.parallel.runtime import init_runtime
-        from megatron_vlm.trainer.vlm_run import PromptCache
+        from megatron_vlm.trainer.context import PromptCache
 
         self.runtime = init_runtime(parallel, seed)
         self.assets = Path(out_dir) / "assets"

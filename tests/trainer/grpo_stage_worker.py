@@ -21,10 +21,11 @@ from megatron_vlm.rl.losses import LossConfig
 from megatron_vlm.rl.overlong import OverlongPenaltyConfig
 from megatron_vlm.rl.sampling import DynamicSamplingConfig
 from megatron_vlm.rollout.embedded import EmbeddedEngine
-from megatron_vlm.trainer.grpo import Actor, Rewards, RLConfig, RolloutConfig, grpo_step
-from megatron_vlm.trainer.megatron_step import OptimConfig
+from megatron_vlm.rl.config import RLConfig, RolloutConfig
+from megatron_vlm.trainer.grpo import Actor, Rewards, grpo_step
+from megatron_vlm.config import OptimConfig
 from megatron_vlm.trainer.reference import ReferencePolicy
-from megatron_vlm.trainer.rl_step import UpdateConfig
+from megatron_vlm.rl.config import UpdateConfig
 from tests.rollout.test_embedded import fixture_requests
 from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
 

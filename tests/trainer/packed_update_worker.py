@@ -27,7 +27,8 @@ from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config,
 from megatron_vlm.rollout.protocol import RolloutSample
 from megatron_vlm.trainer.actor_batch import build_batch
 from megatron_vlm.trainer.megatron_step import wrap_ddp
-from megatron_vlm.trainer.rl_step import UpdateConfig, aggregation_units, make_microbatches, score_rows, update
+from megatron_vlm.rl.config import UpdateConfig
+from megatron_vlm.trainer.rl_step import aggregation_units, make_microbatches, score_rows, update
 from megatron_vlm.trainer.sft import sft_step
 from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests

@@ -19,7 +19,7 @@ from megatron_vlm.checkpoint.streaming import iter_hf_weights
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
 from megatron_vlm.rl.preference import PreferenceConfig, RewardShift
-from megatron_vlm.trainer.megatron_step import OptimConfig
+from megatron_vlm.config import OptimConfig
 from megatron_vlm.trainer.preference import pair_batch, pair_microbatches, preference_step
 from megatron_vlm.trainer.rl_step import score_rows
 from tests.rollout.test_embedded import fixture_requests

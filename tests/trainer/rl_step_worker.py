@@ -19,8 +19,9 @@ from megatron_vlm.rollout.embedded import EmbeddedEngine
 from megatron_vlm.rollout.protocol import SamplingParams
 from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs, sync_weights
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
-from megatron_vlm.trainer.megatron_step import OptimConfig
-from megatron_vlm.trainer.rl_step import UpdateConfig, score_rows, sequence_advantages, update
+from megatron_vlm.config import OptimConfig
+from megatron_vlm.rl.config import UpdateConfig
+from megatron_vlm.trainer.rl_step import score_rows, sequence_advantages, update
 from tests.rollout.test_embedded import fixture_requests
 from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
 

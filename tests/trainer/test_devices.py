@@ -17,9 +17,11 @@ from megatron_vlm.rl.losses import LossConfig
 from megatron_vlm.rl.preference import PreferenceConfig
 from megatron_vlm.trainer import megatron_step, rl_step
 from megatron_vlm.trainer.actor_batch import PackedMicroBatch, build_batch, pack_rows, score
-from megatron_vlm.trainer.megatron_step import OptimConfig, collective_device, device_for_backend, to_device
+from megatron_vlm.config import OptimConfig
+from megatron_vlm.trainer.megatron_step import collective_device, device_for_backend, to_device
 from megatron_vlm.trainer.preference import pair_batch, preference_step
-from megatron_vlm.trainer.rl_step import UpdateConfig, reduce_metrics, score_rows, update
+from megatron_vlm.rl.config import UpdateConfig
+from megatron_vlm.trainer.rl_step import reduce_metrics, score_rows, update
 from megatron_vlm.trainer.sft import labelled_sample, sft_step
 from tests.rollout.test_embedded import fixture_requests
 from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights

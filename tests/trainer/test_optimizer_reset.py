@@ -3,7 +3,8 @@ import torch
 
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.trainer.actor_batch import build_batch
-from megatron_vlm.trainer.megatron_step import OptimConfig, reset_optimizer_state
+from megatron_vlm.config import OptimConfig
+from megatron_vlm.trainer.megatron_step import reset_optimizer_state
 from megatron_vlm.trainer.sft import labelled_sample, sft_step
 from tests.rollout.test_embedded import fixture_requests
 from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights

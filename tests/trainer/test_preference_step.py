@@ -52,7 +52,7 @@ def test_demo_pairs_become_an_alternating_batch(tmp_path):
     from megatron_vlm.data.loading import load_preferences
     from megatron_vlm.data.processor import MultimodalProcessor
     from megatron_vlm.trainer.preference import pair_batch
-    from megatron_vlm.trainer.vlm_run import PromptCache
+    from megatron_vlm.trainer.context import PromptCache
     from tests.data.digits_fixtures import demo_assets
 
     processor = MultimodalProcessor.from_pretrained(demo_assets()["model"])

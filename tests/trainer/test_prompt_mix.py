@@ -6,7 +6,8 @@ import pytest
 
 from megatron_vlm.rl.curriculum import AdaptiveMixConfig, CurriculumConfig
 from megatron_vlm.rollout.protocol import RolloutRequest
-from megatron_vlm.trainer.prompt_mix import PromptMix, PromptMixConfig
+from megatron_vlm.rl.config import PromptMixConfig
+from megatron_vlm.trainer.prompt_mix import PromptMix
 
 PROMPTS = [RolloutRequest(f"{kind}{i}", [1], metadata={"kind": kind})
            for kind in ("easy", "mid", "hard") for i in range(20)]

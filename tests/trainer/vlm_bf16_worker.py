@@ -1,6 +1,6 @@
 """One rank of the bf16 run (2 gloo ranks, EP=2): the digits demo's VLM run with
 `runtime.params_dtype: bfloat16`, two SFT steps then one GRPO step with a k3 KL term, through the
-run's own setup (`vlm_run._Run`). Records the dtypes of the parameters, of the optimizer's main
+run's own setup (`context.build_context`, the stage objects). Records the dtypes of the parameters, of the optimizer's main
 params and Adam state, and of the reference policy; the losses; how far each step moved the params.
 
 argv: OUT.json ASSETS (the small digits demo, written by test_bf16_run.py). GRPO rewards are a
@@ -17,7 +17,8 @@ import torch
 from megatron_vlm.config import load_config
 from megatron_vlm.parallel.runtime import shutdown
 from megatron_vlm.trainer.grpo import Rewards
-from megatron_vlm.trainer.vlm_run import _Run
+from megatron_vlm.trainer.context import build_context
+from megatron_vlm.trainer.stages import build_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +64,8 @@ def optimizer_dtypes(optimizer) -> dict:
 def main():
     out_path, assets = Path(sys.argv[1]), sys.argv[2]
     cfg = config(out_path.parent / "run", assets)
-    run = _Run(cfg)
+    run = build_context(cfg)
+    sft, grpo = (build_stage(stage, run) for stage in cfg.stages)
     model, report = run.actor.model, {}
     params = dict(model.named_parameters())
     report["language_params"] = dtypes(p for n, p in params.items() if not n.startswith("vision."))
@@ -71,18 +73,17 @@ def main():
     report["all_params"] = dtypes(params.values())
     report["not_bf16"] = sorted(n for n, p in params.items() if p.dtype != torch.bfloat16)
     report["config"] = {"params_dtype": str(model.config.params_dtype), "bf16": model.config.bf16}
-    sft, grpo = cfg.stages
     before = {n: p.detach().clone() for n, p in params.items()}
-    report["sft"] = [run.step(sft, step) for step in (1, 2)]
+    report["sft"] = [sft.step(step) for step in (1, 2)]
     report["sft_moved"] = moved(model, before)
     report["optimizer"] = optimizer_dtypes(run.actor.optimizer)
     run.actor.reference.reset_from(model)  # pi_ref = the policy entering the stage, as run() does
     report["reference_params"] = dtypes(run.actor.reference.model.parameters())
     report["reference_not_bf16"] = sorted(n for n, p in run.actor.reference.model.named_parameters()
                                           if p.dtype != torch.bfloat16)
-    run.rewards = varied
+    grpo.rewards = varied
     before = {n: p.detach().clone() for n, p in params.items()}
-    grpo_metrics = run.step(grpo, 1)
+    grpo_metrics = grpo.step(1)
     report["grpo"] = {k: v for k, v in grpo_metrics.items() if isinstance(v, (int, float))}
     report["grpo_moved"] = moved(model, before)
     report["finite"] = all(math.isfinite(m["loss"]) for m in report["sft"] + [report["grpo"]])

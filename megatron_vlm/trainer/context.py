@@ -1,0 +1,291 @@
+"""What the stages of a VLM run share, built once: `RunContext`.
+
+    ctx = build_context(cfg)        # runtime, model + optimizer, reference, engine, scorer, data
+    samples = ctx.sample(requests, sampling)     # sync the policy into the engine, generate, sleep
+    batch, result = ctx.score(samples)           # verifiers / reward model
+    ctx.evaluate()                               # held-out accuracy (greedy)
+
+Setup builds the megatron VLM from the HF config in `vlm.assets/model` in `runtime.params_dtype`
+(weights from `vlm.init_from`, each rank reading only its share; or, with `vlm.random_init`,
+transformers' initialiser, seeded, identical on every rank), a colocated engine on every rank
+(embedded, or vLLM built after the trainer so it sizes its KV cache from what is left), and the
+reward scorer. A stage (trainer/stages/) builds none of these: it takes them from here.
+
+State a checkpoint keeps from here (`state_dict`): the data draws (the SFT / preference sampler's
+RNG and the prompt mix) and the reward normalisation statistics. The model, optimizer and
+reference policy are saved by checkpoint/run_state.py.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from megatron_vlm.checkpoint.convert import load_weights
+from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
+from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
+from megatron_vlm.data.loading import load_mixture, load_prompts
+from megatron_vlm.data.processor import MultimodalProcessor
+from megatron_vlm.models import family_for
+from megatron_vlm.models.source import resolve_hf_config
+from megatron_vlm.parallel.runtime import init_runtime
+from megatron_vlm.rewards.reward_model import load_reward_model
+from megatron_vlm.rewards.scorer import RewardConfig, RewardSample, RewardScorer
+from megatron_vlm.rollout.embedded import EmbeddedEngine, Prepared
+from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
+from megatron_vlm.rollout.weight_sync import sync_weights
+from megatron_vlm.trainer.grpo import Actor, generate_share
+from megatron_vlm.trainer.megatron_step import build_optimizer, wrap_ddp
+from megatron_vlm.trainer.prompt_mix import PromptMix, random_state, set_random_state
+from megatron_vlm.trainer.reference import ReferencePolicy
+
+PREFERENCE_KINDS = ("dpo", "mpo")
+
+
+class PromptCache:
+    """Processor outputs by request id: the engine and the trainer both need them."""
+
+    def __init__(self, processor):
+        self.processor, self.items = processor, {}
+
+    def __call__(self, request: RolloutRequest) -> Prepared:
+        if request.request_id in self.items:
+            return self.items[request.request_id]
+        out = self.processor(request.prompt_ids, request.images)
+        prepared = Prepared(out["input_ids"][0], out["mm_token_type_ids"][0], out.get("pixel_values"),
+                            out.get("image_grid_thw"))
+        if not request.metadata.get("ephemeral"):  # one-off requests (forced-answer continuations)
+            self.items[request.request_id] = prepared
+        return prepared
+
+    def get(self, request_id: str) -> Prepared:
+        return self.items[request_id]
+
+
+@dataclass
+class RunData:
+    """The run's prompts and how they are drawn: the same on every rank (seeded)."""
+    prompts: list[RolloutRequest]
+    evals: list[RolloutRequest]
+    sft: list[RolloutRequest]
+    mix: PromptMix                  # GRPO / RFT prompts: uniform, adaptive mix or curriculum
+    rng: random.Random              # SFT examples and preference pairs
+    pairs: list[RolloutRequest] | None = None  # preference pairs, loaded by the first dpo / mpo step
+    by_id: dict[str, RolloutRequest] = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"rng": random_state(self.rng), "mix": self.mix.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_random_state(self.rng, state["rng"])
+        self.mix.load_state_dict(state["mix"])
+
+
+@dataclass
+class RunContext:
+    cfg: object                     # the RunConfig
+    assets: Path
+    runtime: object                 # parallel.runtime.Runtime
+    hf_config: object
+    family: object
+    processor: MultimodalProcessor
+    cache: PromptCache
+    data: RunData
+    actor: Actor
+    engine: object                  # rollout engine (embedded or vLLM)
+    scorer: RewardScorer
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    def state_dict(self) -> dict:
+        return {"data": self.data.state_dict(), "scorer": self.scorer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data.load_state_dict(state["data"])
+        self.scorer.load_state_dict(state["scorer"])
+
+    # -- sampling and scoring, shared by the stages -------------------------------------------
+    def draw(self) -> list[RolloutRequest]:
+        """The next prompts of the mix (the same on every rank), processed once."""
+        requests = self.data.mix.draw()
+        for request in requests:
+            self.cache(request)
+        return requests
+
+    def sample(self, requests: list[RolloutRequest], sampling: SamplingParams) -> list[RolloutSample]:
+        """Sync the policy into the engine, generate, put the engine back to sleep."""
+        sync_weights(self.actor.model, self.actor.rules, self.engine, int(self.cfg.rollout.bucket_mb * 2**20))
+        samples = generate_share(self.actor, self.engine, requests, sampling)
+        self.engine.sleep()
+        return samples
+
+    def score(self, samples: list[RolloutSample], log_failures: bool = True):
+        """(reward samples, the scorer's result) for `samples`."""
+        batch = [self.reward_sample(s) for s in samples]
+        result = self.scorer.score(batch)
+        if log_failures and self.runtime.rank == 0:
+            for failure in result.failures[:3]:  # counted in the metrics; a few named in the log
+                print(f"reward {failure.kind} for sample {failure.sample_id}: {failure.message[:200]}")
+        return batch, result
+
+    def reward_sample(self, s: RolloutSample) -> RewardSample:
+        """prompt_id: the request, so best-of-N groups by prompt even where question texts repeat."""
+        return RewardSample(sample_id=f"{s.request_id}#{s.index}", task=s.metadata.get("task", "default"),
+                            prompt=s.metadata.get("question", ""), response=self.text(s.response_ids),
+                            reference=s.metadata.get("reference"),
+                            metadata={**s.metadata, "prompt_id": s.request_id})
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False).replace(self.tokenizer.eos_token or "", "")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out accuracy: greedy answers to unseen images, checked by the verifier."""
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, n=1,
+                                stop_token_ids=self.actor.stop_token_ids)
+        samples = self.sample(self.data.evals, greedy)
+        running = self.scorer.state_dict()  # evaluation must not move the normalisation statistics
+        _, result = self.score(samples, log_failures=False)
+        self.scorer.load_state_dict(running)
+        rewards = torch.tensor(result.raw, dtype=torch.float)
+        return {"eval_accuracy": float((rewards >= 1.0).float().mean()), "eval_samples": len(samples)}
+
+    def close(self) -> None:
+        if hasattr(self.engine, "close"):  # vLLM: before the process groups are destroyed
+            self.engine.close()
+        self.scorer.close()
+
+
+def build_context(cfg) -> RunContext:
+    assets = ensure_assets(cfg)
+    runtime = init_runtime(cfg.parallel, cfg.runtime.seed, cfg.runtime.device)
+    hf_config, _ = resolve_hf_config(cfg.vlm)  # assets/model, checked against model_config
+    family = family_for(hf_config)
+    processor = MultimodalProcessor.from_pretrained(assets / "model")
+    cache = PromptCache(processor)
+    data = load_data(cfg, assets, processor, announce=runtime.rank == 0)
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model, ddp, optimizer, scheduler = build_policy(cfg, runtime, family, hf_config)
+    actor = Actor(model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
+                  rules=family.hf_rules(hf_config), prepared=cache.get, pad_id=pad,
+                  spatial_merge_size=hf_config.vision_config.spatial_merge_size,
+                  stop_token_ids=sorted(t for t in {tokenizer.eos_token_id} if t is not None),
+                  tokenizer=tokenizer, image_token_id=hf_config.image_token_id)
+    if needs_reference(cfg):
+        actor.reference = ReferencePolicy.build(family, hf_config, cfg.parallel, runtime.device.type,
+                                                model.config.params_dtype, cfg.runtime.backend)
+    engine = build_engine(cfg, assets, hf_config, cache, pad, runtime.device.type)
+    tasks = {r.metadata.get("task", "default") for r in data.prompts + data.evals}
+    reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model is not None else None
+    scorer = RewardScorer(reward_config(cfg, tasks), reward_model)
+    return RunContext(cfg=cfg, assets=assets, runtime=runtime, hf_config=hf_config, family=family,
+                      processor=processor, cache=cache, data=data, actor=actor, engine=engine,
+                      scorer=scorer)
+
+
+def load_data(cfg, assets: Path, processor, announce: bool) -> RunData:
+    load = replace(cfg.vlm.load, max_prompt_length=cfg.vlm.max_prompt_length)
+    if cfg.vlm.prompt_sources:  # a mixture with per-source ratios (paths relative to the assets)
+        sources = [replace(s, path=[str(assets / p) for p in ([s.path] if isinstance(s.path, str) else s.path)])
+                   for s in cfg.vlm.prompt_sources]
+        loaded = load_mixture(sources, processor, load, seed=cfg.runtime.seed)
+    else:
+        loaded = load_prompts(assets / cfg.vlm.prompt_data, processor, load)
+    if announce:
+        print(f"prompts: {loaded.counts}" + "".join(f"\n  {p}" for p in loaded.problems[:5]), flush=True)
+    prompts = loaded.requests
+    evals = load_prompts(assets / cfg.vlm.eval_data, processor, load).requests[: cfg.eval.samples]
+    sft_path = assets / cfg.vlm.sft_data
+    sft = load_prompts(sft_path, processor, load).requests if sft_path.exists() else []
+    mix = PromptMix(prompts, cfg.rl.prompt_mix, cfg.rollout.prompts_per_step, cfg.runtime.seed)
+    return RunData(prompts=prompts, evals=evals, sft=sft, mix=mix, rng=random.Random(cfg.runtime.seed),
+                   by_id={r.request_id: r for r in prompts})
+
+
+def build_engine(cfg, assets: Path, hf_config, cache: PromptCache, pad: int, device_type: str):
+    if cfg.rl.engine == "vllm":  # built after the trainer: it sizes its KV cache from free memory
+        from megatron_vlm.rollout.vllm_engine import VllmEngine  # imports vllm: only when asked for
+
+        engine = VllmEngine(replace(cfg.rl.vllm, model_dir=cfg.rl.vllm.model_dir or str(assets / "model")),
+                            device_type)
+        engine.sleep()
+        return engine
+    return EmbeddedEngine(hf_config, prepare=cache, pad_token_id=pad)
+
+
+def needs_reference(cfg) -> bool:
+    kl = cfg.update.loss.kl_type != "none"
+    return any((stage.kind == "grpo" and kl) or stage.kind in PREFERENCE_KINDS for stage in cfg.stages)
+
+
+def reward_config(cfg, tasks: set[str]) -> RewardConfig:
+    """`reward:` as given, else every task of the data scored by `vlm.verifier`."""
+    if cfg.reward is None:
+        return RewardConfig(verifiers={t: cfg.vlm.verifier for t in sorted(tasks)}, num_workers=1)
+    missing = sorted(tasks - set(cfg.reward.verifiers))
+    if missing:
+        raise ValueError(f"reward.verifiers has no entry for tasks {missing} found in the data "
+                         f"(configured: {sorted(cfg.reward.verifiers)})")
+    return cfg.reward
+
+
+def ensure_assets(cfg) -> Path:
+    if cfg.vlm.assets is None:
+        raise ValueError("vlm.assets must name the assets directory (model/ + data files)")
+    assets = Path(cfg.vlm.assets)
+    if (assets / "model" / "config.json").is_file():
+        return assets
+    if not cfg.vlm.build_demo_assets:
+        raise FileNotFoundError(f"{assets / 'model' / 'config.json'} not found; set "
+                                f"vlm.build_demo_assets=true to write the digits demo there")
+    ready = assets / ".ready"
+    if int(os.environ.get("RANK", 0)) == 0:
+        from megatron_vlm.data.digits import build_demo_assets  # matplotlib fonts: only for the demo
+
+        build_demo_assets(assets, seed=cfg.runtime.seed)
+        ready.write_text("ok")
+    deadline = time.monotonic() + 600
+    while not ready.exists():  # other ranks wait for rank 0 (no process group exists yet)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not finish writing {assets}")
+        time.sleep(0.5)
+    return assets
+
+
+def build_policy(cfg, runtime, family, hf_config):
+    """The policy in `runtime.params_dtype` (megatron's mixed-precision optimizer keeps fp32 master
+    weights and Adam state for bf16 params), weights from `vlm.init_from` or seeded random init."""
+    cfg.vlm.check_weights_source()
+    # random weights first: the seeded draw comes before the build, as it always has
+    full = None if cfg.vlm.init_from else random_weights(cfg.runtime.seed, family, hf_config)
+    model = family.build(hf_config, cfg.parallel, runtime.device.type, cfg.runtime.torch_dtype,
+                         backend=cfg.runtime.backend, calculate_per_token_loss=True)
+    if full is not None:
+        load_full_state_dict(model, full, RankLayout.current(model.config), hf_config.tie_word_embeddings)
+    else:
+        loaded = load_weights(model, cfg.vlm.init_from, family, hf_config)
+        if runtime.rank == 0:
+            print(f"weights: {loaded}", flush=True)
+    ddp = wrap_ddp(model, cfg.parallel.distributed_optimizer)
+    total = sum(stage.steps for stage in cfg.stages) or 1
+    optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.parallel.distributed_optimizer, total)
+    return model, ddp, optimizer, scheduler
+
+
+def random_weights(seed: int, family, hf_config) -> dict:
+    """transformers' initialisation as full megatron tensors, seeded, so identical on every rank
+    (the full HF model is built on each: for the demo and tests, never for a real model)."""
+    torch.manual_seed(seed)
+    hf_model = family.hf_model_class(hf_config)
+    return dict(hf_to_mcore(family.hf_rules(hf_config), hf_model.state_dict().__getitem__))

@@ -1,0 +1,122 @@
+"""A run's outputs in `train.out_dir`: the metrics log, the curves, and the guard that keeps one
+run from silently writing over another's.
+
+    metrics.jsonl         one JSON object per step (and per evaluation), rank 0; appended on resume
+    curves.png            held-out accuracy, reward and loss over all stages
+    rejection_sft.jsonl   the examples RFT stages kept
+    checkpoints/          the run state (checkpoint/run_state.py)
+    hf_export/            the final policy in HF format
+
+A fresh run refuses an out_dir holding any of these unless told to `overwrite` (which removes
+them first) or to `resume`; a resumed run cuts the append-only files back to what they held when
+its checkpoint was written, so no step is logged twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+REJECTION = "rejection_sft.jsonl"
+CHECKPOINTS = "checkpoints"
+EXPORT = "hf_export"
+OUTPUTS = (METRICS, CURVES, REJECTION, CHECKPOINTS, EXPORT)
+
+
+def existing_outputs(out_dir: Path) -> list[str]:
+    return [name for name in OUTPUTS if (out_dir / name).exists()]
+
+
+def refuse_foreign_outputs(out_dir: Path) -> None:
+    found = existing_outputs(out_dir)
+    if found:
+        raise FileExistsError(f"train.out_dir {out_dir} holds another run's outputs ({', '.join(found)}): "
+                              f"pass --resume auto to continue that run, --overwrite to replace it, "
+                              f"or choose another train.out_dir")
+
+
+def remove_outputs(out_dir: Path) -> None:
+    """--overwrite: the previous run's outputs go before this run writes anything."""
+    for name in existing_outputs(out_dir):
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def truncate_lines(path: Path, keep: int) -> list[dict]:
+    """Keep the first `keep` JSON lines of `path` (rewritten atomically); returns them."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if len(rows) < keep:
+        raise ValueError(f"{path} holds {len(rows)} rows but the checkpoint was written after row {keep}: "
+                         f"the file was edited or belongs to another run")
+    rows = rows[:keep]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows
+
+
+def truncate_bytes(path: Path, size: int) -> None:
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+class MetricsLog:
+    """Metrics as JSON lines and progress lines, from rank 0. `rows`: everything logged by this
+    run so far (on resume, the rows kept from before)."""
+
+    KEYS = ("stage", "step", "loss", "reward", "mixed_group_share", "eval_accuracy",
+            "sync_logprob_max_abs", "step_seconds")
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_rows: int | None = None):
+        self.enabled, self.rows, self.file = enabled, [], None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / METRICS
+        if resume_rows is not None:
+            self.rows = truncate_lines(path, resume_rows)
+        self.file = open(path, "a" if resume_rows is not None else "w")
+
+    def __call__(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                       for k in self.KEYS if k in row), flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib  # only rank 0 at the end of a run draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x = list(range(len(rows)))
+    for ax, key, title in zip(axes, ("eval_accuracy", "reward", "loss"),
+                              ("held-out accuracy", "GRPO reward", "training loss")):
+        points = [(i, r[key]) for i, r in zip(x, rows) if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_accuracy" else None)
+        ax.set_title(title)
+        ax.set_xlabel("step (all stages)")
+        for i, row in enumerate(rows):
+            if i and row.get("stage") != rows[i - 1].get("stage"):
+                ax.axvline(i, color="grey", linestyle=":")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

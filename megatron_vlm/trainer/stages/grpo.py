@@ -1,0 +1,35 @@
+"""The GRPO stage (and its DAPO / GSPO / Intern-S1 variants, by `update.loss`): rollout -> reward
+-> filter -> score -> update, in `trainer.grpo.grpo_step`; the prompts come from the run's mix,
+which sees each step's raw rewards (difficulty-adaptive shares, curriculum)."""
+from __future__ import annotations
+
+import torch
+
+from megatron_vlm.trainer.grpo import Rewards, grpo_step
+from megatron_vlm.trainer.stages import Stage, register_stage
+
+
+@register_stage("grpo")
+class GRPOStage(Stage):
+    def __init__(self, ctx, cfg):
+        super().__init__(ctx, cfg)
+        self.scored: list = []  # (request, raw reward) of this step, for the prompt mix
+
+    def step(self, step: int) -> dict:
+        cfg = self.ctx.cfg
+        metrics = grpo_step(self.ctx.actor, self.ctx.engine, self.ctx.draw, self.rewards, cfg.rollout,
+                            cfg.update, step, cfg.rl)
+        metrics.update(observe_mix(self.ctx, self.scored))
+        self.scored = []
+        return metrics
+
+    def rewards(self, samples) -> Rewards:
+        _, result = self.ctx.score(samples)
+        self.scored += [(self.ctx.data.by_id[s.request_id], raw) for s, raw in zip(samples, result.raw)]
+        return Rewards(torch.tensor(result.rewards, dtype=torch.float),
+                       torch.tensor(result.raw, dtype=torch.float), result.metrics)
+
+
+def observe_mix(ctx, scored: list) -> dict:
+    """Feed a step's (request, raw reward) pairs to the prompt mix; its metrics."""
+    return ctx.data.mix.observe(scored)
