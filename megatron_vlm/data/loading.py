@@ -5,6 +5,7 @@
     result.counts     # {"rows", "loaded", "dropped_too_long", "skipped_bad_image"}
     result.problems   # one message per row not loaded, naming the file, the sample id and why
     sft = load_sft("sft.parquet", processor, LoadConfig(max_sequence_length=256))  # SFTExample items
+    sft = load_sft_requests("sft.parquet", processor)  # RolloutRequests, metadata["response"] the target
     pairs = load_preferences("pref.parquet", processor)  # PreferencePair(request, chosen_ids, rejected_ids)
 
 Row schema (the demo's files follow it): `question` (the user's text), `image` (one image) or
@@ -19,8 +20,13 @@ the last message's content, a string or text parts, is the response).
 Bad input never disappears silently: a row whose expanded prompt (text + vision tokens) is longer
 than `max_prompt_length` is dropped and counted, or raises (`on_too_long="raise"`); a row whose
 image cannot be read (missing file, corrupt bytes, a shape the processor rejects) is skipped and
-counted, with its id in a logged warning. `rows == loaded + dropped_too_long + skipped_bad_image`.
-A missing column is an error naming the column, the sample and the file.
+counted, with its id, row and column in a logged warning. `rows == loaded + dropped_too_long +
+skipped_bad_image`. A missing column, or a null / empty question (SFT: response, preference:
+chosen / rejected), is a `MissingColumn` error naming the file, the sample, the row (0-based, as in
+the default sample id `file:row`) and the column; a JSON / JSON-lines file that is not UTF-8 is a
+`DataError` naming the file and the byte offset. `check_prompt_counts` turns a loaded set with no
+usable row (how many were read, dropped and why), fewer prompts than one step draws, or an empty
+eval set into one `DataError` before the run builds its model.
 
 Transforms (`megatron_vlm.data.transforms`, Ovis2.5), off by default, applied to each row before
 its prompt is built (all three loaders; a `response` / `chosen` / `rejected` text is not rewritten):
@@ -51,6 +57,7 @@ ratios, deterministic from the seed; each request's metadata `source` is the sou
 """
 from __future__ import annotations
 
+import codecs
 import io
 import logging
 import math
@@ -152,6 +159,19 @@ class LoadResult:
     problems: list[str]
 
 
+class DataError(ValueError):
+    """A data file the run cannot use as it is; the message names the file, and the row and column
+    where one row is at fault."""
+
+
+class MissingColumn(DataError, KeyError):
+    """A row without a column it needs, or with a null / empty value there. A KeyError too, as a
+    missing column always was; printed without KeyError's quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class PromptTooLong(ValueError):
     """The expanded prompt (or SFT sequence) exceeds the configured limit."""
 
@@ -182,6 +202,15 @@ def load_sft(paths: str | Path | Sequence[str | Path], processor: MultimodalProc
     return _load(paths, processor, cfg or LoadConfig(), cache_dir, _sft_example)
 
 
+def load_sft_requests(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
+                      cfg: LoadConfig | None = None, cache_dir: str | None = None) -> LoadResult:
+    """SFT rows as RolloutRequests, what the run's sft stage takes: the prompt as for `load_prompts`,
+    metadata `response` the target text, as `load_sft` finds it (the `response` column, else
+    `answer` + `thinking` rendered). A row without a target raises MissingColumn naming the file,
+    the sample, the row and the column; limits and counters as `load_sft`."""
+    return _load(paths, processor, cfg or LoadConfig(), cache_dir, _sft_request)
+
+
 def load_preferences(paths: str | Path | Sequence[str | Path], processor: MultimodalProcessor | str | Path,
                      cfg: LoadConfig | None = None, cache_dir: str | None = None) -> LoadResult:
     """Preference rows (offline DPO / MPO) as `PreferencePair`s: the prompt as for `load_prompts`,
@@ -208,7 +237,7 @@ def load_mixture(sources: Sequence[SourceConfig | dict], processor: MultimodalPr
         raise ValueError(f"load_mixture: num_samples must be >= 0 or None, got {num_samples}")
     if not isinstance(processor, MultimodalProcessor):
         processor = MultimodalProcessor.from_pretrained(processor)
-    pools, counts, problems = {}, {}, []
+    pools, counts, problems, why_empty = {}, {}, [], {}
     for source in sources:
         try:
             loaded = load_prompts(source.path, processor, cfg, cache_dir)
@@ -219,10 +248,14 @@ def load_mixture(sources: Sequence[SourceConfig | dict], processor: MultimodalPr
             counts[key] = counts.get(key, 0) + value
         counts[f"loaded/{source.name}"] = loaded.counts["loaded"]
         problems += [f"source {source.name!r}: {problem}" for problem in loaded.problems]
-    empty = [s.label for s in sources if s.ratio > 0 and not pools[s.name]]
+        try:
+            require_rows(loaded, source.label)
+        except DataError as error:
+            why_empty[source.name] = str(error)
+    empty = [s for s in sources if s.ratio > 0 and not pools[s.name]]
     if empty:
-        raise SourceError(f"mixture sources {', '.join(empty)} have a positive ratio but no loadable rows; "
-                          f"see the logged problems ({counts})")
+        raise SourceError(f"mixture sources {', '.join(s.label for s in empty)} have a positive ratio but no "
+                          f"loadable rows: {' | '.join(why_empty[s.name] for s in empty)}")
     sizes = {name: len(pool) for name, pool in pools.items()}
     ratios = {s.name: s.ratio for s in sources}
     total = _one_epoch(sizes, ratios) if num_samples is None else num_samples
@@ -236,6 +269,36 @@ def load_mixture(sources: Sequence[SourceConfig | dict], processor: MultimodalPr
 
 class SourceError(ValueError):
     """A mixture source that cannot be loaded or drawn from; the message names it."""
+
+
+def require_rows(result: LoadResult, source: str | Path, what: str = "prompt") -> LoadResult:
+    """`result`, or a DataError when it holds no usable row: how many rows `source` had, how many
+    each filter removed, and the first problems the loader logged."""
+    if result.requests:
+        return result
+    rows = result.counts.get("rows", 0)
+    if not rows:
+        raise DataError(f"{source}: no {what} rows (the file holds none)")
+    removed = {k: v for k, v in result.counts.items() if v and k.startswith(("dropped_", "skipped_"))}
+    why = ", ".join(f"{v} {k}" for k, v in removed.items()) or "none loaded"
+    first = "; ".join(result.problems[:3])
+    raise DataError(f"{source}: no usable {what} rows: {rows} read, {sum(removed.values())} removed ({why})"
+                    + (f"; first problems: {first}" if first else ""))
+
+
+def check_prompt_counts(prompts: LoadResult, evals: LoadResult, prompts_per_step: int, *,
+                        prompt_source: str | Path = "prompt data", eval_source: str | Path = "eval data",
+                        sft: LoadResult | None = None, sft_source: str | Path = "sft data") -> None:
+    """Before the model is built: a DataError when the prompt set has no usable row or fewer than
+    `prompts_per_step` (what one GRPO step draws), when the eval set is empty (an eval accuracy of
+    NaN otherwise), or when `sft` is given (the run has an sft stage) and has no usable row."""
+    require_rows(prompts, prompt_source, "prompt")
+    require_rows(evals, eval_source, "eval")
+    if sft is not None:
+        require_rows(sft, sft_source, "sft")
+    if len(prompts.requests) < prompts_per_step:
+        raise DataError(f"{prompt_source}: {len(prompts.requests)} usable prompts, fewer than "
+                        f"rollout.prompts_per_step={prompts_per_step} ({prompts.counts})")
 
 
 def _check_sources(sources: list[SourceConfig]) -> list[SourceConfig]:
@@ -281,8 +344,9 @@ def _load(paths, processor, cfg: LoadConfig, cache_dir: str | None, build) -> Lo
             counts["rows"] += 1
             sample_id = str(row["id"]) if row.get("id") is not None else f"{path.name}:{index}"
             try:
-                row, applied = _transform(row, sample_id, path.parent, cfg)
-                items.append(build(row, sample_id, path.parent, processor, cfg))
+                _check_question(row, sample_id)
+                transformed, applied = _transform(row, sample_id, path.parent, cfg)
+                items.append(build(transformed, sample_id, path.parent, processor, cfg))
                 counts["loaded"] += 1
                 for counter in applied:
                     counts[counter] += 1
@@ -296,9 +360,11 @@ def _load(paths, processor, cfg: LoadConfig, cache_dir: str | None, build) -> Lo
                 problems.append(f"{path}: dropped {error}")
             except BadImage as error:
                 counts["skipped_bad_image"] += 1
-                problems.append(f"{path}: skipped sample {sample_id}: {error}")
-            except KeyError as error:  # a missing column: name the file too
-                raise KeyError(f"{path}: {error.args[0]}") from None
+                problems.append(f"{path}: skipped sample {sample_id}: row {index}, column "
+                                f"{_image_column(row)!r}: {error}")
+            except (DataError, KeyError) as error:  # a missing or empty column: name the file and row
+                kind = type(error) if isinstance(error, DataError) else MissingColumn
+                raise kind(f"{path}: {error.args[0] if error.args else error} (row {index})") from None
     for problem in problems:
         logger.warning(problem)
     logger.info("loaded %s: %s", build.__name__.strip("_"), counts)
@@ -313,13 +379,47 @@ def _read_rows(path: Path, cache_dir: str | None):
         raise ValueError(f"{path}: expected one of {sorted(FORMATS)} files")
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    dataset = load_dataset(FORMATS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir)
+    if FORMATS[path.suffix] == "json" and not _utf8_text(path):
+        return iter(())  # `datasets` fails on an empty JSON file with a bare StopIteration
+    try:
+        dataset = load_dataset(FORMATS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 - whatever `datasets` or arrow raise, name the file
+        cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+        raise DataError(f"{path}: cannot be read as {FORMATS[path.suffix]}: {type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}{cause}") from error
     for column, feature in dataset.features.items():
         if isinstance(feature, Image):
             dataset = dataset.cast_column(column, Image(decode=False))
         elif isinstance(feature, List) and isinstance(feature.feature, Image):
             dataset = dataset.cast_column(column, List(Image(decode=False)))
     return iter(dataset)
+
+
+def _utf8_text(path: Path, chunk_bytes: int = 1 << 20) -> bool:
+    """Whether the file holds more than whitespace; a DataError naming the byte offset (and line)
+    of the first byte that is not UTF-8. Read in chunks: a JSON-lines file may be large."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0  # bytes and line ends before this chunk
+    content = False
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # a multi-byte character cut by the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                at = offset - pending + error.start
+                line = newlines + chunk[:max(0, error.start - pending)].count(b"\n") + 1
+                raise DataError(f"{path}: not UTF-8 text: byte 0x{error.object[error.start]:02x} at offset {at} "
+                                f"(line {line}): {error.reason}; save the file as UTF-8") from None
+            if not chunk:
+                return content
+            content = content or bool(chunk.strip())
+            offset, newlines = offset + len(chunk), newlines + chunk.count(b"\n")
+
+
+def _image_column(row: dict) -> str:
+    return "images" if row.get("images") is not None else "image"
 
 
 def _image_sources(row: dict) -> list:
@@ -415,10 +515,22 @@ def _split_mode_flag(question: str) -> tuple[str, str]:
     return (_MODE_FLAG.sub("", question), f" /{flag}") if flag else (question, "")
 
 
+def _check_question(row: dict, sample_id: str) -> None:
+    """Every loader's rows need question text; checked before a transform reads it."""
+    if "question" not in row:
+        raise MissingColumn(f"sample {sample_id}: prompt rows need a 'question' column, got {sorted(row)}")
+    question = row["question"]
+    if question is None or (isinstance(question, str) and not question.strip()):
+        raise MissingColumn(f"sample {sample_id}: column 'question' is {'null' if question is None else 'empty'}; "
+                            f"every row needs question text")
+    if not isinstance(question, str):
+        raise DataError(f"sample {sample_id}: column 'question' must be text, got {type(question).__name__} "
+                        f"{str(question)[:60]!r}")
+
+
 def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
              cfg: LoadConfig) -> RolloutRequest:
-    if "question" not in row:
-        raise KeyError(f"sample {sample_id}: prompt rows need a 'question' column, got {sorted(row)}")
+    _check_question(row, sample_id)
     images = [open_image(source, root) for source in _image_sources(row)]
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": row["question"]}]
     messages = [{"role": "user", "content": content}]
@@ -439,13 +551,16 @@ def _request(row: dict, sample_id: str, root: Path, processor: MultimodalProcess
     return RolloutRequest(request_id=sample_id, prompt_ids=prompt_ids, images=images, metadata=metadata)
 
 
-def _sft_example(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
-                 cfg: LoadConfig) -> SFTExample:
+def _sft_parts(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
+               cfg: LoadConfig) -> tuple[RolloutRequest, str, list[int]]:
+    """(the prompt's request, the target text, its ids): the `response` column, else `answer`."""
     request = _request(row, sample_id, root, processor, cfg)
     response = row.get("response")
-    if not response:
+    if response is None or not str(response).strip():
         if row.get("answer") is None:
-            raise KeyError(f"sample {sample_id}: SFT rows need a 'response' or an 'answer' column, got {sorted(row)}")
+            found = (f"column 'response' is {'null' if response is None else 'empty'} and there is no 'answer'"
+                     if "response" in row else f"got columns {sorted(row)}")
+            raise MissingColumn(f"sample {sample_id}: SFT rows need a 'response' or an 'answer' column ({found})")
         thinking = row.get("thinking") or None
         response = render_response(str(row["answer"]), thinking, request.metadata["mode"])
     response_ids = processor.tokenizer(response, add_special_tokens=False).input_ids
@@ -453,16 +568,29 @@ def _sft_example(row: dict, sample_id: str, root: Path, processor: MultimodalPro
     if cfg.max_sequence_length is not None and length > cfg.max_sequence_length:
         raise PromptTooLong(f"sample {sample_id}: prompt + response of {length} tokens (text + vision) is longer "
                             f"than max_sequence_length={cfg.max_sequence_length}")
+    return request, response, response_ids
+
+
+def _sft_example(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
+                 cfg: LoadConfig) -> SFTExample:
+    request, _, response_ids = _sft_parts(row, sample_id, root, processor, cfg)
     return SFTExample(sample_id=sample_id, prompt_ids=request.prompt_ids, response_ids=response_ids,
                       images=request.images, metadata=request.metadata)
+
+
+def _sft_request(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
+                 cfg: LoadConfig) -> RolloutRequest:
+    request, response, _ = _sft_parts(row, sample_id, root, processor, cfg)
+    return replace(request, metadata={**request.metadata, "response": response})
 
 
 def _preference_pair(row: dict, sample_id: str, root: Path, processor: MultimodalProcessor,
                      cfg: LoadConfig) -> PreferencePair:
     for column in ("chosen", "rejected"):
         if not row.get(column):
-            raise KeyError(f"sample {sample_id}: preference rows need a non-empty '{column}' column, "
-                           f"got {sorted(k for k, v in row.items() if v)}")
+            found = f"'{column}' is {'null' if row.get(column) is None else 'empty'}" if column in row else \
+                f"got columns {sorted(row)}"
+            raise MissingColumn(f"sample {sample_id}: preference rows need a non-empty '{column}' column ({found})")
     request = _request(row, sample_id, root, processor, cfg)
     chosen, rejected = (processor.tokenizer(_response_text(row[c]), add_special_tokens=False).input_ids
                         for c in ("chosen", "rejected"))

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 from datasets import Dataset, Features, Image, List, Value
 
-from megatron_vlm.data.loading import LoadConfig, PromptTooLong, load_preferences, load_prompts, load_sft
+from megatron_vlm.data.loading import (DataError, LoadConfig, MissingColumn, PromptTooLong, _utf8_text,
+                                       check_prompt_counts, load_preferences, load_prompts, load_sft,
+                                       load_sft_requests, require_rows)
 from tests.data.digits_fixtures import demo_assets, png
 
 
@@ -151,3 +153,121 @@ def test_preference_rows_bad_images_conversations_and_missing_columns(processor,
     missing.write_text(json.dumps({"id": "x", "question": "q", "answer": "4", "rejected": "5"}) + "\n")
     with pytest.raises(KeyError, match=r"no_chosen\.jsonl: sample x: preference rows need a non-empty 'chosen' column"):
         load_preferences(missing, processor, cache_dir=str(tmp_path / "c2"))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_text_that_is_not_utf8_names_the_file_and_the_byte_offset(processor, tmp_path):
+    first = json.dumps({"question": "café?", "reference": "1"}).encode() + b"\n"  # é: valid, two bytes
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(first + b'{"question": "caf\xe9?", "reference": "1"}\n')
+    offset = len(first) + len(b'{"question": "caf')
+    for suffix in (".jsonl", ".json"):
+        path = bad.rename(bad.with_suffix(suffix))
+        with pytest.raises(DataError, match=rf"latin1\{suffix}: not UTF-8 text: byte 0xe9 at offset {offset} "
+                                            rf"\(line 2\): invalid continuation byte"):
+            load_prompts(path, processor, cache_dir=str(tmp_path / "c"))
+        bad = path
+    # read in chunks: a character cut by a chunk boundary is fine, the offset counts from the file start
+    for chunk_bytes in (1, 2, 3, 7):
+        with pytest.raises(DataError, match=f"at offset {offset} "):
+            _utf8_text(bad, chunk_bytes)
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(first * 3)
+    assert all(_utf8_text(good, n) for n in (1, 2, 5)) and not _utf8_text(_jsonl(tmp_path / "e.jsonl", []))
+
+
+def test_null_or_empty_question_names_the_file_row_and_column(processor, tmp_path):
+    for value, what in ((None, "null"), ("  ", "empty")):
+        path = _jsonl(tmp_path / f"q_{what}.jsonl", [{"question": "2+2?", "reference": "4"},
+                                                     {"question": value, "reference": "1"}])
+        for cfg in (LoadConfig(), LoadConfig(question_into_image=True)):  # a transform must not draw "None"
+            with pytest.raises(MissingColumn, match=rf"q_{what}\.jsonl: sample q_{what}\.jsonl:1: column "
+                                                    rf"'question' is {what}; .* \(row 1\)$"):
+                load_prompts(path, processor, cfg, cache_dir=str(tmp_path / "c"))
+    parquet = tmp_path / "q.parquet"
+    pd.DataFrame({"id": ["a", "b"], "question": ["q", None], "reference": ["1", "2"]}).to_parquet(parquet)
+    with pytest.raises(KeyError) as caught:  # still a KeyError, as a missing column always was
+        load_prompts(parquet, processor, cache_dir=str(tmp_path / "c"))
+    assert str(caught.value) == f"{parquet}: sample b: column 'question' is null; every row needs question " \
+                                "text (row 1)"  # one line, without KeyError's quotes
+    unreadable = tmp_path / "broken.jsonl"
+    unreadable.write_text('{"question": "a", "reference": "1"}\n{"question": "b", "reference": \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl: cannot be read as json: .*JSON parse error"):
+        load_prompts(unreadable, processor, cache_dir=str(tmp_path / "c"))
+
+
+def test_skipped_images_name_the_row_and_the_column(processor, tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    path = _jsonl(tmp_path / "img.jsonl", [{"id": "one", "question": "q", "image": "nope.png"},
+                                           {"id": "two", "question": "q", "images": ["a.png", "gone.png"]},
+                                           {"id": "ok", "question": "q", "image": "a.png"}])
+    result = load_prompts(path, processor, cache_dir=str(tmp_path / "c"))
+    assert result.counts["skipped_bad_image"] == 2 and [r.request_id for r in result.requests] == ["ok"]
+    assert result.problems[0].startswith(f"{path}: skipped sample one: row 0, column 'image': cannot read image")
+    assert result.problems[1].startswith(f"{path}: skipped sample two: row 1, column 'images': cannot read image")
+
+
+def test_a_set_without_usable_rows_says_how_many_were_read_and_why_they_went(processor, tmp_path):
+    path = _jsonl(tmp_path / "all_bad.jsonl", [{"id": f"r{i}", "question": "q", "image": "nope.png"}
+                                               for i in range(3)])
+    result = load_prompts(path, processor, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=r"all_bad\.jsonl: no usable prompt rows: 3 read, 3 removed \(3 "
+                                        r"skipped_bad_image\); first problems: .*sample r0: .*sample r2: "):
+        require_rows(result, path)
+    long = load_prompts(demo_assets()["rl"], processor, LoadConfig(max_prompt_length=2), cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"no usable prompt rows: 60 read, 60 removed \(60 dropped_too_long\)"):
+        require_rows(long, "rl.parquet")
+    empty = load_prompts(_jsonl(tmp_path / "empty.jsonl", []), processor, cache_dir=str(tmp_path / "c"))
+    assert empty.counts["rows"] == 0
+    with pytest.raises(DataError, match=r"empty\.jsonl: no eval rows \(the file holds none\)"):
+        require_rows(empty, tmp_path / "empty.jsonl", "eval")
+
+
+def test_prompt_counts_are_checked_before_the_run_starts(processor, tmp_path):
+    prompts = load_prompts(_jsonl(tmp_path / "rl.jsonl", [{"question": f"{i}+1?", "reference": str(i + 1)}
+                                                          for i in range(3)]), processor, cache_dir=str(tmp_path / "c"))
+    evals = load_prompts(_jsonl(tmp_path / "eval.jsonl", [{"question": "1+1?", "reference": "2"}]), processor,
+                         cache_dir=str(tmp_path / "c"))
+    empty = load_prompts(_jsonl(tmp_path / "none.jsonl", []), processor, cache_dir=str(tmp_path / "c"))
+    check_prompt_counts(prompts, evals, 3, prompt_source="rl.jsonl", eval_source="eval.jsonl")
+    with pytest.raises(DataError, match=r"rl\.jsonl: 3 usable prompts, fewer than rollout\.prompts_per_step=4"):
+        check_prompt_counts(prompts, evals, 4, prompt_source="rl.jsonl")
+    with pytest.raises(DataError, match=r"eval\.jsonl: no eval rows"):
+        check_prompt_counts(prompts, empty, 3, eval_source="eval.jsonl")
+    with pytest.raises(DataError, match=r"rl\.jsonl: no prompt rows"):
+        check_prompt_counts(empty, evals, 3, prompt_source="rl.jsonl")
+    with pytest.raises(DataError, match=r"sft\.parquet: no sft rows"):
+        check_prompt_counts(prompts, evals, 3, sft=empty, sft_source="sft.parquet")
+
+
+def test_sft_requests_carry_the_target_and_a_row_without_one_is_named(processor, tmp_path):
+    path = demo_assets()["sft"]
+    rows = pd.read_parquet(path)
+    result = load_sft_requests(path, processor, cache_dir=str(tmp_path))
+    assert result.counts["loaded"] == 30 and result.requests[0].metadata["response"] == rows.iloc[0]["response"]
+    prompts = load_prompts(path, processor, cache_dir=str(tmp_path))
+    assert result.requests[0].prompt_ids == prompts.requests[0].prompt_ids
+    answers = _jsonl(tmp_path / "answers.jsonl", [{"question": "2+2? /nothink", "answer": "4"}])
+    assert load_sft_requests(answers, processor, cache_dir=str(tmp_path / "c")).requests[0].metadata["response"] \
+        == "4<|im_end|>"
+    gap = _jsonl(tmp_path / "gap.jsonl", [{"id": "a", "question": "q", "response": "1<|im_end|>"},
+                                          {"id": "b", "question": "q"}])
+    with pytest.raises(MissingColumn, match=r"gap\.jsonl: sample b: SFT rows need a 'response' or an 'answer' "
+                                            r"column \(column 'response' is null and there is no 'answer'\) \(row 1\)"):
+        load_sft_requests(gap, processor, cache_dir=str(tmp_path / "c"))
+    prompts_only = _jsonl(tmp_path / "prompts.jsonl", [{"id": "p", "question": "q", "reference": "1"}])
+    with pytest.raises(MissingColumn, match=r"sample p: SFT rows need a 'response' or an 'answer' column \(got "
+                                            r"columns \['id', 'question', 'reference'\]\)"):
+        load_sft_requests(prompts_only, processor, cache_dir=str(tmp_path / "c"))
+
+
+def test_preference_rows_with_a_null_response_name_the_row(processor, tmp_path):
+    path = _jsonl(tmp_path / "pairs.jsonl", [{"id": "x", "question": "q", "chosen": "4", "rejected": "5"},
+                                             {"id": "y", "question": "q", "chosen": "4", "rejected": None}])
+    with pytest.raises(MissingColumn, match=r"pairs\.jsonl: sample y: preference rows need a non-empty "
+                                            r"'rejected' column \('rejected' is null\) \(row 1\)"):
+        load_preferences(path, processor, cache_dir=str(tmp_path / "c"))
