@@ -43,7 +43,9 @@ def cmd_train(args) -> int:
     if not cfg.is_vlm:
         from megatron_vlm.trainer.lm import run
 
-        run(cfg)
+        if args.resume:
+            raise ValueError("--resume: the LM demo keeps no checkpoints (VLM runs do); rerun it with --overwrite")
+        run(cfg, overwrite=args.overwrite)
         return 0
     from megatron_vlm.trainer.vlm_run import Preempted, run
 

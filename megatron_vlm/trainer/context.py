@@ -28,7 +28,8 @@ import torch
 from megatron_vlm.checkpoint.convert import load_weights
 from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
 from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
-from megatron_vlm.data.loading import load_mixture, load_prompts
+from megatron_vlm.data.loading import (check_prompt_counts, load_mixture, load_prompts, load_sft_requests,
+                                        require_rows)
 from megatron_vlm.data.processor import MultimodalProcessor
 from megatron_vlm.models import family_for
 from megatron_vlm.models.source import resolve_hf_config
@@ -195,22 +196,36 @@ def build_context(cfg) -> RunContext:
 
 
 def load_data(cfg, assets: Path, processor, announce: bool) -> RunData:
+    """The run's prompt, eval and SFT sets, each checked before the model is built (an empty
+    set, fewer prompts than one step draws, SFT rows without a response: one line naming the
+    file and column)."""
     load = replace(cfg.vlm.load, max_prompt_length=cfg.vlm.max_prompt_length)
+    kinds = {stage.kind for stage in cfg.stages}
     if cfg.vlm.prompt_sources:  # a mixture with per-source ratios (paths relative to the assets)
         sources = [replace(s, path=[str(assets / p) for p in ([s.path] if isinstance(s.path, str) else s.path)])
                    for s in cfg.vlm.prompt_sources]
+        prompt_source = "vlm.prompt_sources"
         loaded = load_mixture(sources, processor, load, seed=cfg.runtime.seed)
     else:
-        loaded = load_prompts(assets / cfg.vlm.prompt_data, processor, load)
+        prompt_source = assets / cfg.vlm.prompt_data
+        loaded = load_prompts(prompt_source, processor, load)
     if announce:
         print(f"prompts: {loaded.counts}" + "".join(f"\n  {p}" for p in loaded.problems[:5]), flush=True)
+    eval_source = assets / cfg.vlm.eval_data
+    evals = load_prompts(eval_source, processor, load)
+    sft_source = assets / cfg.vlm.sft_data
+    sft = load_sft_requests(sft_source, processor, load) if "sft" in kinds else None
+    if kinds & {"grpo", "rft"}:
+        check_prompt_counts(loaded, evals, cfg.rollout.prompts_per_step, prompt_source=prompt_source,
+                            eval_source=eval_source, sft=sft, sft_source=sft_source)
+    else:
+        require_rows(evals, eval_source, "eval")
+        if sft is not None:
+            require_rows(sft, sft_source, "sft")
     prompts = loaded.requests
-    evals = load_prompts(assets / cfg.vlm.eval_data, processor, load).requests[: cfg.eval.samples]
-    sft_path = assets / cfg.vlm.sft_data
-    sft = load_prompts(sft_path, processor, load).requests if sft_path.exists() else []
     mix = PromptMix(prompts, cfg.rl.prompt_mix, cfg.rollout.prompts_per_step, cfg.runtime.seed)
-    return RunData(prompts=prompts, evals=evals, sft=sft, mix=mix, rng=random.Random(cfg.runtime.seed),
-                   by_id={r.request_id: r for r in prompts})
+    return RunData(prompts=prompts, evals=evals.requests[: cfg.eval.samples], sft=sft.requests if sft else [],
+                   mix=mix, rng=random.Random(cfg.runtime.seed), by_id={r.request_id: r for r in prompts})
 
 
 def build_engine(cfg, assets: Path, hf_config, cache: PromptCache, pad: int, device_type: str):

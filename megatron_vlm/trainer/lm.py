@@ -17,6 +17,7 @@ from megatron_vlm.models.language import build_language_model, transformer_confi
 from megatron_vlm.parallel.batching import local_batch
 from megatron_vlm.parallel.runtime import init_runtime, shutdown
 from megatron_vlm.trainer.megatron_step import build_optimizer, forward_backward, train_step, wrap_ddp
+from megatron_vlm.trainer.run_log import refuse_foreign_outputs
 
 
 def split_microbatches(batch: dict, micro_batch_size: int) -> list[dict]:
@@ -45,7 +46,11 @@ def answer_accuracy_step(data_iterator, model):
     return logits, count
 
 
-def run(cfg) -> list[dict]:
+def run(cfg, overwrite: bool = False) -> list[dict]:
+    """The LM demo: no checkpoints (it runs in seconds); a second run into the same out_dir
+    needs `overwrite`, like the VLM run's."""
+    if not overwrite:
+        refuse_foreign_outputs(Path(cfg.train.out_dir))
     runtime = init_runtime(cfg.parallel, cfg.runtime.seed, cfg.runtime.device)
     cfg.check(runtime.world_size)
     task = ArithmeticTask(cfg.train.seq_length, cfg.data.max_operand, seed=cfg.runtime.seed)

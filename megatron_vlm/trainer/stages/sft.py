@@ -11,8 +11,6 @@ from megatron_vlm.trainer.stages import Stage, register_stage
 class SFTStage(Stage):
     def step(self, step: int) -> dict:
         ctx = self.ctx
-        if not ctx.data.sft:
-            raise ValueError(f"an sft stage needs labelled data: {ctx.assets / ctx.cfg.vlm.sft_data}")
         chosen = ctx.data.rng.sample(ctx.data.sft, min(self.cfg.batch_size, len(ctx.data.sft)))
         eos = ctx.tokenizer.eos_token_id
         samples = []
