@@ -1,6 +1,9 @@
-"""The launch scripts: valid bash, and the commands they render in a fake SLURM allocation."""
+"""The launch scripts: valid bash, the commands they render in a fake SLURM allocation, and their
+preemption trap (a signal to the batch shell reaches srun; a stopped run is requeued)."""
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,87 @@ def test_job_log_needs_no_directory_and_submit_creates_one(tmp_path):
     args, sbatch_env = recorded(out, "sbatch")
     assert args == [f"--output={tmp_path}/job-logs/%x-%j.out", "--nodes=4", str(SBATCH), "c.yaml", "a.b=1"]
     assert sbatch_env["LOG_DIR"] == str(tmp_path / "job-logs")  # the job's node logs go there too
+
+
+# -- preemption: the batch shell forwards USR1 / TERM to srun and requeues a stopped run
+
+def test_both_scripts_ask_for_the_signal_and_requeue():
+    for script in (SBATCH, GRPO_SBATCH):
+        directives = [l for l in script.read_text().splitlines() if l.startswith("#SBATCH ")]
+        for expected in ("#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+            assert expected in directives, f"{expected} missing from {script.name}"
+
+
+# A srun that records its pid, its arguments and what reached it; on USR1 / TERM it exits 75 as the
+# ranks do after a save. STUB_EXIT makes it exit at once; STUB_MARKER makes it leave the ranks'
+# preemption marker first (a time-budget stop, seen through torchrun as exit 1).
+PREEMPTIBLE_SRUN = """echo $$ > "$STUB_OUT/srun.pid"
+printf "%s\\n" "$@" > "$STUB_OUT/srun.args"
+echo "$TORCHELASTIC_SIGNALS_TO_HANDLE $MEGATRON_VLM_PREEMPTED_FILE" > "$STUB_OUT/srun.env"
+on_signal() { echo "$1" >> "$STUB_OUT/srun.signals"; exit 75; }
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+[ -z "${STUB_MARKER:-}" ] || echo "time budget" > "$MEGATRON_VLM_PREEMPTED_FILE"
+[ -z "${STUB_EXIT:-}" ] || exit "$STUB_EXIT"
+while :; do sleep 0.05; done
+"""
+
+
+def preemptible_cluster(tmp_path, requeue_ok=True, **env_overrides):
+    env, out = stub_cluster(tmp_path)
+    bin_dir = tmp_path / "bin"
+    stub(bin_dir, "srun", PREEMPTIBLE_SRUN)
+    requeue = f'echo "$2" > "$STUB_OUT/requeue"; exit {0 if requeue_ok else 1}'
+    stub(bin_dir, "scontrol", 'case "$1" in\n  show) printf "gpu-001\\ngpu-002\\n" ;;\n'
+                              f'  requeue) {requeue} ;;\n  *) exit 1 ;;\nesac\n')
+    env.update(env_overrides)
+    batch = subprocess.Popen(["bash", str(SBATCH), "configs/qwen3_vl_30b_a3b.yaml"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return batch, out
+
+
+def wait_for_srun(batch, out: Path) -> None:
+    for _ in range(400):
+        if (out / "srun.pid").is_file() and (out / "srun.pid").read_text().strip():
+            return
+        assert batch.poll() is None, batch.communicate()
+        time.sleep(0.025)
+    raise AssertionError("the stub srun did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_the_batch_shell_reaches_srun_and_the_job_is_requeued(tmp_path, sig):
+    batch, out = preemptible_cluster(tmp_path)
+    wait_for_srun(batch, out)
+    batch.send_signal(sig)
+    _, err = batch.communicate(timeout=30)
+    assert batch.returncode == 0, err
+    assert (out / "srun.signals").read_text().split() == [sig.name.removeprefix("SIG")]
+    assert (out / "requeue").read_text().strip() == "4242" and "requeueing" in err
+    args = (out / "srun.args").read_text().splitlines()
+    assert args[args.index("--config") + 2:args.index("--config") + 4] == ["--resume", "auto"]
+    handled, marker = (out / "srun.env").read_text().split()
+    assert "SIGUSR1" in handled.split(",") and marker == f"{tmp_path}/logs/4242/preempted"
+
+
+def test_a_time_budget_stop_through_torchrun_is_requeued_too(tmp_path):
+    batch, out = preemptible_cluster(tmp_path, STUB_EXIT="1", STUB_MARKER="1")
+    _, err = batch.communicate(timeout=30)
+    assert batch.returncode == 0 and (out / "requeue").read_text().strip() == "4242", err
+
+
+def test_a_failed_run_is_not_requeued(tmp_path):
+    (tmp_path / "logs" / "4242").mkdir(parents=True)
+    (tmp_path / "logs" / "4242" / "preempted").write_text("signal\n")  # the previous attempt's
+    batch, out = preemptible_cluster(tmp_path, STUB_EXIT="3")
+    _, err = batch.communicate(timeout=30)
+    assert batch.returncode == 3, err
+    assert not (out / "requeue").exists() and not (out / "srun.signals").exists()
+
+
+def test_a_refused_requeue_returns_the_steps_exit_code(tmp_path):
+    batch, out = preemptible_cluster(tmp_path, requeue_ok=False)
+    wait_for_srun(batch, out)
+    batch.send_signal(signal.SIGUSR1)
+    _, err = batch.communicate(timeout=30)
+    assert batch.returncode == 75 and "requeue refused" in err
