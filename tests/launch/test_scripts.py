@@ -181,7 +181,7 @@ def test_both_scripts_ask_for_the_signal_and_requeue():
 # preemption marker first (a time-budget stop, seen through torchrun as exit 1).
 PREEMPTIBLE_SRUN = """echo $$ > "$STUB_OUT/srun.pid"
 printf "%s\\n" "$@" > "$STUB_OUT/srun.args"
-echo "$TORCHELASTIC_SIGNALS_TO_HANDLE $MEGATRON_VLM_PREEMPTED_FILE" > "$STUB_OUT/srun.env"
+echo "$PET_SIGNALS_TO_HANDLE $MEGATRON_VLM_PREEMPTED_FILE" > "$STUB_OUT/srun.env"
 on_signal() { echo "$1" >> "$STUB_OUT/srun.signals"; exit 75; }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
