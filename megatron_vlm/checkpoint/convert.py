@@ -45,8 +45,8 @@ from megatron_vlm.checkpoint.hf_io import (INDEX, SINGLE, HFCheckpointReader, Sh
                                            copy_side_files, open_safetensors)
 from megatron_vlm.checkpoint.hf_rules import check_hf_keys, qkv
 from megatron_vlm.checkpoint.sharding import (RankLayout, canonical_name, global_name,
-                                              is_expert_param, local_name, partition_dim_of,
-                                              shard_tensor, split_dim)
+                                              is_expert_param, local_name, merge_shards,
+                                              partition_dim_of, shard_tensor, split_dim)
 from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 
@@ -281,12 +281,7 @@ class McoreCheckpoint:
                                  etp=rank if expert else 0)
                 with self._open(other) as handle:
                     pieces.append(handle.get_tensor(local).clone())
-            if dim is None:
-                return pieces[0]
-            if name.endswith("linear_fc1.weight"):
-                halves = [x.chunk(2, dim=dim) for x in pieces]
-                return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-            return torch.cat(pieces, dim=dim)
+            return merge_shards(pieces, dim, gated=name.endswith("linear_fc1.weight"))
         raise KeyError(f"{name!r} is in no rank file of {self.dir}")
 
 

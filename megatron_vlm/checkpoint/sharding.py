@@ -155,6 +155,17 @@ def shard_tensor(full: torch.Tensor, local_name: str, dim: int | None, layout: R
     return full.chunk(size, dim=dim)[rank]
 
 
+def merge_shards(pieces: list[torch.Tensor], dim: int | None, gated: bool) -> torch.Tensor:
+    """The full tensor from its (expert) TP pieces in rank order: the inverse of `shard_tensor`.
+    `gated`: a SwiGLU `linear_fc1` weight, whose pieces are [gate_r; up_r] (gates first, then ups)."""
+    if dim is None or len(pieces) == 1:
+        return pieces[0]
+    if gated:
+        halves = [piece.chunk(2, dim=dim) for piece in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(pieces, dim=dim)
+
+
 # Transformer Engine's layer spec (GPU) fuses the norms into the following linear layers and
 # groups the experts; its parameter names map onto the local-spec names every conversion uses.
 # Not exercised on this CPU machine (no Transformer Engine): checked as a string mapping only.
