@@ -88,6 +88,7 @@ LATEST = "latest"
 POLICY = "policy"
 OPTIM = "optim"
 _TIED_HEAD, _EMBEDDING = "output_layer.weight", "embedding.word_embeddings.weight"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(kw_only=True)
@@ -253,42 +254,83 @@ def save_checkpoint(root: Path, tag: str, *, model_chunks: list, optimizer, sche
                     extra_models: dict[str, list] | None, rank_state: dict, run_state: dict | None,
                     config: dict | None, keep: int) -> Path:
     """Collective: write root/<tag> (see the module docstring), point root/latest at it, prune to
-    the newest `keep`. Returns the checkpoint's path."""
-    if keep < 1:
-        raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-    if "/" in tag or tag in (LATEST, "") or ".tmp-" in tag:
-        raise ValueError(f"checkpoint tag {tag!r}: a plain directory name, not 'latest'")
+    the newest `keep`. Returns the checkpoint's path. A failure on any rank raises on every rank
+    (no rank is left waiting in a collective) and leaves `latest` as it was."""
+    _check_save_args(tag, keep, extra_models or {})
+    models = {POLICY: model_chunks, **(extra_models or {})}
     dist, rank = torch.distributed, torch.distributed.get_rank()
     root = Path(root)
     names = [f"{tag}.tmp-{uuid.uuid4().hex[:12]}" if rank == 0 else None]
     dist.broadcast_object_list(names, src=0)
-    tmp = root / names[0]
-    models = {POLICY: model_chunks, **(extra_models or {})}
-    table, files = {}, {}
-    for kind, chunks in models.items():
-        tensors, entries = _model_pieces(_chunk(chunks))
-        files[_rank_file(kind, rank)] = _write_bytes(tmp / _rank_file(kind, rank), save(tensors))
-        table[f"model/{kind}"] = {k: dict(v, file=_rank_file(kind, rank)) for k, v in entries.items()}
-    tensors, entries = _optimizer_pieces(_chunk(model_chunks), optimizer)
-    files[_rank_file(OPTIM, rank)] = _write_bytes(tmp / _rank_file(OPTIM, rank), save(tensors))
-    table[OPTIM] = {k: dict(v, file=_rank_file(OPTIM, rank)) for k, v in entries.items()}
-    state = {"rank_state": rank_state, "rng": capture_rng()}
-    files[_rank_file("rank", rank)] = _write_bytes(tmp / _rank_file("rank", rank), _torch_bytes(state))
-    groups = _param_groups(optimizer)
+    tmp, final = root / names[0], root / tag
+    # Everything collective first (the optimizer's DP assembly), then the writes, which may fail.
+    pieces = {f"model/{kind}": _model_pieces(_chunk(chunks)) for kind, chunks in models.items()}
+    pieces[OPTIM] = _optimizer_pieces(_chunk(model_chunks), optimizer)
+    table = files = error = None
+    try:
+        table, files = _write_rank_files(tmp, rank, pieces, {"rank_state": rank_state,
+                                                            "rng": capture_rng()})
+    except Exception as e:  # noqa: BLE001  reported on every rank below
+        error = e
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (table, files, groups))
-    if rank == 0:
-        _write_rank0(tmp, tag, gathered, optimizer, scheduler, run_state, config)
-    dist.barrier()
-    final = root / tag
-    if rank == 0:
-        _publish(tmp, final)
-    dist.barrier()
-    if rank == 0:
-        _write_latest(root, tag)
-        _prune(root, keep)
-    dist.barrier()
+    dist.all_gather_object(gathered, (table, files, _param_groups(optimizer), _describe(error)))
+    _raise_if_any_failed(error, [g[3] for g in gathered], f"saving {tmp}")
+
+    def on_rank0(step):
+        failure = None
+        if rank == 0:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        _all_ranks_ok(failure, f"saving {final}")  # also the barrier between the steps
+
+    on_rank0(lambda: _write_rank0(tmp, tag, gathered, optimizer, scheduler, run_state, config))
+    on_rank0(lambda: _publish(tmp, final))
+    on_rank0(lambda: (_write_latest(root, tag), _prune(root, keep)))
     return final
+
+
+def _check_save_args(tag: str, keep: int, extra_models: dict) -> None:
+    if keep < 1:
+        raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+    if not _PLAIN_NAME.fullmatch(tag) or tag == LATEST or ".tmp-" in tag:
+        raise ValueError(f"checkpoint tag {tag!r}: letters, digits, '.', '_', '-' only, not 'latest'")
+    for kind in extra_models:
+        if not _PLAIN_NAME.fullmatch(kind) or kind == POLICY:
+            raise ValueError(f"extra_models key {kind!r}: letters, digits, '.', '_', '-' only, "
+                             f"not {POLICY!r}")
+
+
+def _write_rank_files(tmp: Path, rank: int, pieces: dict, state: dict) -> tuple[dict, dict]:
+    """This rank's files; returns its part of the tensor table and its files' digests."""
+    table, files = {}, {}
+    for group, (tensors, entries) in pieces.items():
+        name = _rank_file(group.removeprefix("model/"), rank)
+        files[name] = _write_bytes(tmp / name, save(tensors))
+        table[group] = {key: dict(entry, file=name) for key, entry in entries.items()}
+    name = _rank_file("rank", rank)
+    files[name] = _write_bytes(tmp / name, _torch_bytes(state))
+    return table, files
+
+
+def _describe(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _raise_if_any_failed(error: BaseException | None, reports: list, what: str) -> None:
+    failed = [(r, report) for r, report in enumerate(reports) if report]
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+def _all_ranks_ok(error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank when any rank failed (its own error where it failed)."""
+    reports = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reports, _describe(error))
+    _raise_if_any_failed(error, reports, what)
 
 
 def _model_pieces(model) -> tuple[dict, dict]:
@@ -313,7 +355,7 @@ def _entry(site: _Site, tensor: torch.Tensor) -> dict:
 
 def _write_rank0(tmp: Path, tag: str, gathered: list, optimizer, scheduler, run_state, config):
     table, files = {}, {}
-    for rank_table, rank_files, _ in gathered:
+    for rank_table, rank_files, *_ in gathered:
         files.update(rank_files)
         for group, entries in rank_table.items():
             merged = table.setdefault(group, {})
@@ -322,7 +364,7 @@ def _write_rank0(tmp: Path, tag: str, gathered: list, optimizer, scheduler, run_
                                                  if k not in ("file", "piece")})
                 record.setdefault("files", [None] * entry["pieces"])[entry["piece"]] = entry["file"]
     groups = {}
-    for *_, rank_groups in gathered:  # hyper-parameters are alike on every rank that has the group
+    for _, _, rank_groups, _ in gathered:  # alike on every rank that has the group
         for sub, sub_groups in enumerate(rank_groups):
             for identity, hyper in sub_groups:
                 groups.setdefault((sub, identity), hyper)
@@ -453,8 +495,9 @@ def _optimizer_pieces(model, optimizer) -> tuple[dict, dict]:
 
 
 def _assemble(slot: _Slot, keys: list[str], site: _Site) -> dict | None:
-    """{key: param-shaped tensor} on the writer (None elsewhere). A distributed optimizer's slices
-    are summed into zeros over its DP group (ranges are disjoint), reduced to DP rank 0."""
+    """{key: param-shaped fp32 tensor, "step": 0-dim} on the writer (None elsewhere). A distributed
+    optimizer's slices are summed into zeros over its DP group (the ranges are disjoint, so the sum
+    is exact), reduced to DP rank 0."""
     param = slot.param
     rows = (["main"] if param.dtype != torch.float32 else []) + keys
     if slot.group is None:
@@ -466,21 +509,23 @@ def _assemble(slot: _Slot, keys: list[str], site: _Site) -> dict | None:
                .reshape(param.shape).clone() for k, v in zip(rows, values)}
         out["step"] = _step_tensor(step)
         return out
+    dist = torch.distributed
     device = collective_device(slot.group)
-    flat = torch.zeros(len(rows) + 1, param.numel(), dtype=torch.float32, device=device)
-    if slot.end > slot.start:
-        for i, key in enumerate(rows):
-            value = slot.main if key == "main" else slot.state.get(key)
-            if value is not None:
-                flat[i, slot.start:slot.end] = value.detach().float().to(device)
-        flat[-1, 0] = float(slot.state["step"]) if "step" in slot.state else 0.0
-    writer_rank = torch.distributed.get_global_rank(slot.group, 0)
-    torch.distributed.reduce(flat[:-1], dst=writer_rank, group=slot.group)
-    step = flat[-1, :1].clone()
-    torch.distributed.reduce(step, dst=writer_rank, group=slot.group, op=torch.distributed.ReduceOp.MAX)
-    if torch.distributed.get_rank() != writer_rank:
+    writer_rank = dist.get_global_rank(slot.group, 0)
+    is_writer = dist.get_rank() == writer_rank
+    out = {}
+    for key in rows:  # one param-sized buffer at a time
+        buffer = torch.zeros(param.numel(), dtype=torch.float32, device=device)
+        value = slot.main if key == "main" else slot.state.get(key)
+        if slot.end > slot.start and value is not None:
+            buffer[slot.start:slot.end] = value.detach().float().to(device)
+        dist.reduce(buffer, dst=writer_rank, group=slot.group)
+        if is_writer:
+            out[key] = buffer.cpu().reshape(param.shape)
+    step = torch.tensor([float(slot.state["step"]) if "step" in slot.state else 0.0], device=device)
+    dist.reduce(step, dst=writer_rank, group=slot.group, op=dist.ReduceOp.MAX)
+    if not is_writer:
         return None
-    out = {key: flat[i].cpu().reshape(param.shape).clone() for i, key in enumerate(rows)}
     out["step"] = step[0].cpu().clone()
     return out
 
@@ -620,15 +665,30 @@ class _Reader:
     """Reads this rank's pieces of global tensors from the checkpoint's rank files, merging and
     re-cutting when this run splits a tensor differently than the saved run did."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, check_hashes: bool = True):
         self.path, self.manifest, self.handles = path, manifest, {}
+        self.check_hashes, self.checked = check_hashes, set()
 
     def close(self):
         self.handles.clear()
 
+    def _checked(self, file: str) -> Path:
+        """The file's path, after comparing its sha256 with the manifest's (once per file)."""
+        if self.check_hashes and file not in self.checked:
+            if _sha256(self.path / file) != self.manifest["files"][file]["sha256"]:
+                raise CheckpointError(f"{self.path}: {file} sha256 mismatch")
+            self.checked.add(file)
+        return self.path / file
+
+    def read_bytes(self, file: str) -> bytes:
+        return self._checked(file).read_bytes()
+
+    def torch_load(self, file: str):
+        return torch.load(self._checked(file), weights_only=True)
+
     def _get(self, file: str, key: str) -> torch.Tensor:
         if file not in self.handles:
-            self.handles[file] = safe_open(str(self.path / file), framework="pt")
+            self.handles[file] = safe_open(str(self._checked(file)), framework="pt")
         handle = self.handles[file]
         if key not in handle.keys():
             raise CheckpointError(f"{self.path}: {file} has no tensor {key!r}")
@@ -666,7 +726,7 @@ def full_state(path: Path, group: str = f"model/{POLICY}") -> dict[str, torch.Te
     """Every tensor of `group` ("model/<model>" or "optim") as the full TP=PP=EP=1 tensor, merged
     from the rank files (one process, no model): for inspection, tests and offline tools."""
     path = Path(path)
-    reader = _Reader(path, verify_checkpoint(path, check_hashes=False))
+    reader = _Reader(path, verify_checkpoint(path, check_hashes=False), check_hashes=False)
     table = reader.manifest["tensors"].get(group)
     if table is None:
         raise CheckpointError(f"{path}: no {group!r} tensors (has {sorted(reader.manifest['tensors'])})")
@@ -681,15 +741,22 @@ def load_checkpoint(path: Path, *, model_chunks, optimizer, scheduler,
                     extra_models: dict[str, list] | None = None) -> tuple[object, dict | None]:
     """Collective: restore weights (the policy and each extra model), optimizer, scheduler and, at
     the saved layout, this rank's RNG. Returns (run_state, this rank's rank_state); rank_state is
-    None on another layout (see the module docstring)."""
-    path = Path(path)
-    rank = torch.distributed.get_rank()
+    None on another layout (see the module docstring). Every file's presence and size is checked,
+    and the sha256 of each file this rank reads; a failure on any rank raises on every rank."""
+    path, error, result = Path(path), None, (None, None)
+    try:
+        result = _load_local(path, model_chunks, optimizer, scheduler, extra_models or {})
+    except Exception as e:  # noqa: BLE001  reported on every rank
+        error = e
+    _all_ranks_ok(error, f"loading {path}")
+    return result
+
+
+def _load_local(path: Path, model_chunks, optimizer, scheduler, extra_models: dict):
     manifest = verify_checkpoint(path, check_hashes=False)
     same_layout = (manifest["world_size"] == torch.distributed.get_world_size()
                    and manifest["layout"] == _world_layout())
-    reads = _files_read(manifest, model_chunks, extra_models, rank, same_layout)
-    verify_checkpoint(path, check_hashes=reads)
-    models = {POLICY: model_chunks, **(extra_models or {})}
+    models = {POLICY: model_chunks, **extra_models}
     missing = [kind for kind in models if f"model/{kind}" not in manifest["tensors"]]
     if missing:
         raise CheckpointError(f"{path}: no {missing[0]!r} model saved (saved: "
@@ -699,33 +766,18 @@ def load_checkpoint(path: Path, *, model_chunks, optimizer, scheduler,
         for kind, chunks in models.items():
             _load_model(reader, f"model/{kind}", _chunk(chunks))
         _load_optimizer(reader, _chunk(model_chunks), optimizer)
+        _load_hyper(reader, optimizer)
+        for key, value in json.loads(reader.read_bytes("scheduler.json")).items():
+            setattr(scheduler, key, value)
+        run_state = reader.torch_load("run_state.pt")
+        rank_state = None
+        if same_layout:
+            state = reader.torch_load(_rank_file("rank", torch.distributed.get_rank()))
+            restore_rng(state["rng"])
+            rank_state = state["rank_state"]
     finally:
         reader.close()
-    _load_hyper(path, optimizer)
-    sched = json.loads((path / "scheduler.json").read_text())
-    for key, value in sched.items():
-        setattr(scheduler, key, value)
-    run_state = torch.load(path / "run_state.pt", weights_only=True)
-    rank_state = None
-    if same_layout:
-        state = torch.load(path / _rank_file("rank", rank), weights_only=True)
-        restore_rng(state["rng"])
-        rank_state = state["rank_state"]
-    torch.distributed.barrier()
     return run_state, rank_state
-
-
-def _files_read(manifest, model_chunks, extra_models, rank, same_layout) -> set[str]:
-    """The files this rank will read: their sha256 is checked (on every rank, all of them
-    together). A superset is fine: every rank file of the tables it uses."""
-    files = {"optimizer.pt", "scheduler.json", "run_state.pt"}
-    if same_layout:
-        files.add(_rank_file("rank", rank))
-    groups = [f"model/{kind}" for kind in {POLICY: model_chunks, **(extra_models or {})}] + [OPTIM]
-    for group in groups:
-        for entry in manifest["tensors"].get(group, {}).values():
-            files.update(f for f in entry["files"] if f)
-    return files
 
 
 @torch.no_grad()
@@ -773,19 +825,18 @@ def _load_optimizer(reader: _Reader, model, optimizer) -> None:
                 if torch.is_tensor(slot.state["step"]) else float(step)
 
 
-def _load_hyper(path: Path, optimizer) -> None:
-    saved = torch.load(path / "optimizer.pt", weights_only=True)
+def _load_hyper(reader: _Reader, optimizer) -> None:
+    """Param-group hyper-parameters by group identity, and grad-scaler states."""
+    saved = reader.torch_load("optimizer.pt")
     by_identity = {(sub, tuple(identity)): hyper for sub, identity, hyper in saved["param_groups"]}
-    subs = _sub_optimizers(optimizer)
-    for sub, opt in enumerate(subs):
+    for sub, opt in enumerate(_sub_optimizers(optimizer)):
         for group in opt.optimizer.param_groups:
             identity = tuple(group.get(k) for k in _GROUP_IDENTITY)
             hyper = by_identity.get((sub, identity))
             if hyper is None:
-                raise CheckpointError(f"{path / 'optimizer.pt'}: no param group {dict(zip(_GROUP_IDENTITY, identity))} "
-                                      f"for sub-optimizer {sub}")
+                raise CheckpointError(f"{reader.path}: optimizer.pt has no param group "
+                                      f"{dict(zip(_GROUP_IDENTITY, identity))} for sub-optimizer {sub}")
             group.update(hyper)
-        scalers = saved["grad_scalers"]
-        scaler = getattr(opt, "grad_scaler", None)
-        if scaler is not None and sub < len(scalers) and scalers[sub] is not None:
-            scaler.load_state_dict(scalers[sub])
+        scaler, states = getattr(opt, "grad_scaler", None), saved["grad_scalers"]
+        if scaler is not None and sub < len(states) and states[sub] is not None:
+            scaler.load_state_dict(states[sub])

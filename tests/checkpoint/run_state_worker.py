@@ -5,9 +5,10 @@ argv: OUT.json PHASE ROOT
            RNG draws made right after the save, and this rank's final params (ROOT/<case>/ref-r.pt)
   resume   (2 ranks, EP=2) per case: a fresh model from other weights, load, the same draws and 2
            steps: losses, draws and final params must equal the uninterrupted run's bit for bit;
-           then, in the same launch, the layout change's second half (TP1 x EP2): load
-           ROOT/layout/saved, save it again at once (ROOT/layout/reloaded), step 3, save
-           ROOT/layout/after_b; the test compares the checkpoints' full tensors
+           then, in the same launch, the layout changes' second halves: TP1 x EP2 ("b") and
+           PP2 x EP1 ("c") load ROOT/layout/saved, save it again at once
+           (ROOT/layout/reloaded_<b|c>), step 3, save ROOT/layout/after_<b|c>; the test compares
+           the checkpoints' full tensors
   layout_a (4 ranks, TP2 x EP2, before `resume`) 2 steps, save ROOT/layout/saved, step 3, save
            ROOT/layout/after_a
 Cases: distributed optimizer and megatron's non-distributed ChainedOptimizer path, fp32 and bf16
@@ -146,21 +147,22 @@ def phase_resume(runtime, root: Path) -> dict:
     return report
 
 
-def phase_layout(runtime, root: Path, first: bool) -> dict:
-    parallel = ParallelConfig(tp=2, ep=2, etp=1) if first else ParallelConfig(ep=2)
+def phase_layout(runtime, root: Path, parallel: ParallelConfig, name: str) -> dict:
+    """Layout "a" trains 2 steps and saves root/saved; any other loads root/saved and saves it
+    again at once (root/reloaded_<name>). Then step 3, saved as root/after_<name>."""
     set_layout(runtime, parallel, seed=7)
-    run = build(parallel, True, torch.float32, seed=11 if first else 12)
+    run = build(parallel, True, torch.float32, seed=11 if name == "a" else 12)
     report = {}
-    if first:
+    if name == "a":
         report["first_losses"] = steps(run, 1, 2)
         save(root, "saved", run, 2, keep=10)
     else:
         run_state, rank_state = load(root / "saved", run)
         report["rank_state_is_none"] = rank_state is None
         report["run_state_step"] = run_state["step"]
-        save(root, "reloaded", run, 2, keep=10)
+        save(root, f"reloaded_{name}", run, 2, keep=10)
     report["step3_loss"] = steps(run, 3, 3)[0]
-    save(root, "after_a" if first else "after_b", run, 3, keep=10)
+    save(root, f"after_{name}", run, 3, keep=10)
     return report
 
 
@@ -169,11 +171,12 @@ def main():
     runtime = init_runtime(ParallelConfig(), seed=7)
     if phase == "train":
         report = phase_train(runtime, root)
-    elif phase == "resume":  # one launch for both 2-rank loads: process start-up is the cost
+    elif phase == "resume":  # one launch for every 2-rank load: process start-up is the cost
         report = {"resume": phase_resume(runtime, root),
-                  "layout_b": phase_layout(runtime, root / "layout", first=False)}
+                  "layout_b": phase_layout(runtime, root / "layout", ParallelConfig(ep=2), "b"),
+                  "layout_c": phase_layout(runtime, root / "layout", ParallelConfig(pp=2), "c")}
     else:
-        report = phase_layout(runtime, root / "layout", first=True)
+        report = phase_layout(runtime, root / "layout", ParallelConfig(tp=2, ep=2, etp=1), "a")
     if runtime.rank == 0:
         Path(out_path).write_text(json.dumps(report, indent=1))
 

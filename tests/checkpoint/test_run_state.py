@@ -195,6 +195,28 @@ def test_a_missing_model_is_named_on_load(two_saved, run):
                            scheduler=scheduler, extra_models={"critic": [reference]})
 
 
+def test_load_checks_the_sha256_of_what_it_reads(two_saved, run):
+    _, ddp, optimizer, scheduler, reference = run
+    corrupt(two_saved / "step-2" / "model" / "reference-rank00000.safetensors", "sha")
+    with pytest.raises(CheckpointError, match="step-2: model/reference-rank00000.safetensors sha256 mismatch"):
+        rs.load_checkpoint(two_saved / "step-2", model_chunks=[ddp], optimizer=optimizer,
+                           scheduler=scheduler, extra_models={"reference": [reference]})
+
+
+def test_a_failed_write_raises_and_leaves_latest(two_saved, run, monkeypatch):
+    write = rs._write_bytes
+
+    def disk_full(path, data):
+        if "optim" in str(path):
+            raise OSError(28, "No space left on device")
+        return write(path, data)
+
+    monkeypatch.setattr(rs, "_write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save(two_saved, "step-3", run)
+    assert rs.read_latest(two_saved) == "step-2" and not (two_saved / "step-3").exists()
+
+
 # -- multi-rank: exact continuation and a layout change ------------------------------------------
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
@@ -222,20 +244,21 @@ def test_resume_continues_bit_identically(launches):
 
 
 @pytest.mark.dist
-def test_resume_on_another_layout(launches):
+@pytest.mark.parametrize("layout", ["b", "c"])  # TP2 x EP2 (4 ranks) -> TP1 x EP2, PP2 x EP1 (2)
+def test_resume_on_another_layout(launches, layout):
     root, layout_a, _, resumed = launches
-    layout_b, ckpts = resumed["layout_b"], root / "layout"
-    assert layout_b["rank_state_is_none"] and layout_b["run_state_step"] == 2
-    # Loaded at TP1 x EP2 and saved again at once: every tensor as the TP2 x EP2 run saved it.
+    report, ckpts = resumed[f"layout_{layout}"], root / "layout"
+    assert report["rank_state_is_none"] and report["run_state_step"] == 2
+    # Loaded at the new layout and saved again at once: every tensor as the TP2 x EP2 run saved it.
     for group in ("model/policy", "model/reference", "optim"):
-        saved, reloaded = full_state(ckpts / "saved", group), full_state(ckpts / "reloaded", group)
+        saved, reloaded = full_state(ckpts / "saved", group), full_state(ckpts / f"reloaded_{layout}", group)
         assert saved.keys() == reloaded.keys(), group
         for key in saved:
             assert torch.equal(saved[key], reloaded[key]), (group, key)
     # The next step at the new layout: TP splits the matmuls' sums differently, so gradients agree
     # to fp32 reduction order (~1e-7 relative); the loss to rtol 1e-5, and Adam's normalised update
     # moves the weights to within an ulp or two of the old layout's (lr 1e-2).
-    assert layout_b["step3_loss"] == pytest.approx(layout_a["step3_loss"], rel=1e-5)
-    a, b = full_state(ckpts / "after_a"), full_state(ckpts / "after_b")
+    assert report["step3_loss"] == pytest.approx(layout_a["step3_loss"], rel=1e-5)
+    a, b = full_state(ckpts / "after_a"), full_state(ckpts / f"after_{layout}")
     for key in a:
         assert_close(b[key], a[key], atol=2e-7, rtol=1e-6, name=key)
