@@ -39,16 +39,23 @@ each rank's DP range back (`_set_main_param_and_optimizer_states`). The non-dist
 (FP32Optimizer; Float16OptimizerWithFloat16Params with fp32 main copies) hold whole params. Adam's
 per-param step is saved too; a state never stepped is saved as zeros and step 0, which torch's
 AdamW treats exactly like a fresh state. The torch optimizer is what megatron uses without
-Transformer Engine / apex (torch.optim.AdamW: state {step, exp_avg, exp_avg_sq}); TE's FusedAdam
-(GPU) keeps step in the param groups and is not covered by the CPU tests.
+Transformer Engine / apex (torch.optim.AdamW: state {step, exp_avg, exp_avg_sq}, tested here);
+TE's FusedAdam (GPU) keeps step in its param groups, which are saved with their hyper-parameters
+(untested: no TE on these machines); the precision-aware optimizer is refused.
 
-Write protocol (all ranks): files under root/<tag>.tmp-<nonce>/, each fsynced; one gather of the
-tensor tables and file digests to rank 0, which writes its files and the manifest, fsyncs the
-directories; barrier; rank 0 renames the directory to root/<tag>; barrier; rank 0 writes
-root/latest (temp file + os.replace) naming the tag: the last write, so a crash at any point leaves
-`latest` on the previous complete checkpoint. Then rank 0 prunes to the newest `keep` checkpoints
-(never the one `latest` names) and removes stale *.tmp-* directories. root must be a directory
-every rank sees (a shared filesystem across nodes).
+Besides parameters, persistent buffers are saved (e.g. a router's expert bias, which aux-loss-free
+balancing moves). A tied output layer (PP > 1 keeps a copy on the last stage) loads from the
+embedding when the checkpoint has no copy of its own.
+
+Write protocol (all ranks): the collectives first (the optimizer's DP assembly), then files under
+root/<tag>.tmp-<nonce>/, each fsynced; one all-gather of the tensor tables, file digests and any
+error; rank 0 writes its files and the manifest and fsyncs the directories; barrier; rank 0 renames
+the directory to root/<tag>; barrier; rank 0 writes root/latest (temp file + os.replace) naming
+the tag: the last write, so a crash at any point leaves `latest` on the previous complete
+checkpoint. Then rank 0 prunes to the newest `keep` checkpoints (never the one `latest` names) and
+removes stale *.tmp-* directories. Each barrier is an all-gather of errors: a failure on any rank
+raises on every rank instead of leaving the others in a collective. root must be a directory every
+rank sees (a shared filesystem across nodes).
 
 Resume: `find_checkpoint(root, "auto")` verifies `latest`'s target (manifest parses, every file
 present with its size and sha256) and else falls back to the newest earlier one that verifies,
@@ -160,17 +167,14 @@ class _Site:
     writer: bool           # this rank writes it: rank 0 of its DP group, and not a copy
 
 
-def _unwrap(chunk):
+def _chunk(chunks: list):
+    """The one model of `chunks`, without its DDP / Float16Module wrappers."""
     from megatron.core.utils import unwrap_model
 
-    return unwrap_model(chunk)
-
-
-def _chunk(chunks: list):
     if len(chunks) != 1:
         raise NotImplementedError(f"{len(chunks)} model chunks: one chunk per model (no virtual "
                                   f"pipeline) is supported")
-    return _unwrap(chunks[0])
+    return unwrap_model(chunks[0])
 
 
 def _site(name: str, tensor: torch.Tensor, layout: RankLayout, is_param: bool) -> _Site:
@@ -245,8 +249,12 @@ def _sha256(path: Path) -> str:
 
 
 def _rank_file(kind: str, rank: int) -> str:
-    return {"rank": f"rank/rank{rank:05d}.pt", OPTIM: f"optim/rank{rank:05d}.safetensors"}.get(
-        kind, f"model/{kind}-rank{rank:05d}.safetensors")
+    """Rank `rank`'s file of `kind`: "rank" (rank state), OPTIM, or a model's name."""
+    if kind == "rank":
+        return f"rank/rank{rank:05d}.pt"
+    if kind == OPTIM:
+        return f"optim/rank{rank:05d}.safetensors"
+    return f"model/{kind}-rank{rank:05d}.safetensors"
 
 
 # -- save -----------------------------------------------------------------------------------------
@@ -353,7 +361,8 @@ def _entry(site: _Site, tensor: torch.Tensor) -> dict:
             "gated": site.gated, "piece": site.piece, "pieces": site.pieces}
 
 
-def _write_rank0(tmp: Path, tag: str, gathered: list, optimizer, scheduler, run_state, config):
+def _merge_tables(gathered: list) -> tuple[dict, dict]:
+    """The ranks' tables as one: per key, the file of each of its pieces; and all file digests."""
     table, files = {}, {}
     for rank_table, rank_files, *_ in gathered:
         files.update(rank_files)
@@ -363,6 +372,15 @@ def _write_rank0(tmp: Path, tag: str, gathered: list, optimizer, scheduler, run_
                 record = merged.setdefault(key, {k: v for k, v in entry.items()
                                                  if k not in ("file", "piece")})
                 record.setdefault("files", [None] * entry["pieces"])[entry["piece"]] = entry["file"]
+    for group, entries in table.items():
+        for key, entry in entries.items():
+            if None in entry["files"]:  # a writer rule that missed a coordinate: never publish it
+                raise RuntimeError(f"{group} {key}: no rank wrote piece {entry['files'].index(None)}")
+    return table, files
+
+
+def _write_rank0(tmp: Path, tag: str, gathered: list, optimizer, scheduler, run_state, config):
+    table, files = _merge_tables(gathered)
     groups = {}
     for _, _, rank_groups, _ in gathered:  # alike on every rank that has the group
         for sub, sub_groups in enumerate(rank_groups):
@@ -438,6 +456,9 @@ class _Slot:
 def _slots(opt) -> list[_Slot]:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    if getattr(opt.config, "use_precision_aware_optimizer", False):
+        raise NotImplementedError("use_precision_aware_optimizer: TE FusedAdam keeps the main "
+                                  "params and scaled moments inside itself; not supported here")
     if isinstance(opt, DistributedOptimizer):
         slots = []
         for buffer in opt.buffers:
@@ -789,13 +810,17 @@ def _load_model(reader: _Reader, group: str, model) -> None:
 
 
 def _ensure_state(opt) -> None:
-    """Adam state for every main param (zeros, step 0: what torch's AdamW starts from), so a
-    checkpoint can be copied into an optimizer that has not stepped yet."""
+    """Adam state for every main param (zeros, step 0: what torch's AdamW starts from, as
+    megatron's own init_state_fn does), so a checkpoint can be copied into an optimizer that has
+    not stepped yet. torch keeps a step per param; TE / apex FusedAdam keep it in the param groups
+    (restored with the groups' hyper-parameters)."""
+    per_param_step = isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW))
     for group in opt.optimizer.param_groups:
         for main in group["params"]:
             state = opt.optimizer.state[main]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                if per_param_step:
+                    state["step"] = torch.tensor(0.0)
                 for key in _adam_keys(opt):
                     state[key] = torch.zeros_like(main, memory_format=torch.preserve_format)
 
@@ -820,9 +845,8 @@ def _load_optimizer(reader: _Reader, model, optimizer) -> None:
             for key in _adam_keys(opt):
                 target = slot.state[key]
                 target.copy_(read(key).reshape(-1)[slot.start:slot.end].view_as(target))
-            step = read("step", torch.Size([]))
-            slot.state["step"] = step.to(dtype=slot.state["step"].dtype).clone() \
-                if torch.is_tensor(slot.state["step"]) else float(step)
+            if "step" in slot.state:
+                slot.state["step"] = read("step", torch.Size([])).to(slot.state["step"].dtype).clone()
 
 
 def _load_hyper(reader: _Reader, optimizer) -> None:

@@ -3,7 +3,6 @@ directory mechanics (verification, fallback, pruning, `latest` written last)."""
 import json
 import os
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -198,7 +197,8 @@ def test_a_missing_model_is_named_on_load(two_saved, run):
 def test_load_checks_the_sha256_of_what_it_reads(two_saved, run):
     _, ddp, optimizer, scheduler, reference = run
     corrupt(two_saved / "step-2" / "model" / "reference-rank00000.safetensors", "sha")
-    with pytest.raises(CheckpointError, match="step-2: model/reference-rank00000.safetensors sha256 mismatch"):
+    message = "step-2: model/reference-rank00000.safetensors sha256 mismatch"
+    with pytest.raises(CheckpointError, match=message):
         rs.load_checkpoint(two_saved / "step-2", model_chunks=[ddp], optimizer=optimizer,
                            scheduler=scheduler, extra_models={"reference": [reference]})
 
