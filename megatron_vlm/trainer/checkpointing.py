@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_vlm.checkpoint.run_state import find_checkpoint, load_checkpoint, save_checkpoint
+import torch
+
+from megatron_vlm.checkpoint.run_state import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from megatron_vlm.config import to_dict
 from megatron_vlm.trainer.run_log import CHECKPOINTS, REJECTION, file_size, truncate_bytes
 
@@ -67,7 +69,17 @@ class RunCheckpointer:
         return path
 
     def find(self, resume: str) -> Path | None:
-        return find_checkpoint(self.root, resume)
+        """Rank 0 verifies (reading every file once), every rank gets its answer."""
+        found = [None]
+        if self.ctx.runtime.rank == 0:
+            try:
+                found[0] = ("ok", find_checkpoint(self.root, resume))
+            except (CheckpointError, OSError) as error:
+                found[0] = ("error", str(error))
+        torch.distributed.broadcast_object_list(found, src=0)
+        if found[0][0] == "error":
+            raise CheckpointError(found[0][1])
+        return found[0][1]
 
     def restore(self, path: Path) -> Position:
         """Load `path` into the model, optimizer and run state; where to continue."""
