@@ -98,21 +98,9 @@ _TIED_HEAD, _EMBEDDING = "output_layer.weight", "embedding.word_embeddings.weigh
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    """`train.checkpoint` in the run config."""
-    every: int | None = None   # save every N steps of a stage; None: only at the end of each stage
-    keep: int = 2              # keep the newest `keep` checkpoints (the one `latest` names always)
-
-    def __post_init__(self):
-        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
-            raise ValueError(f"checkpoint.every must be >= 1 or null, got {self.every!r}")
-        if not isinstance(self.keep, int) or self.keep < 1:
-            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep!r}")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is incomplete, corrupted, or does not fit the model; names the file."""
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupted, or does not fit the model; names the file (a
+    ValueError: the command line prints it as one line, like any bad input)."""
 
 
 # -- RNG ------------------------------------------------------------------------------------------

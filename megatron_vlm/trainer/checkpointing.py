@@ -7,13 +7,13 @@
 checkpoint/run_state.py writes the model, optimizer, scheduler, reference policy and every RNG
 (each rank its own) to a checkpoint directory; this module adds the run's own state: which stage
 and step were done, the data draws and reward statistics (`RunContext.state_dict`), the stage's
-state (MPO's reward shift), the optimizer's per-group learning-rate fields (a stage's constant lr
-is part of the schedule), how many metric rows and rejection-SFT bytes existed, and the resolved
-config. A checkpoint is written every `train.checkpoint.every` steps of a stage and at the end of
+state (MPO's reward shift), how many metric rows and rejection-SFT bytes existed, and the
+resolved config (a resume reports where the current one differs). A checkpoint is written every `train.checkpoint.every` steps of a stage and at the end of
 each stage; the tags count steps over all stages, so the newest is the furthest.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +23,6 @@ import torch
 from megatron_vlm.checkpoint.run_state import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from megatron_vlm.config import to_dict
 from megatron_vlm.trainer.run_log import CHECKPOINTS, REJECTION, file_size, truncate_bytes
-
-LR_FIELDS = ("lr", "max_lr", "min_lr", "weight_decay")
-
 
 @dataclass(frozen=True)
 class Position:
@@ -59,8 +56,7 @@ class RunCheckpointer:
         ctx, actor = self.ctx, self.ctx.actor
         run_state = {"stage": index, "step": step, "stage_kind": self.stages[index].cfg.kind,
                      "metrics_rows": metrics_rows, "rejection_bytes": file_size(ctx.out_dir / REJECTION),
-                     "context": ctx.state_dict(), "stage_state": self.stages[index].state_dict(),
-                     "lr_groups": [{k: g[k] for k in LR_FIELDS if k in g} for g in actor.optimizer.param_groups]}
+                     "context": ctx.state_dict(), "stage_state": self.stages[index].state_dict()}
         path = save_checkpoint(self.root, self._tag(index, step), model_chunks=[actor.ddp],
                                optimizer=actor.optimizer, scheduler=actor.scheduler,
                                extra_models=self._extra_models(), rank_state={}, run_state=run_state,
@@ -86,12 +82,11 @@ class RunCheckpointer:
         ctx, actor = self.ctx, self.ctx.actor
         run_state, _ = load_checkpoint(path, model_chunks=[actor.ddp], optimizer=actor.optimizer,
                                        scheduler=actor.scheduler, extra_models=self._extra_models())
+        self._report_config_changes(path)
         index, step = run_state["stage"], run_state["step"]
         if index >= len(self.stages) or self.stages[index].cfg.kind != run_state["stage_kind"]:
             raise ValueError(f"checkpoint {path} was written in stage {index} ({run_state['stage_kind']}), "
                              f"which this config's stages do not have at that place")
-        for group, saved in zip(actor.optimizer.param_groups, run_state["lr_groups"]):
-            group.update(saved)
         ctx.load_state_dict(run_state["context"])
         if step < self.stages[index].cfg.steps:  # mid-stage: the stage continues with its state
             self.stages[index].load_state_dict(run_state["stage_state"])
@@ -100,6 +95,16 @@ class RunCheckpointer:
         self.saved = (index, step)
         return Position(index, step, run_state["metrics_rows"])
 
+    def _report_config_changes(self, path: Path) -> None:
+        """Rank 0 names every config value that differs from the checkpoint's (a new layout is
+        expected to; a changed recipe is the user's call, but never a silent one)."""
+        saved_file = path / "config.json"
+        if self.ctx.runtime.rank != 0 or not saved_file.is_file():
+            return
+        changes = config_changes(json.loads(saved_file.read_text()), to_dict(self.ctx.cfg))
+        for key, (before, now) in list(changes.items())[:20]:
+            print(f"resume: {key} was {before!r} in the checkpoint, is {now!r} now", flush=True)
+
     def _tag(self, index: int, step: int) -> str:
         done = sum(stage.cfg.steps for stage in self.stages[:index]) + step
         return f"step{done:07d}-{self.stages[index].cfg.kind}{index}"
@@ -107,3 +112,13 @@ class RunCheckpointer:
     def _extra_models(self) -> dict:
         reference = self.ctx.actor.reference
         return {"reference": [reference.model]} if reference is not None else {}
+
+
+def config_changes(saved, current, prefix: str = "") -> dict:
+    """{dotted key: (saved value, current value)} for every leaf that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = {}
+        for key in sorted(set(saved) | set(current), key=str):
+            out.update(config_changes(saved.get(key), current.get(key), f"{prefix}{key}."))
+        return out
+    return {} if saved == current else {prefix.rstrip("."): (saved, current)}

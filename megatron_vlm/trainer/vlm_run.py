@@ -29,7 +29,7 @@ from megatron_vlm.parallel.runtime import shutdown
 from megatron_vlm.trainer.checkpointing import RunCheckpointer
 from megatron_vlm.trainer.context import build_context
 from megatron_vlm.trainer.megatron_step import collective_device
-from megatron_vlm.trainer.run_log import (CURVES, EXPORT, MetricsLog, plot_curves, refuse_foreign_outputs,
+from megatron_vlm.trainer.run_log import (CHECKPOINTS, CURVES, EXPORT, MetricsLog, plot_curves, refuse_foreign_outputs,
                                           remove_outputs)
 from megatron_vlm.trainer.stages import build_stage
 
@@ -44,8 +44,8 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
     `keep_runtime` leaves the process groups up for another run in the same processes (tests)."""
     cfg.rl.check(cfg.rollout)
     out = Path(cfg.train.out_dir)
-    if resume is None and not overwrite:
-        refuse_foreign_outputs(out)  # before anything is built
+    if not overwrite and (resume is None or not (out / CHECKPOINTS).is_dir()):
+        refuse_foreign_outputs(out)  # before anything is built (nothing to resume from: the same)
     ctx = build_context(cfg)
     stages = [build_stage(stage, ctx) for stage in cfg.stages]
     ckpt = RunCheckpointer(ctx, stages)

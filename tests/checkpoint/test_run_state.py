@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from megatron_vlm.checkpoint import run_state as rs
-from megatron_vlm.checkpoint.run_state import (CheckpointConfig, CheckpointError, capture_rng,
+from megatron_vlm.checkpoint.run_state import (CheckpointError, capture_rng,
                                                find_checkpoint, full_state, restore_rng,
                                                verify_checkpoint)
 from megatron_vlm.checkpoint.sharding import RankLayout, merge_shards, shard_tensor
+from megatron_vlm.config import CheckpointConfig
 from megatron_vlm.parallel.config import ParallelConfig
 from tests.utils import assert_close, run_worker
 
@@ -22,9 +23,9 @@ WORKER = os.path.join(os.path.dirname(__file__), "run_state_worker.py")
 # -- unit tests (one process) ---------------------------------------------------------------------
 def test_config_is_validated_naming_the_field():
     assert CheckpointConfig() == CheckpointConfig(every=None, keep=2)
-    with pytest.raises(ValueError, match="checkpoint.every must be >= 1 or null, got 0"):
+    with pytest.raises(ValueError, match="train.checkpoint.every must be >= 1 or null, got 0"):
         CheckpointConfig(every=0)
-    with pytest.raises(ValueError, match="checkpoint.keep must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="train.checkpoint.keep must be >= 1, got 0"):
         CheckpointConfig(keep=0)
 
 

@@ -2,8 +2,9 @@
 stage, a GRPO stage with dynamic sampling, a curriculum, a KL term and mean/std reward
 normalisation, and a DPO stage, checkpointing every 2 steps. Run once uninterrupted; then again,
 killed with SIGKILL right after a mid-SFT checkpoint, stopped with SIGTERM (preemption: the ranks
-agree, save, exit 75) in mid-GRPO, killed again after a mid-DPO checkpoint, resumed with
-`--resume auto` each time. Every logged row after each resume equals the uninterrupted run's
+agree, save, exit 75) in mid-GRPO, killed again after a mid-DPO checkpoint and once more after the
+next, whose rank-1 weights file then gets corrupted (the resume names it and falls back to the
+checkpoint before), resumed with `--resume auto` each time. Every logged row after each resume equals the uninterrupted run's
 (bit for bit, timings aside), metrics.jsonl holds each step once, and no rank outlives its launcher.
 One launch per run segment: these share their process start-ups as far as a killed run allows.
 """
@@ -21,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = ("seconds", "time_", "per_s")
 STAGES = ("[{kind: sft, steps: 4, batch_size: 8}, {kind: grpo, steps: 4, lr: 0.0005, reset_optimizer: true},"
-          " {kind: dpo, steps: 4, batch_size: 4}]")
+          " {kind: dpo, steps: 6, batch_size: 4}]")
 
 
 def overrides(assets: Path, out: Path) -> list[str]:
@@ -104,6 +105,13 @@ def runs(tmp_path_factory):
     alive.append(ranks_alive(cut))
     codes.append(stop_after_checkpoint(start(assets, cut, "--resume", "auto"), cut, 10, signal.SIGKILL))
     alive.append(ranks_alive(cut))
+    codes.append(stop_after_checkpoint(start(assets, cut, "--resume", "auto"), cut, 12, signal.SIGKILL))
+    alive.append(ranks_alive(cut))
+    latest = cut / "checkpoints" / (cut / "checkpoints" / "latest").read_text().strip()
+    corrupt = latest / "model" / "policy-rank00001.safetensors"  # same size, other bytes: the sha256 catches it
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
     codes.append(start(assets, cut, "--resume", "auto").wait(timeout=900))
     return dict(whole=rows(whole), cut=rows(cut), codes=codes, alive=alive, log=(root / "cut.log").read_text(),
                 root=root)
@@ -125,8 +133,8 @@ def test_resumed_run_logs_the_uninterrupted_runs_metrics(runs):
 @pytest.mark.slow
 def test_each_stage_kind_was_resumed_mid_stage(runs):
     resumed = re.findall(r"\((\w+)\) after step (\d+)", runs["log"])
-    assert [stage for stage, _ in resumed] == ["sft", "grpo", "dpo"], resumed
-    assert all(1 <= int(step) < 4 for _, step in resumed), resumed  # inside the stage, not at its end
+    assert [stage for stage, _ in resumed[:3]] == ["sft", "grpo", "dpo"], resumed
+    assert all(1 <= int(step) < 4 for _, step in resumed[:3]), resumed  # inside the stage, not at its end
     trained = {r["stage"] for r in runs["whole"] if "loss" in r}
     assert trained == {"sft", "grpo", "dpo"}  # every stage updated the policy (else resume proves little)
 
@@ -135,5 +143,24 @@ def test_each_stage_kind_was_resumed_mid_stage(runs):
 @pytest.mark.slow
 def test_preempted_run_saved_and_exited_75_without_orphans(runs):
     assert runs["codes"][1] == 75, runs["log"][-4000:]
-    assert runs["codes"][0] == -signal.SIGKILL and runs["codes"][2] == -signal.SIGKILL
-    assert runs["alive"] == [[], [], []]  # no rank outlived its launcher
+    assert [runs["codes"][i] for i in (0, 2, 3)] == [-signal.SIGKILL] * 3
+    assert runs["alive"] == [[], [], [], []]  # no rank outlived its launcher
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(runs):
+    rejected = re.findall(r"checkpoint rejected: (.*)", runs["log"])
+    assert len(rejected) == 1 and "policy-rank00001.safetensors" in rejected[0], rejected
+    resumed = re.findall(r"resumed from \S+/(step\d+-\w+): stage", runs["log"])
+    bad = re.findall(r"checkpoints/(step\d+-\w+): model", rejected[0])[0]
+    assert len(resumed) == 4 and resumed[3] < bad, (resumed, bad)  # an earlier checkpoint than the bad one
+    # ... and the rows it logged from there still equal the uninterrupted run's (first test)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_the_export_replaced_atomically(runs):
+    out = runs["root"] / "cut"
+    assert (out / "hf_export" / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("hf_export")) == ["hf_export"]
