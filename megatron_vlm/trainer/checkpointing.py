@@ -80,8 +80,11 @@ class RunCheckpointer:
     def restore(self, path: Path) -> Position:
         """Load `path` into the model, optimizer and run state; where to continue."""
         ctx, actor = self.ctx, self.ctx.actor
-        run_state, _ = load_checkpoint(path, model_chunks=[actor.ddp], optimizer=actor.optimizer,
-                                       scheduler=actor.scheduler, extra_models=self._extra_models())
+        run_state, rank_state = load_checkpoint(path, model_chunks=[actor.ddp], optimizer=actor.optimizer,
+                                                scheduler=actor.scheduler, extra_models=self._extra_models())
+        if rank_state is None and ctx.runtime.rank == 0:
+            print(f"resume: {path} was saved on another layout; weights, optimizer, schedule and run state "
+                  f"carry over, each rank's RNG does not (this run's seeds are used)", flush=True)
         self._report_config_changes(path)
         index, step = run_state["stage"], run_state["step"]
         if index >= len(self.stages) or self.stages[index].cfg.kind != run_state["stage_kind"]:
