@@ -51,6 +51,7 @@ def test_missing_and_broken_files(tmp_path):
     (["parallel.pp=3"], 3, r"model.num_layers \(2\) is not divisible by parallel.pp \(3\)"),
     (["parallel.cp=2", "train.seq_length=66"], 2, "train.seq_length"),
     (["parallel.tp=4"], 4, "num_query_groups"),
+    (["parallel.tp=2", "model.vocab_size=107"], 2, r"model.vocab_size \(107\) is not divisible by parallel.tp \(2\)"),
 ])
 def test_layout_errors(overrides, world, message):
     with pytest.raises(ValueError, match=message):
@@ -228,3 +229,11 @@ def test_every_recipe_in_configs_loads_with_its_base_chain():
     assert len(recipes) >= 10 and len(chained) >= 5
     for path in recipes:
         assert isinstance(load_config(path), RunConfig), path
+
+
+def test_a_vlm_vocabulary_that_tp_does_not_divide_is_named_before_any_process(tmp_path):
+    """The digits demo's tokenizer has 107 tokens: TP=2 cannot split its embedding."""
+    cfg = load_config(Path("configs/digits_demo.yaml"), ["parallel.ep=1", "parallel.tp=2",
+                                                          f"vlm.assets={tmp_path / 'assets'}"])
+    with pytest.raises(ValueError, match=r"text_config.vocab_size \(\d+\) is not divisible by parallel.tp \(2\)"):
+        cfg.check(2)

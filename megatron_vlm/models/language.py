@@ -86,6 +86,9 @@ class LanguageModelConfig:
         if self.num_query_groups % parallel.tp:
             raise ValueError(f"{name('num_query_groups')} ({self.num_query_groups}) is not divisible"
                              f" by parallel.tp ({parallel.tp})")
+        if self.vocab_size % parallel.tp:  # megatron splits the embedding and the output layer by vocabulary
+            raise ValueError(f"{name('vocab_size')} ({self.vocab_size}) is not divisible by parallel.tp "
+                             f"({parallel.tp})")
         if self.num_experts is not None and self.num_experts % parallel.ep:
             raise ValueError(f"parallel.ep ({parallel.ep}) does not divide {name('num_experts')} "
                              f"({self.num_experts})")

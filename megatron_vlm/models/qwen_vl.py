@@ -81,7 +81,7 @@ def vision_features(vision, pixel_values, image_grid_thw):
 # LanguageModelConfig field -> the HF text_config key it is read from (layout errors name the key)
 HF_TEXT_FIELDS = {"num_layers": "num_hidden_layers", "num_query_groups": "num_key_value_heads",
                   "num_experts": "num_experts", "ffn_hidden_size": "intermediate_size",
-                  "moe_ffn_hidden_size": "moe_intermediate_size"}
+                  "moe_ffn_hidden_size": "moe_intermediate_size", "vocab_size": "vocab_size"}
 
 
 def language_config_from_hf(hf_config, family: Family) -> LanguageModelConfig:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_vlm.trainer.rl_step import score_rows
+
 
 class ReferencePolicy:
     def __init__(self, model: torch.nn.Module):
@@ -49,6 +51,4 @@ class ReferencePolicy:
 
     def score(self, batch, images_per_row, patches, temperature: float,
               micro_batch_size: int) -> torch.Tensor:
-        from megatron_vlm.trainer.rl_step import score_rows
-
         return score_rows(self.model, batch, images_per_row, patches, temperature, micro_batch_size)

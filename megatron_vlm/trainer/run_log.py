@@ -46,8 +46,11 @@ def remove_outputs(out_dir: Path) -> None:
 
 
 def truncate_lines(path: Path, keep: int) -> list[dict]:
-    """Keep the first `keep` JSON lines of `path` (rewritten atomically); returns them."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """Keep the first `keep` JSON lines of `path` (rewritten atomically); returns them. No file:
+    a resume from another out_dir's checkpoint, whose log starts here."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if len(rows) < keep:
         raise ValueError(f"{path} holds {len(rows)} rows but the checkpoint was written after row {keep}: "
                          f"the file was edited or belongs to another run")
