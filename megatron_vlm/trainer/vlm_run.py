@@ -46,25 +46,24 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
     out = Path(cfg.train.out_dir)
     if not overwrite and (resume is None or not (out / CHECKPOINTS).is_dir()):
         refuse_foreign_outputs(out)  # before anything is built (nothing to resume from: the same)
-    ctx = build_context(cfg)
-    stages = [build_stage(stage, ctx) for stage in cfg.stages]
-    ckpt = RunCheckpointer(ctx, stages)
-    preemption = Preemption(collective_device(), resolve_save_by(cfg.train.save_by, time.time()))
-    log = None
+    # installed first: a signal during the build is not lost (it stops the run after its first step)
+    preemption = Preemption(None, resolve_save_by(cfg.train.save_by, time.time())).install()
+    ctx, log = None, None
     try:
+        ctx = build_context(cfg)
+        preemption.device = collective_device()
+        stages = [build_stage(stage, ctx) for stage in cfg.stages]
+        ckpt = RunCheckpointer(ctx, stages)
         position = _start(ctx, ckpt, resume, overwrite)
         log = MetricsLog(out, ctx.runtime.rank == 0, position and position.metrics_rows)
-        preemption.install()
         if position is None:
             log(dict(stage="init", step=0, **ctx.evaluate()))
         for index, stage in enumerate(stages):
-            first = 1
-            if position is not None and index <= position.stage:
-                if index < position.stage or position.step == stage.cfg.steps:
-                    continue  # done before the checkpoint
-                first = position.step + 1  # resumed inside this stage: not entered again
-            else:
-                stage.begin()
+            first = _first_step(position, index, stage.cfg.steps)
+            if first is None:
+                continue  # done before the checkpoint
+            if first == 1:
+                stage.begin()  # (a stage resumed inside is not entered again)
             for step in range(first, stage.cfg.steps + 1):
                 start = time.perf_counter()
                 metrics = stage.step(step)
@@ -84,13 +83,24 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
         return log.rows
     finally:
         preemption.restore()
-        ctx.close()
+        if ctx is not None:
+            ctx.close()
         if log is not None:
             log.close()
             if ctx.runtime.rank == 0 and log.rows:
                 plot_curves(log.rows, out / CURVES)
         if not keep_runtime:
             shutdown()
+
+
+def _first_step(position, index: int, steps: int) -> int | None:
+    """The step stage `index` starts at: 1 on a fresh run and after the checkpoint's stage, the
+    one after the checkpoint's step inside it, None for a stage done before the checkpoint."""
+    if position is None or index > position.stage:
+        return 1
+    if index < position.stage or position.step == steps:
+        return None
+    return position.step + 1
 
 
 def _start(ctx, ckpt: RunCheckpointer, resume: str | None, overwrite: bool):
