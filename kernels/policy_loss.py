@@ -23,6 +23,14 @@ Design:
   coefficient needs the whole sequence's log-probs, so there it takes two passes (a statistics
   pass, then the gradient pass: 4/3 of the matmul work). The Triton path always does statistics
   kernel -> [T] coefficients -> gradient kernel that recomputes logits tiles in registers.
+- A rollout-correction weight (`is_weight` [T], e.g. truncated importance sampling between the
+  trainer's old policy and the rollout engine) multiplies the policy-gradient term only:
+  loss = sum_t w_t (is_weight_t pg_t + kl_coef kl_t). It is applied to pg and d pg (so to the
+  GSPO sequence gradient too) after the elementwise kernel, in torch, rather than folded into the
+  advantages: folding (A -> is_weight A) would give the same pg for these clipped objectives
+  (is_weight >= 0 keeps the sign of A, and every branch is linear in A), but it would change the
+  clip metrics of masked tokens (A = 0 clips nothing) and it is wrong for losses that are not
+  linear in A (intern_s1's NLL term). One [T] multiply costs nothing next to the head.
 - Metrics are tensors (no .item()); they are this micro-batch's masked token means, except pg_loss
   and kl_loss which use the loss's own aggregation and normaliser.
 """
@@ -197,7 +205,7 @@ def token_terms(log_ratio, advantages, logprobs, ref_logprobs, cfg, bounds, impl
 class SeqLayout:
     seq_index: torch.Tensor  # [T] sequence of each token
     tokens: torch.Tensor     # [S] unmasked tokens per sequence (fp32)
-    max_len: int             # longest sequence (the Dr. GRPO default divisor)
+    max_len: int             # longest sequence (with the sequence count, the Dr. GRPO default divisor)
 
     @classmethod
     def build(cls, mask, cu_seqlens):
@@ -216,8 +224,8 @@ def aggregation_weights(mask, layout: SeqLayout, mode, normalizer=None):
     m = mask.float()
     if mode == "token-mean":
         default = m.sum().clamp_min(1)
-    elif mode == "seq-mean-token-sum-norm":
-        default = max(layout.max_len, 1)
+    elif mode == "seq-mean-token-sum-norm":  # Dr. GRPO: every sequence x the (padded) length
+        default = max(len(layout.tokens) * layout.max_len, 1)
     else:
         default = (layout.tokens > 0).sum().clamp_min(1)
         if mode == "seq-mean-token-mean":
@@ -229,18 +237,27 @@ def _masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def loss_and_coefficients(logprobs, old_logprobs, advantages, mask, layout, cfg, ref_logprobs, weights, impl):
+def weigh_pg(terms, is_weight):
+    """The policy-gradient term (and its derivative) times the per-token rollout-correction weight."""
+    if is_weight is not None:
+        w = is_weight.detach().float()
+        terms.pg, terms.dpg = terms.pg * w, terms.dpg * w
+    return terms
+
+
+def loss_and_coefficients(logprobs, old_logprobs, advantages, mask, layout, cfg, ref_logprobs, weights, impl,
+                          is_weight=None):
     """(terms, d loss / d logprobs [T]) for all tokens at once; handles both ratio levels."""
     if cfg.ratio_level == "token":
-        terms = token_terms(logprobs - old_logprobs, advantages, logprobs, ref_logprobs, cfg,
-                            TOKEN_LOG_RATIO_BOUNDS, impl)
+        terms = weigh_pg(token_terms(logprobs - old_logprobs, advantages, logprobs, ref_logprobs, cfg,
+                                     TOKEN_LOG_RATIO_BOUNDS, impl), is_weight)
         return terms, token_coefficients(terms, weights, cfg)
     # GSPO: log s_i = mean over sequence i's unmasked tokens of (logp - old); d log s_i / d logp_t = m_t / n_i
     maskf = mask.float()
     per_token = layout.tokens.clamp_min(1)[layout.seq_index]
     seq_log_ratio = layout.segment_sum((logprobs - old_logprobs) * maskf) / layout.tokens.clamp_min(1)
-    terms = token_terms(seq_log_ratio[layout.seq_index], advantages, logprobs, ref_logprobs, cfg,
-                        SEQ_LOG_RATIO_BOUNDS, impl)
+    terms = weigh_pg(token_terms(seq_log_ratio[layout.seq_index], advantages, logprobs, ref_logprobs, cfg,
+                                 SEQ_LOG_RATIO_BOUNDS, impl), is_weight)
     d_seq = layout.segment_sum(weights * terms.dpg)  # d loss / d log s_i
     coef = d_seq[layout.seq_index] * maskf / per_token + cfg.kl_coef * weights * terms.dkl
     return terms, coef
@@ -282,12 +299,12 @@ class PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg, normalizer,
-                entropy, impl):
+                entropy, impl, is_weight):
         logprobs = logprobs.float()
         layout = SeqLayout.build(mask, cu_seqlens)
         weights = aggregation_weights(mask, layout, cfg.aggregation, normalizer)
         terms, coef = loss_and_coefficients(logprobs, old_logprobs.float(), advantages, mask, layout, cfg,
-                                            ref_logprobs, weights, impl)
+                                            ref_logprobs, weights, impl, is_weight)
         loss, metrics = finish(terms, weights, mask, cfg, logprobs, old_logprobs, entropy)
         ctx.save_for_backward(coef)
         ctx.mark_non_differentiable(*metrics.values())
@@ -296,16 +313,17 @@ class PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         (coef,) = ctx.saved_tensors
-        return grad_loss * coef, None, None, None, None, None, None, None, None, None
+        return (grad_loss * coef,) + (None,) * 10
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, cfg: PolicyLossConfig,
-                ref_logprobs=None, normalizer=None, entropy=None, impl: str = "auto"):
-    """(loss, metrics) for flat [T] tokens; see the module docstring. Differentiable w.r.t. logprobs only."""
+                ref_logprobs=None, normalizer=None, entropy=None, impl: str = "auto", is_weight=None):
+    """(loss, metrics) for flat [T] tokens; see the module docstring. Differentiable w.r.t. logprobs
+    only. `is_weight` [T] (None = 1) multiplies the policy-gradient term, not the KL term."""
     _check_inputs(cfg, ref_logprobs)
     impl = resolve_impl(impl, logprobs)
     loss, *values = PolicyLoss.apply(logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg,
-                                     normalizer, entropy, impl)
+                                     normalizer, entropy, impl, is_weight)
     return loss, dict(zip(_metric_names(cfg, entropy is not None), values))
 
 
@@ -322,7 +340,7 @@ def _check_inputs(cfg, ref_logprobs):
 
 # ------------------------------------------------------------------ fused with the head (op 2b)
 def _one_pass_torch(hidden, weight, labels, old_logprobs, advantages, ref_logprobs, weights, cfg, temperature,
-                    group, compute_entropy):
+                    group, compute_entropy, is_weight=None):
     """Token-level ratios on the torch path: one logits matmul per token block, gradients finished
     in the same pass. -> (logprobs, entropy, terms, d hidden partial fp32, d weight fp32)."""
     (T, H), V = hidden.shape, weight.shape[0]
@@ -340,8 +358,9 @@ def _one_pass_torch(hidden, weight, labels, old_logprobs, advantages, ref_logpro
         z = block_logits(hidden[block], weight, temperature)  # [Tb, V/tp] fp32
         e, sumexp, _, logp, ent = block_stats(z, labels[block], vocab_start, group, compute_entropy)
         ref = ref_logprobs[block] if ref_logprobs is not None else None
-        block_terms = token_terms_torch(logp - old_logprobs[block].float(), advantages[block], logp, ref, cfg,
-                                        TOKEN_LOG_RATIO_BOUNDS)
+        block_terms = weigh_pg(token_terms_torch(logp - old_logprobs[block].float(), advantages[block], logp, ref,
+                                                 cfg, TOKEN_LOG_RATIO_BOUNDS),
+                               is_weight[block] if is_weight is not None else None)
         coef = token_coefficients(block_terms, weights[block], cfg) / temperature
         # d loss / d logits = coef * (onehot - e / sumexp). The row scales and the one-hot term are
         # applied to the [Tb, H] operands, not to the [Tb, V] block: one pass less over the block.
@@ -368,20 +387,20 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg,
-                normalizer, temperature, tp_group, sequence_parallel, compute_entropy, impl):
+                normalizer, temperature, tp_group, sequence_parallel, compute_entropy, impl, is_weight):
         hidden_full = gather_sequence_parallel(hidden, tp_group) if sequence_parallel else hidden
         layout = SeqLayout.build(mask, cu_seqlens)
         weights = aggregation_weights(mask, layout, cfg.aggregation, normalizer)
         if impl == "torch" and cfg.ratio_level == "token":
             logprobs, entropy, terms, dh, dw = _one_pass_torch(
                 hidden_full, weight, labels, old_logprobs, advantages, ref_logprobs, weights, cfg, temperature,
-                tp_group, compute_entropy)
+                tp_group, compute_entropy, is_weight)
             dh, dw = dh.to(hidden.dtype), dw.to(weight.dtype)
         else:
             lse, logprobs, entropy = head_forward(hidden_full, weight, labels, temperature, tp_group,
                                                   compute_entropy, impl)
             terms, coef = loss_and_coefficients(logprobs, old_logprobs.float(), advantages, mask, layout, cfg,
-                                                ref_logprobs, weights, impl)
+                                                ref_logprobs, weights, impl, is_weight)
             dh, dw = head_backward(hidden_full, weight, labels, temperature, tp_group, lse, entropy, coef, None, impl)
         ctx.save_for_backward(reduce_hidden_grad(dh, tp_group, sequence_parallel), dw)
         loss, metrics = finish(terms, weights, mask, cfg, logprobs, old_logprobs, entropy)
@@ -392,23 +411,23 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         dh, dw = ctx.saved_tensors
         # In place: a second [V, H] buffer would add to the peak (so retain_graph=True is unsupported).
-        return (dh.mul_(grad_loss), dw.mul_(grad_loss)) + (None,) * 13
+        return (dh.mul_(grad_loss), dw.mul_(grad_loss)) + (None,) * 14
 
 
 def fused_linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens,
                              cfg: PolicyLossConfig, ref_logprobs=None, normalizer=None, temperature: float = 1.0,
                              tp_group=None, sequence_parallel: bool = False, compute_entropy: bool = False,
-                             impl: str = "auto"):
+                             impl: str = "auto", is_weight=None):
     """Head + log-probs + policy loss in one op: (loss, metrics); metrics["logprobs"] holds the
     detached [T] log-probs. hidden [T, H] ([T/tp, H] under sequence parallelism), weight [V/tp, H],
     labels and the per-token inputs [T] (full on every TP rank). Differentiable w.r.t. hidden and
     weight; the loss must be used as is (a scalar multiple is fine, e.g. loss scaling), since the
-    gradient was formed in the forward."""
+    gradient was formed in the forward. `is_weight` [T] as in policy_loss."""
     _check_inputs(cfg, ref_logprobs)
     impl = resolve_impl(impl, hidden)
     loss, logprobs, *values = FusedLinearPolicyLoss.apply(
         hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg, normalizer,
-        float(temperature), tp_group, sequence_parallel, compute_entropy, impl)
+        float(temperature), tp_group, sequence_parallel, compute_entropy, impl, is_weight)
     metrics = dict(zip(_metric_names(cfg, compute_entropy), values))
     metrics["logprobs"] = logprobs
     return loss, metrics

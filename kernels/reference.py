@@ -54,8 +54,10 @@ def aggregate_ref(values, mask, cu_seqlens, mode: str, normalizer=None):
 
     token-mean: sum(m*v) / tokens.  seq-mean-token-sum: sum over sequences of sum(m*v) / sequences.
     seq-mean-token-mean: sum over sequences of mean(v) / sequences.  seq-mean-token-sum-norm:
-    sum(m*v) / constant (Dr. GRPO; default the longest sequence, verl's padded length).
-    "sequences" counts only sequences with at least one unmasked token.
+    sum(m*v) / (S * L), a constant (Dr. GRPO, arXiv 2503.20783: 1/G sum_i 1/MAX_TOKENS sum_t;
+    verl 0.9.1 `agg_loss`): S every sequence of the batch, masked or not, and L by default the
+    longest sequence (verl's padded length). For the other seq-mean modes "sequences" counts only
+    sequences with at least one unmasked token.
     """
     mask = mask.to(values.dtype)
     seqs = _sequences(cu_seqlens)
@@ -70,7 +72,7 @@ def aggregate_ref(values, mask, cu_seqlens, mode: str, normalizer=None):
                 total = total + (seq_sum / tokens if mode == "seq-mean-token-mean" else seq_sum)
                 default += 1
     elif mode == "seq-mean-token-sum-norm":
-        total, default = (values * mask).sum(), max(s.stop - s.start for s in seqs)
+        total, default = (values * mask).sum(), len(seqs) * max(s.stop - s.start for s in seqs)
     else:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
     divisor = default if normalizer is None else normalizer
@@ -83,7 +85,7 @@ def _masked_mean(values, mask):
 
 
 def policy_loss_ref(logprobs, old_logprobs, advantages, mask, cu_seqlens, cfg, ref_logprobs=None,
-                    normalizer=None, entropy=None):
+                    normalizer=None, entropy=None, is_weight=None):
     """Clipped policy-gradient loss plus KL penalty, and its metrics. Tokens are flat [T]; sequence i
     is tokens cu_seqlens[i]:cu_seqlens[i+1]. `cfg` carries ratio_level ("token" | "sequence"),
     eps_low, eps_high, clip_ratio_c (dual-clip, None = off), kl_type, kl_coef, aggregation.
@@ -91,7 +93,9 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, cu_seqlens, cfg, r
     token:    r_t = exp(clamp(logp_t - old_t, -20, 20))
     sequence: r_t = s_i = exp(min(mean_{t in i, masked}(logp_t - old_t), 10))   (GSPO)
     pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high)); with dual-clip and A_t < 0,
-    pg_t = min(pg_t, -A_t clip_ratio_c). loss = agg(pg) + kl_coef * agg(kl).
+    pg_t = min(pg_t, -A_t clip_ratio_c). loss = agg(w_t * pg_t) + kl_coef * agg(kl), where w_t is
+    `is_weight` (a rollout-correction weight, constant: no gradient; None = 1). The clip metrics
+    describe the policy ratio and do not see w.
     """
     if cfg.ratio_level == "token":
         log_ratio = (logprobs - old_logprobs).clamp(-20, 20)
@@ -111,7 +115,8 @@ def policy_loss_ref(logprobs, old_logprobs, advantages, mask, cu_seqlens, cfg, r
         pg_dual = -advantages * cfg.clip_ratio_c
         dual_clipped = (advantages < 0) & (pg > pg_dual)
         pg = torch.where(advantages < 0, torch.minimum(pg, pg_dual), pg)
-    loss = pg_loss = aggregate_ref(pg, mask, cu_seqlens, cfg.aggregation, normalizer)
+    weighted = pg if is_weight is None else pg * is_weight.detach()
+    loss = pg_loss = aggregate_ref(weighted, mask, cu_seqlens, cfg.aggregation, normalizer)
     metrics = {"pg_loss": pg_loss.detach()}
     if cfg.kl_type != "none":
         kl = kl_penalty_ref(logprobs, ref_logprobs, cfg.kl_type)

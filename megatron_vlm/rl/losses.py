@@ -1,4 +1,4 @@
-"""Online policy losses, registered by name: ppo, dapo, dual_clip, gspo, intern_s1.
+"""Online policy losses, registered by name: ppo, dapo, dual_clip, gspo, intern_s1, cispo.
 
     loss, metrics = policy_loss_fn(LossInputs(logprobs, old_logprobs, advantages, mask, cu_seqlens), cfg)
 
@@ -23,6 +23,11 @@ Design:
   data-parallel losses add up to the full-batch loss; without it each call uses its own count.
 - KL(pi || pi_ref): "none" (GLM-4.5V and DAPO train without it), or Schulman's k1 / k2 / k3 added
   to the loss as kl_coef * agg(kl). k3 is clamped to [-10, 10] as in verl.
+- Rollout correction (`megatron_vlm.rl.rollout_correction`): `LossInputs.is_weight` [T] is a
+  constant, non-negative per-token factor on the policy-gradient term of every loss (never on the
+  KL term), applied before the aggregation, whose normaliser it leaves alone (a masked token still
+  counts, as in IcePop, slime and TRL). The kernel losses take it as an explicit input rather than
+  folded into the advantages: see `kernels.policy_loss`.
 """
 from __future__ import annotations
 
@@ -48,10 +53,11 @@ class LossInputs:
     ref_logprobs: torch.Tensor | None = None  # [T] frozen reference policy, needed when kl_type != "none"
     normalizer: float | torch.Tensor | None = None  # replaces the aggregation's divisor (see module doc)
     entropy: torch.Tensor | None = None  # [T] optional, reported as a metric only
+    is_weight: torch.Tensor | None = None  # [T] rollout-correction weight on the PG term (no grad); None = 1
 
     def __post_init__(self):
         T = int(self.cu_seqlens[-1])
-        for name in ("logprobs", "old_logprobs", "advantages", "mask", "ref_logprobs", "entropy"):
+        for name in ("logprobs", "old_logprobs", "advantages", "mask", "ref_logprobs", "entropy", "is_weight"):
             value = getattr(self, name)
             if value is not None and value.shape != (T,):
                 raise ValueError(f"LossInputs.{name} must be [T] = [{T}] (from cu_seqlens), got {tuple(value.shape)}")
@@ -62,7 +68,7 @@ class LossConfig:
     name: str = "dapo"                  # a registered policy loss
     eps_low: float | None = None        # ratio >= 1 - eps_low; None = the loss's default
     eps_high: float | None = None       # ratio <= 1 + eps_high; None = the loss's default
-    clip_ratio_c: float | None = None   # dual-clip bound (dual_clip; default 3.0)
+    clip_ratio_c: float | None = None   # dual-clip bound (dual_clip, intern_s1; default 3.0; .inf = off)
     aggregation: str | None = None      # one of kernels.reference.AGGREGATIONS; None = the loss's default
     kl_type: str = "none"               # none | k1 | k2 | k3
     kl_coef: float = 0.0
@@ -122,7 +128,7 @@ def _through_kernel(inputs: LossInputs, cfg: LossConfig):
     kcfg = kernel_policy_config(cfg)
     return policy_loss(inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.mask, inputs.cu_seqlens,
                        kcfg, ref_logprobs=inputs.ref_logprobs, normalizer=inputs.normalizer,
-                       entropy=inputs.entropy, impl=cfg.impl)
+                       entropy=inputs.entropy, impl=cfg.impl, is_weight=inputs.is_weight)
 
 
 def _kernel_loss(name: str, build: Callable[[LossConfig], PolicyLossConfig]):
@@ -196,23 +202,90 @@ def intern_s1_loss(inputs: LossInputs, cfg: LossConfig):
     Tokens with A_t = 0 (e.g. equal-reward groups) contribute nothing. The NLL term is unweighted
     by the advantage's size (behaviour cloning on the correct samples); the negative term is the
     importance-weighted policy gradient, equal to REINFORCE on-policy (r = 1).
+
+    Dual-clip bound on the negative term (Ye et al., arXiv 1912.09729), on by default: for A_t < 0
+    the term -A_t r_t = |A_t| r_t grows without bound in r_t, so one stale token whose probability
+    rose far above the old policy's (r_t >> 1) could dominate the step, pushed down with a
+    gradient |A_t| r_t. Dual-clip PPO bounds exactly this case, max(min(r A, clip(r) A), c A) for
+    A < 0; this loss has no eps-clip, so its negative term becomes
+
+        -A_t min(r_t, c)   (c = clip_ratio_c, default 3, as dual_clip; c = inf: the unbounded form)
+
+    at most c |A_t|, with zero gradient once r_t > c. On-policy (r = 1 < c) nothing changes.
+
+    Rollout correction: `is_weight` multiplies both policy terms (the NLL term is this loss's
+    learning signal from positive samples as much as the negative term is from negative ones), not
+    the KL term.
     Departures: both terms share one aggregation (default token-mean) and normaliser; the report's
-    entropy control (KL-Cov) is not part of this loss. eps_low / eps_high / clip_ratio_c must be
-    unset (this loss does not clip).
+    entropy control (KL-Cov) is not part of this loss. eps_low / eps_high must be unset (this loss
+    has no eps-clip).
     """
-    if cfg.eps_low is not None or cfg.eps_high is not None or cfg.clip_ratio_c is not None:
-        raise ValueError(f"intern_s1 does not clip: loss.eps_low, eps_high and clip_ratio_c must be None, got "
-                         f"{cfg.eps_low}, {cfg.eps_high}, {cfg.clip_ratio_c}")
+    if cfg.eps_low is not None or cfg.eps_high is not None:
+        raise ValueError(f"intern_s1 has no eps-clip: loss.eps_low and eps_high must be None, got "
+                         f"{cfg.eps_low}, {cfg.eps_high}")
+    clip_c = cfg.clip_ratio_c if cfg.clip_ratio_c is not None else 3.0
     logp, maskf = inputs.logprobs.float(), inputs.mask.float()
     weights = aggregation_weights(inputs.mask, SeqLayout.build(inputs.mask, inputs.cu_seqlens),
                                   cfg.aggregation or "token-mean", inputs.normalizer)  # [T], no grad
     adv = inputs.advantages.detach().float()  # no gradient to advantages or the old policy
     positive, negative = (adv > 0).float(), (adv < 0).float()
     ratio = (logp - inputs.old_logprobs.detach().float()).clamp(*TOKEN_LOG_RATIO_BOUNDS).exp()
+    if inputs.is_weight is not None:
+        weights = weights * inputs.is_weight.detach().float()  # the policy terms only; kl below is not
     nll_loss = (weights * positive * -logp).sum()
-    pg_loss = (weights * negative * -adv * ratio).sum()
+    pg_loss = (weights * negative * -adv * ratio.clamp(max=clip_c)).sum()
     loss = cfg.nll_coef * nll_loss + pg_loss
     metrics = {"pg_loss": pg_loss.detach(), "nll_loss": nll_loss.detach()}
+    if cfg.kl_type != "none":
+        if inputs.ref_logprobs is None:
+            raise ValueError(f"kl_type={cfg.kl_type!r} needs ref_logprobs")
+        kl_weights = aggregation_weights(inputs.mask, SeqLayout.build(inputs.mask, inputs.cu_seqlens),
+                                         cfg.aggregation or "token-mean", inputs.normalizer)
+        kl_loss = (kl_weights * kl_penalty_ref(logp, inputs.ref_logprobs.detach().float(), cfg.kl_type)).sum()
+        loss = loss + cfg.kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss.detach()
+    metrics.update(
+        positive_token_frac=_masked_mean(positive, maskf),
+        negative_token_frac=_masked_mean(negative, maskf),
+        clipfrac_dual=_masked_mean(negative * (ratio.detach() > clip_c).float(), maskf),
+        ratio_mean=_masked_mean(ratio.detach(), maskf),
+        approx_kl=_masked_mean(inputs.old_logprobs.detach().float() - logp.detach(), maskf))
+    if inputs.entropy is not None:
+        metrics["entropy"] = _masked_mean(inputs.entropy.detach().float(), maskf)
+    return loss, metrics
+
+
+@register_policy_loss("cispo")
+def cispo_loss(inputs: LossInputs, cfg: LossConfig):
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eqs. 4-5): clip the importance-sampling weight, not the
+    update, and keep every token's gradient:
+
+        loss = agg_t( -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A_t * logp_t ) + kl_coef * agg_t(kl_t)
+        r_t = exp(clamp(logp_t - old_t, -20, 20)),   d loss_t / d logp_t = -clip(r_t) A_t (times w_t)
+
+    PPO / DAPO zero the gradient of a token whose ratio left the trust region, which drops the rare
+    "fork" tokens of long reasoning; here such a token still contributes, with a bounded weight.
+    Defaults as the paper: no lower bound on the weight (eps_low None: r_t >= 0 is the only floor;
+    the paper sets eps_low "to a large value"), token-mean (the paper's 1 / sum |o_i|).
+    eps_high is not published in the paper; the default 0.28 is DAPO's clip-higher bound (verl's
+    cispo takes its clip_ratio_high). Rollout correction: `is_weight` multiplies the PG term.
+    Runs through torch (autograd on [T]), not the fused head kernel: the trainer takes its
+    log-probs from `linear_logprobs`, as for intern_s1. pg_loss reports the surrogate's value
+    (-sg(w) A logp), not an objective estimate.
+    """
+    if cfg.clip_ratio_c is not None:
+        raise ValueError(f"cispo has no dual-clip: loss.clip_ratio_c must be None, got {cfg.clip_ratio_c}")
+    eps_high = cfg.eps_high if cfg.eps_high is not None else 0.28
+    low = 1 - cfg.eps_low if cfg.eps_low is not None else 0.0
+    logp, maskf = inputs.logprobs.float(), inputs.mask.float()
+    weights = aggregation_weights(inputs.mask, SeqLayout.build(inputs.mask, inputs.cu_seqlens),
+                                  cfg.aggregation or "token-mean", inputs.normalizer)  # [T], no grad
+    adv, old = inputs.advantages.detach().float(), inputs.old_logprobs.detach().float()
+    ratio = (logp.detach() - old).clamp(*TOKEN_LOG_RATIO_BOUNDS).exp()
+    is_weight = ratio.clamp(low, 1 + eps_high)  # sg(clip(r))
+    pg_weights = weights if inputs.is_weight is None else weights * inputs.is_weight.detach().float()
+    pg_loss = (pg_weights * -is_weight * adv * logp).sum()
+    loss, metrics = pg_loss, {"pg_loss": pg_loss.detach()}
     if cfg.kl_type != "none":
         if inputs.ref_logprobs is None:
             raise ValueError(f"kl_type={cfg.kl_type!r} needs ref_logprobs")
@@ -220,10 +293,10 @@ def intern_s1_loss(inputs: LossInputs, cfg: LossConfig):
         loss = loss + cfg.kl_coef * kl_loss
         metrics["kl_loss"] = kl_loss.detach()
     metrics.update(
-        positive_token_frac=_masked_mean(positive, maskf),
-        negative_token_frac=_masked_mean(negative, maskf),
-        ratio_mean=_masked_mean(ratio.detach(), maskf),
-        approx_kl=_masked_mean(inputs.old_logprobs.detach().float() - logp.detach(), maskf))
+        clipfrac_low=_masked_mean((ratio < low).float(), maskf),
+        clipfrac_high=_masked_mean((ratio > 1 + eps_high).float(), maskf),
+        approx_kl=_masked_mean(old - logp.detach(), maskf),
+        ratio_mean=_masked_mean(ratio, maskf))
     if inputs.entropy is not None:
         metrics["entropy"] = _masked_mean(inputs.entropy.detach().float(), maskf)
     return loss, metrics

@@ -1,11 +1,12 @@
 """policy_loss and fused_linear_policy_loss against kernels.reference.policy_loss_ref."""
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
-from kernels.policy_loss import PolicyLossConfig, fused_linear_policy_loss, policy_loss
-from kernels.reference import AGGREGATIONS, linear_logprobs_ref, policy_loss_ref
+from kernels.policy_loss import PolicyLossConfig, SeqLayout, aggregation_weights, fused_linear_policy_loss, policy_loss
+from kernels.reference import AGGREGATIONS, aggregate_ref, linear_logprobs_ref, policy_loss_ref
 from tests.utils import assert_close
 
 VARIANTS = {
@@ -67,6 +68,74 @@ def test_closed_form_on_policy_token_mean():
     assert_close(loss, -(adv * mask).sum() / n, atol=1e-6, rtol=0, name="loss")
     assert_close(logp.grad, -adv * mask / n, atol=1e-7, rtol=0, name="d_logprobs")
     assert metrics["clipfrac_low"] == 0 and metrics["clipfrac_high"] == 0 and metrics["ratio_mean"] == 1
+
+
+# ------------------------------------------------------------- rollout-correction weight
+def _is_weight(T, seed=3):
+    """Non-negative per-token weights with exact zeros (masked IS) and values above 1 (TIS)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(T, generator=g) * 2
+    w[::5] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant,aggregation", [("dapo_k3", "token-mean"), ("dual_clip_k1", "seq-mean-token-sum"),
+                                                 ("gspo_k3", "seq-mean-token-mean"), ("ppo", "seq-mean-token-sum-norm")])
+def test_is_weight_scales_the_pg_term_only(variant, aggregation, impl):
+    cfg = _config(variant, aggregation)
+    logp, old, ref, adv, mask = _token_inputs(47)
+    w = _is_weight(47).requires_grad_()  # requires grad: none may arrive
+    ours, expected_logp = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss, metrics = policy_loss(ours, old, adv, mask, CU_SEQLENS, cfg, ref_logprobs=ref, impl=impl, is_weight=w)
+    loss.backward()
+    expected, expected_metrics = policy_loss_ref(expected_logp, old, adv, mask, CU_SEQLENS, cfg, ref_logprobs=ref,
+                                                 is_weight=w)
+    expected.backward()
+    assert_close(loss, expected, **FP32, name="loss")
+    assert_close(ours.grad, expected_logp.grad, **FP32, name="d_logprobs")
+    assert w.grad is None
+    for name in expected_metrics:
+        assert_close(metrics[name], expected_metrics[name], **FP32, name=name)
+    if cfg.ratio_level == "token":  # closed form: the weighted loss is the unweighted one with w * pg per token
+        plain, _ = policy_loss_ref(logp, old, adv, mask, CU_SEQLENS, replace(cfg, kl_type="none"))
+        scaled, _ = policy_loss_ref(logp, old, adv * w.detach(), mask, CU_SEQLENS, replace(cfg, kl_type="none"))
+        weighted, _ = policy_loss_ref(logp, old, adv, mask, CU_SEQLENS, replace(cfg, kl_type="none"),
+                                      is_weight=w.detach())
+        assert_close(weighted, scaled, **FP32, name="w pg = pg with w A (linear in A)")
+        assert not torch.allclose(weighted, plain)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", ["dapo_k3", "gspo_k3"])
+def test_fused_is_weight_matches_reference(impl, variant):
+    T, V, H, cu = FUSED_SHAPES[1]
+    cfg = _config(variant, "token-mean")
+    hidden, weight, labels, old, ref, adv, mask = _head_inputs(T, V, H, torch.float32)
+    w = _is_weight(T)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = fused_linear_policy_loss(h1, w1, labels, old, adv, mask, cu, cfg, ref_logprobs=ref, impl=impl,
+                                       is_weight=w)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, _ = linear_logprobs_ref(h2, w2, labels)
+    expected, _ = policy_loss_ref(logp, old, adv, mask, cu, cfg, ref_logprobs=ref, is_weight=w)
+    expected.backward()
+    assert_close(loss, expected, **FP32, name="loss")
+    assert_close(h1.grad, h2.grad, **FP32, name="d_hidden")
+    assert_close(w1.grad, w2.grad, **FP32, name="d_weight")
+
+
+def test_dr_grpo_default_divisor_is_sequences_times_longest():
+    # 3 sequences (one empty, one fully masked) of at most 4 tokens: divisor 3 * 4, masked or not
+    cu = torch.tensor([0, 4, 4, 6])
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    mask = torch.tensor([1, 1, 0, 1, 0, 0])
+    expected = (1 + 2 + 4) / (3 * 4)
+    assert aggregate_ref(values, mask, cu, "seq-mean-token-sum-norm").item() == pytest.approx(expected)
+    layout = SeqLayout.build(mask, cu)
+    weights = aggregation_weights(mask, layout, "seq-mean-token-sum-norm")
+    assert (weights * values).sum().item() == pytest.approx(expected)
 
 
 # -------------------------------------------------------------------------- gradient flow

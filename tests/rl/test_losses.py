@@ -85,8 +85,65 @@ def test_intern_s1_nll_on_positive_pg_on_negative():
                                          logp=[-1.0, -2.0, -1.0, -3.0, -0.5]),
                                  LossConfig(name="intern_s1", nll_coef=0.5))
     assert loss2.item() == pytest.approx((1.5 + 2) / 5)
-    with pytest.raises(ValueError, match="intern_s1 does not clip"):
+    with pytest.raises(ValueError, match="intern_s1 has no eps-clip"):
         policy_loss_fn(inputs, LossConfig(name="intern_s1", eps_high=0.28))
+
+
+def test_intern_s1_dual_clip_bounds_the_negative_term():
+    # A = -1 on both tokens: ratio 5 > c = 3 -> term -A min(5, 3) = 3, no gradient; ratio 2 -> 2, d = r / 2 = 1
+    inputs = lambda: _inputs([math.log(5.0), math.log(2.0)], [-1.0, -1.0], [0, 2])  # noqa: E731
+    loss, grad, m = _loss_and_grad(inputs(), LossConfig(name="intern_s1"))
+    assert loss.item() == pytest.approx((3 + 2) / 2)
+    assert_close(grad, torch.tensor([0.0, 1.0]), **FP32, name="d logp")
+    assert m["clipfrac_dual"].item() == pytest.approx(0.5)
+    # c = 4.5: bound 4.5 on the first token; c = inf: the unbounded form -A r (5 + 2) / 2, d = r / 2
+    assert _loss_and_grad(inputs(), LossConfig(name="intern_s1", clip_ratio_c=4.5))[0].item() == pytest.approx(3.25)
+    loss, grad, _ = _loss_and_grad(inputs(), LossConfig(name="intern_s1", clip_ratio_c=float("inf")))
+    assert loss.item() == pytest.approx(3.5)
+    assert_close(grad, torch.tensor([2.5, 1.0]), **FP32, name="d logp, unbounded")
+
+
+def test_intern_s1_is_weight_scales_both_policy_terms_not_kl():
+    # token 0 (A = +1, NLL 1), token 1 (A = -1, ratio 1, term 1); weights 0.5 and 0; KL k1 = 0.5 on both
+    inputs = _inputs([0.0, 0.0], [1.0, -1.0], [0, 2], logp=[-1.0, -1.0], ref=[-1.5, -1.5])
+    inputs.is_weight = torch.tensor([0.5, 0.0])
+    loss, grad, m = _loss_and_grad(inputs, LossConfig(name="intern_s1", kl_type="k1", kl_coef=0.1))
+    assert loss.item() == pytest.approx((0.5 * 1 + 0 * 1) / 2 + 0.1 * 0.5)
+    assert m["kl_loss"].item() == pytest.approx(0.5)
+    assert_close(grad, torch.tensor([-0.5 / 2 + 0.1 / 2, 0.1 / 2]), **FP32, name="d logp")
+
+
+def test_cispo_gradient_is_the_clipped_weight_times_advantage():
+    # ratios 1.5 (A = +1), 0.5 (A = -1), 1.1 (A = +2); eps_high 0.28 -> weights 1.28, 0.5 (no floor), 1.1
+    inputs = _inputs([math.log(1.5), math.log(0.5), math.log(1.1)], [1.0, -1.0, 2.0], [0, 3],
+                     logp=[-1.0, -2.0, -0.5])
+    loss, grad, m = _loss_and_grad(inputs, LossConfig(name="cispo"))
+    w, adv, logp = torch.tensor([1.28, 0.5, 1.1]), torch.tensor([1.0, -1.0, 2.0]), torch.tensor([-1.0, -2.0, -0.5])
+    assert loss.item() == pytest.approx(float((-w * adv * logp).sum() / 3))
+    # every token keeps a gradient, clipped or not (PPO would give the first token none)
+    assert_close(grad, -w * adv / 3, **FP32, name="d logp")
+    assert m["clipfrac_high"].item() == pytest.approx(1 / 3) and m["clipfrac_low"].item() == 0
+    # eps_low 0.2 floors the second weight at 0.8; a rollout-correction weight multiplies the PG term
+    inputs = _inputs([math.log(1.5), math.log(0.5), math.log(1.1)], [1.0, -1.0, 2.0], [0, 3],
+                     logp=[-1.0, -2.0, -0.5])
+    inputs.is_weight = torch.tensor([2.0, 1.0, 0.0])
+    _, grad, m = _loss_and_grad(inputs, LossConfig(name="cispo", eps_low=0.2))
+    assert_close(grad, -torch.tensor([1.28 * 2, 0.8, 0.0]) * adv / 3, **FP32, name="d logp, eps_low + is_weight")
+    assert m["clipfrac_low"].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("name", ["ppo", "dapo", "dual_clip", "gspo", "cispo", "intern_s1"])
+def test_is_weight_one_changes_nothing_and_zero_removes_the_pg_gradient(name):
+    logp, old, _, adv, mask = _random_inputs()
+    ones, zeros = torch.ones_like(logp), torch.zeros_like(logp)
+    grads = []
+    for w in (None, ones, zeros):
+        lp = logp.clone().requires_grad_()
+        loss, _ = policy_loss_fn(LossInputs(lp, old, adv, mask, CU, is_weight=w), LossConfig(name=name))
+        loss.backward()
+        grads.append(lp.grad)
+    assert_close(grads[1], grads[0], atol=0, rtol=0, name="w = 1")
+    assert (grads[2] == 0).all() and grads[0].abs().max() > 0
 
 
 @pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
@@ -155,7 +212,7 @@ def test_paper_defaults_resolve_into_the_kernel_config():
     assert kernel_policy_config(LossConfig(name="intern_s1")) is None
 
 
-@pytest.mark.parametrize("name", ["dapo", "gspo", "intern_s1"])
+@pytest.mark.parametrize("name", ["dapo", "gspo", "intern_s1", "cispo"])
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_add_up_to_the_full_batch(name, aggregation):
     logp, old, ref, adv, mask = _random_inputs()
@@ -197,10 +254,10 @@ def test_per_sample_versus_per_token_aggregation():
 
 
 def test_registry_and_config_contract():
-    assert {"ppo", "dapo", "dual_clip", "gspo", "intern_s1"} <= set(POLICY_LOSSES.names())
+    assert {"ppo", "dapo", "dual_clip", "gspo", "intern_s1", "cispo"} <= set(POLICY_LOSSES.names())
     with pytest.raises(ValueError, match="'gspo' is already registered"):
         register_policy_loss("gspo")(lambda inputs, cfg: None)
-    with pytest.raises(KeyError, match="known: dapo, dual_clip, gspo"):
+    with pytest.raises(KeyError, match="known: cispo, dapo, dual_clip, gspo"):
         get_policy_loss("trpo")
     with pytest.raises(ValueError, match="loss.name must be one of .* got 'trpo'"):
         LossConfig(name="trpo")
@@ -224,7 +281,7 @@ def test_intern_s1_aggregates_like_the_kernel_reference(aggregation):
     mask[5] = 0  # sequence 1 (one token) empty
     cfg = LossConfig(name="intern_s1", aggregation=aggregation, kl_type="k2", kl_coef=0.3, nll_coef=0.7)
     loss, _ = policy_loss_fn(LossInputs(logp.clone().requires_grad_(), old, adv, mask, CU, ref_logprobs=ref), cfg)
-    per_token = (0.7 * (adv > 0) * -logp + (adv < 0) * -adv * (logp - old).exp()
+    per_token = (0.7 * (adv > 0) * -logp + (adv < 0) * -adv * (logp - old).exp().clamp(max=3.0)
                  + 0.3 * kl_penalty_ref(logp, ref, "k2"))
     assert_close(loss, aggregate_ref(per_token, mask, CU, aggregation), atol=1e-6, rtol=1e-5, name="loss")
 
