@@ -14,12 +14,16 @@ from __future__ import annotations
 import re
 import string
 
+from megatron_vlm.rewards.lexicon import ANSWER_COPULAS, ANSWER_NOUNS, alternation, words
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MAX_ANSWER_CHARS = 8192   # the tail of the final answer that verifiers read
 MAX_BOXED_CHARS = 512     # a longer \boxed{} is not an answer (and could stall a parser)
 
-# 'answer is X', 'Answer: X', 'final answer = X'; not 'answered', not 'check the answer carefully'
-_ANCHOR = re.compile(r"\banswer\b\W{0,3}\s*(?:is\b|:|：|=)\s*[:：]?\s*(.+)", re.IGNORECASE)
+# 'answer is X', 'Answer: X', 'final answer = X', '答案是 X', 'La respuesta es X', 'Antwort: X';
+# not 'answered', not 'check the answer carefully' (the noun must be followed by a copula or ':')
+_ANCHOR = re.compile(rf"{alternation(words(ANSWER_NOUNS))}\W{{0,3}}\s*"
+                     rf"(?:{alternation(words(ANSWER_COPULAS))}|:|：|=)\s*[:：]?\s*(.+)", re.IGNORECASE)
 
 
 def final_answer(response: str, max_chars: int | None = MAX_ANSWER_CHARS) -> str:

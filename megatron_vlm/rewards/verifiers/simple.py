@@ -11,11 +11,17 @@ import string
 from typing import Any, Mapping, Sequence
 
 from megatron_vlm.rewards.extract import answer_span, final_answer, last_line, normalize_text, strip_latex_text
+from megatron_vlm.rewards.lexicon import NEGATORS, NO_WORDS, YES_WORDS, alternation, is_cjk, words
 from megatron_vlm.rewards.registry import register_verifier
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
-_TRUE = {"yes", "true", "correct", "right", "y", "t"}
-_FALSE = {"no", "false", "incorrect", "wrong", "n", "f"}
+_SINGLE_LETTERS = {"y": True, "t": True, "n": False, "f": False}  # only as the whole answer
+_POLARITY = {w: True for w in words(YES_WORDS)} | {w: False for w in words(NO_WORDS)}
+_POLARITY_WORD = re.compile(alternation(sorted(set(_POLARITY) - set(_SINGLE_LETTERS), key=lambda w: -len(w))),
+                            re.IGNORECASE)
+_NEGATED = re.compile(rf"{alternation(words(NEGATORS))}\s+(?:\w+\s+)?"
+                      rf"{alternation([w for w in _POLARITY if not is_cjk(w) and len(w) > 1])}", re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[,.;:!?\n，。；：！？、]")
 
 
 def _anchored_or(answer: str, fallback: str) -> str | None:
@@ -26,14 +32,15 @@ def _anchored_or(answer: str, fallback: str) -> str | None:
 
 
 def _polarity(text: str) -> bool | None:
-    words = normalize_text(text).split()
-    found = {w in _TRUE for w in words if w in _TRUE | _FALSE}
-    # single letters (y/n/t/f) count only as the whole answer, not inside a sentence
-    if len(words) > 1:
-        found = {w in _TRUE for w in words if w in (_TRUE | _FALSE) - {"y", "n", "t", "f"}}
-    negated = re.search(r"\bnot\s+(true|false|correct|incorrect)\b", text.lower())
-    if negated:
-        return None  # 'not true' style answers are ambiguous to a word list: no credit
+    """True / False for a yes / no answer in any language of `lexicon`, None when it has no
+    yes/no word, both, or a negated one ('not true', 'no es cierto', 'nicht richtig')."""
+    text = strip_latex_text(text).lower()
+    whole = normalize_text(text)
+    if whole in _SINGLE_LETTERS:
+        return _SINGLE_LETTERS[whole]
+    if _NEGATED.search(text):
+        return None
+    found = {_POLARITY[m.group(0).lower()] for m in _POLARITY_WORD.finditer(text)}
     return found.pop() if len(found) == 1 else None
 
 
@@ -50,10 +57,14 @@ def _reference_bool(reference: Any) -> bool:
 def boolean_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the answer's polarity (yes/true/correct vs no/false/incorrect) equals `reference`.
 
-    Without an anchor the first clause of the final answer decides ('Yes, because ...').
+    Accepts: the yes/no words of `lexicon` in English, Chinese, Spanish, French and German
+    ('Yes', '是的', 'Sí', 'Oui', 'Nein'), boxed, anchored in any of those languages ('答案是：否'),
+    or, without an anchor, as the first clause of the final answer ('Ja, weil ...').
+    Refuses (0): both polarities ('yes or no'), a negated truth word ('not true', 'no es
+    cierto': ambiguous to a word list), no yes/no word, an answer only inside the think block.
     """
     answer = final_answer(response)
-    first_clause = re.split(r"[,.;:!\n]", answer.strip(), maxsplit=1)[0]
+    first_clause = _CLAUSE_END.split(answer.strip(), maxsplit=1)[0]
     span = _anchored_or(answer, first_clause)
     if not span:
         return 0.0
