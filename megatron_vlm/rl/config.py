@@ -12,6 +12,7 @@ from megatron_vlm.rl.advantages import AdvantageConfig
 from megatron_vlm.rl.curriculum import AdaptiveMixConfig, CurriculumConfig
 from megatron_vlm.rl.losses import LossConfig
 from megatron_vlm.rl.overlong import ForcedAnswerConfig, OverlongPenaltyConfig
+from megatron_vlm.rl.rollout_correction import RolloutCorrectionConfig
 from megatron_vlm.rl.sampling import DynamicSamplingConfig
 from megatron_vlm.rollout.protocol import SamplingParams
 from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
@@ -86,6 +87,9 @@ class UpdateConfig:
     optimizer_steps: int = 1          # optimizer steps per rollout batch (mini-batches)
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    # decoupled PPO: IS weights pi_old / pi_engine on the PG term (megatron_vlm.rl.rollout_correction);
+    # needs rollout.old_logprobs = trainer. None = off
+    rollout_correction: RolloutCorrectionConfig | None = None
 
     def __post_init__(self):
         if self.temperature <= 0:
