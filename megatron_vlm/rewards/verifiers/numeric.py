@@ -1,6 +1,13 @@
 """Numeric answers within a tolerance: integers, decimals, thousands separators, fractions
 (`3/4`, `\\frac{3}{4}`), percentages, scientific notation (`1.2e-3`, `1.2 \\times 10^{-3}`) and
-units (`12 cm`, converted within length / mass / time when the reference names its unit).
+units (`12 cm`, `9.8 m/s^2`, `25 cm²`, converted within length / mass / time and their powers and
+quotients when the reference names its unit).
+
+A unit's exponent belongs to the unit (`25 cm^2` is 25, never 2). Thousands may be separated by
+commas, spaces, thin or no-break spaces, LaTeX `\\,` / `{,}`, or dots when there are at least two
+groups (`1.234.567`); a comma followed by one or two digits is a decimal comma (`3,5`). Refused
+by design: `1,234` is never 1.234 (English thousands), and units outside `UNITS` are not
+converted (an answer in an unknown unit is compared as a bare number).
 
 Reading order: the boxed answer, else the last 'answer is ...' line (up to its first sentence
 end), else the last number of the last line. Two different numbers in an anchored answer ('5 or
@@ -13,6 +20,7 @@ import re
 from typing import Any, Mapping
 
 from megatron_vlm.rewards.extract import answer_span, final_answer, last_line
+from megatron_vlm.rewards.lexicon import CAUSE_WORDS, alternation, words
 from megatron_vlm.rewards.registry import register_verifier
 
 # unit -> (dimension, scale to the dimension's base unit)
@@ -23,20 +31,47 @@ UNITS = {
     "h": ("time", 3600.0), "hr": ("time", 3600.0), "hours": ("time", 3600.0),
 }
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_UNIT = r"[a-zA-Zµ]+(?:\^[-+]?\d+)?"
+# A unit's exponent ('cm^2', 'm/s^{-2}', 'm²') is part of the unit, never a number of its own.
 _TOKEN = re.compile(
-    rf"(?P<num>{_NUMBER})(?:\s*/\s*(?P<den>{_NUMBER}))?\s*(?P<pct>%)?\s*(?P<unit>[a-zA-Z]+)?")
-_SENTENCE_END = re.compile(r"(?<!\d)[.;](?!\d)|\n|\b(?:because|since|as)\b")
+    rf"(?<![a-zA-Zµ]\^)(?<![a-zA-Zµ]\^[-+])(?P<num>{_NUMBER})(?:\s*/\s*(?P<den>{_NUMBER}))?\s*(?P<pct>%)?"
+    rf"\s*(?P<unit>{_UNIT}(?:\s*/\s*{_UNIT}|\s+[a-zA-Zµ]+\^[-+]?\d+)*)?")
+_SENTENCE_END = re.compile(rf"(?<!\d)[.;](?!\d)|[。；\n]|{alternation(words(CAUSE_WORDS))}", re.IGNORECASE)
+_SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺", "0123456789-+")
+_SPACE_GROUPS = re.compile(r"(?<![\d.,])\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?!\d)")  # 1 234 567
+_DOT_GROUPS = re.compile(r"(?<![\d.,])\d{1,3}(?:\.\d{3}){2,}(?![\d.])")             # 1.234.567
 
 
 def _normalise(text: str) -> str:
-    text = text.replace("\u2212", "-").replace("\\%", "%").replace("$", "")
+    text = text.replace("\u2212", "-").replace("\\%", "%").replace("$", "").replace("{,}", ",")
+    text = re.sub(r"[⁻⁺]?[⁰¹²³⁴⁵⁶⁷⁸⁹]+", lambda m: "^" + m.group(0).translate(_SUPERSCRIPTS), text)
     text = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", text)
     text = re.sub(r"\(([-+]?[\d.]+)\)/\(([-+]?[\d.]+)\)", r"\1/\2", text)
     text = re.sub(r"-\s*\(([\d.]+)/([\d.]+)\)", r"-\1/\2", text)
     text = re.sub(r"\s*(?:\\times|\\cdot|×|x|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"e\1", text)
     text = re.sub(r"\\(?:text|mathrm)\s*\{\s*([^{}]*)\}", r" \1", text)
+    text = re.sub(r"\^\s*\{\s*([-+]?\d+)\s*\}|\^\s+([-+]?\d+)", lambda m: "^" + (m.group(1) or m.group(2)), text)
     text = re.sub(r"\\[,!; ]", "", text)
-    return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234,567 -> 1234567
+    text = _SPACE_GROUPS.sub(lambda m: re.sub(r"\D", "", m.group(0)), text)
+    text = _DOT_GROUPS.sub(lambda m: m.group(0).replace(".", ""), text)
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234,567 -> 1234567
+    return re.sub(r"(?<![\d,.])(\d+),(\d{1,2})(?![\d,])", r"\1.\2", text)  # decimal comma: 3,5 -> 3.5
+
+
+def unit_info(unit: str) -> tuple[tuple, float] | None:
+    """('cm^2' -> ((('length', 2),), 1e-4)): the dimension and the scale to base units, or None
+    when a part of the unit is unknown."""
+    dims: dict[str, int] = {}
+    scale, sign = 1.0, 1
+    for slash, base, power in re.findall(r"(/?)\s*([a-zA-Zµ]+)(?:\^([-+]?\d+))?", unit):
+        sign = -1 if slash else sign  # everything after '/' is in the denominator
+        if base not in UNITS:
+            return None
+        dim, factor = UNITS[base]
+        exponent = sign * int(power or 1)
+        dims[dim] = dims.get(dim, 0) + exponent
+        scale *= factor ** exponent
+    return tuple(sorted((d, p) for d, p in dims.items() if p)), scale
 
 
 def parse_numbers(text: str) -> list[tuple[float, bool, str | None]]:
@@ -49,7 +84,7 @@ def parse_numbers(text: str) -> list[tuple[float, bool, str | None]]:
                 value = value / float(match["den"])
         except (ValueError, ZeroDivisionError, OverflowError):
             continue
-        unit = match["unit"] if match["unit"] in UNITS else None
+        unit = match["unit"] if match["unit"] and unit_info(match["unit"]) else None
         numbers.append((value, match["pct"] is not None, unit))
     return numbers
 
@@ -90,9 +125,10 @@ def numeric_verifier(response: str, reference: Any, metadata: Mapping[str, Any])
         return 0.0
     (gold_value, gold_pct, gold_unit), (value, pct, unit) = gold[0], answer
     gold_unit = metadata.get("unit", gold_unit)
-    if unit and gold_unit in UNITS and UNITS[unit][0] == UNITS[gold_unit][0]:
-        value = value * UNITS[unit][1] / UNITS[gold_unit][1]
-    elif unit and gold_unit in UNITS:
+    answer_dim, gold_dim = unit_info(unit) if unit else None, unit_info(gold_unit) if gold_unit else None
+    if answer_dim and gold_dim and answer_dim[0] == gold_dim[0]:
+        value = value * answer_dim[1] / gold_dim[1]
+    elif answer_dim and gold_dim:
         return 0.0  # a unit of another dimension
     rel_tol, abs_tol = float(metadata.get("rel_tol", 1e-4)), float(metadata.get("abs_tol", 1e-8))
     return float(any(math.isclose(a, g, rel_tol=rel_tol, abs_tol=abs_tol)
