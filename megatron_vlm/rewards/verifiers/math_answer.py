@@ -12,7 +12,9 @@ Departures from calling `math_verify.verify(parse(gold), parse(response))` direc
   rewards hedging and can fail a correct final answer next to a boxed draft); boxes that restate
   one value (`\\boxed{1/2} = \\boxed{0.5}`) count once;
 - without a box, only the last line is parsed (a long list of numbers is not an answer);
-- two exact rationals must be equal exactly (math-verify compares floats: 1/2^99 == 1/2^98).
+- two exact rationals must be equal exactly (math-verify compares floats: 1/2^99 == 1/2^98),
+  except when either side is a percentage: math-verify's own percentage rule (`50\\%` equals
+  `50`, `0.5` and `1/2`) stands, since the exact comparison would read `50\\%` as 1/2 against 50.
 """
 from __future__ import annotations
 
@@ -79,4 +81,5 @@ def math_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) ->
         if not verify(pred, _parse(f"\\boxed{{{other}}}"), float_rounding=rounding, timeout_seconds=None):
             return 0.0
     equal = verify(gold, pred, float_rounding=rounding, timeout_seconds=None)
-    return float(equal and not _exact_rationals_differ(gold, pred))
+    percentage = any("%" in text for text in (str(reference), candidate))
+    return float(equal and (percentage or not _exact_rationals_differ(gold, pred)))
