@@ -80,7 +80,7 @@ ARTICLES = {
 # Words between the items of an order ('A, then B', 'A puis B', 'A 然后 B').
 SEQUENCE_WORDS = {
     "en": ("and then", "then", "followed by"),
-    "zh": ("然后", "接着", "再"),
+    "zh": ("然后", "接着"),
     "es": ("y luego", "luego", "después", "despues"),
     "fr": ("et puis", "puis", "ensuite"),
     "de": ("und dann", "dann", "danach"),

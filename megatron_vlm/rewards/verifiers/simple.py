@@ -11,7 +11,8 @@ import string
 from typing import Any, Mapping, Sequence
 
 from megatron_vlm.rewards.extract import answer_span, final_answer, last_line, normalize_text, strip_latex_text
-from megatron_vlm.rewards.lexicon import NEGATORS, NO_WORDS, YES_WORDS, alternation, is_cjk, words
+from megatron_vlm.rewards.lexicon import (ANSWER_COPULAS, NEGATORS, NO_WORDS, SEQUENCE_WORDS, YES_WORDS,
+                                         alternation, is_cjk, words)
 from megatron_vlm.rewards.registry import register_verifier
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -72,15 +73,50 @@ def boolean_verifier(response: str, reference: Any, metadata: Mapping[str, Any])
     return float(polarity is not None and polarity == _reference_bool(reference))
 
 
+_SEQUENCE_SEP = re.compile(
+    rf"\s*(?:,|;|、|，|；|\n|-+>|=+>|→|⇒|⟶|⟹|➔|»|>+|<|–|—|\s-\s|{alternation(words(SEQUENCE_WORDS))})\s*",
+    re.IGNORECASE)
+_FRAME = re.compile(rf"^.*{alternation(words(ANSWER_COPULAS))}\s*", re.IGNORECASE)  # 'The order is B'
+
+
 def split_sequence(text: str) -> list[str]:
-    """'B, A, C' / 'B > A > C' / 'B -> A -> C' / '[3, 1, 2]' -> normalised items."""
-    text = re.sub(r"\\(?:to|rightarrow|gt)\b", ">", text.replace("$", ""))
-    text = text.rsplit(":", 1)[-1]  # 'The order is: B > A > C'
-    parts = re.split(r"\s*(?:,|;|->|→|>|<|\band then\b|\bthen\b|\n)\s*", text.strip().strip("[]()."))
-    if len(parts) == 1:
+    """'B, A, C' / 'B > A > C' / 'B -> A -> C' / 'B → A → C' / 'B - A - C' / 'B-A-C' / 'B、A、C' /
+    'B then A then C' / '[3, 1, 2]' -> normalised items (a run-together 'BAC' stays one item:
+    see `_unpack_run_together`)."""
+    text = re.sub(r"\\(?:to|rightarrow|Rightarrow|gt|longrightarrow)\b", ">", text.replace("$", ""))
+    text = re.split(r"[:：]", text)[-1]  # 'The order is: B > A > C'
+    parts = _SEQUENCE_SEP.split(text.strip().strip("[](){}.。"))
+    if len(parts) > 1:
+        parts[0] = _FRAME.sub("", parts[0]) or parts[0]
+    elif re.fullmatch(r"\w+(?:-\w+)+", parts[0].strip()):
+        parts = parts[0].split("-")  # 'B-A-C'
+    else:
         parts = parts[0].split()
     items = [" ".join(strip_latex_text(p).lower().translate(_PUNCT).split()) for p in parts]
     return [item for item in items if item]  # articles kept: 'A' is an item here
+
+
+def _unpack_run_together(items: list[str], expected_len: int) -> list[str]:
+    """'bac' -> ['b', 'a', 'c'] when the order is of single characters (letters or digits) and
+    the one item has exactly one character per expected item."""
+    if len(items) == 1 and len(items[0]) == expected_len > 1 and items[0].isalnum():
+        return list(items[0])
+    return items
+
+
+def _gold_sequence(reference: Any) -> list[str]:
+    if isinstance(reference, str):
+        gold = split_sequence(reference)
+        if len(gold) == 1 and re.fullmatch(r"[A-Z]{2,}|\d{2,}", reference.strip()):
+            gold = list(gold[0])  # 'BAC' / '312': an order of single letters or digits
+    elif isinstance(reference, (list, tuple)) and reference:
+        gold = [" ".join(strip_latex_text(str(r)).lower().translate(_PUNCT).split()) for r in reference]
+    else:
+        raise ValueError(f"sequence: reference must be a non-empty list of items or a string like "
+                         f"'B > A > C', got {reference!r}")
+    if not gold or not all(gold):
+        raise ValueError(f"sequence: reference {reference!r} has no items (expected e.g. ['B', 'A', 'C'])")
+    return gold
 
 
 @register_verifier("sequence")
@@ -88,11 +124,19 @@ def sequence_verifier(response: str, reference: Any, metadata: Mapping[str, Any]
     """1.0 for the reference order; with metadata `partial` true, the fraction of item pairs in the
     right relative order (Kendall-tau agreement) when the answer is a permutation of the
     reference; an answer that repeats, drops or adds items scores 0.
+
+    Accepts on both sides: items separated by commas, semicolons, '、', new lines, arrows
+    (`>`, `->`, `→`, `⇒`, `\\to`), dashes (` - `, `–`, `—`, or `B-A-C` between single words), 'then'
+    and its translations in `lexicon`, or run together ('BAC', '312') when every item is a single
+    letter or digit. A leading frame ('The order is B, A, C', '顺序是 B、A、C') is dropped.
+    Refuses: items inside the think block only, hedges (two orders), anything but a permutation.
     """
-    gold = split_sequence(reference if isinstance(reference, str) else ",".join(map(str, reference)))
+    gold = _gold_sequence(reference)
     answer = final_answer(response)
     span = _anchored_or(answer, last_line(answer))
     items = split_sequence(span) if span else []
+    if all(len(g) == 1 for g in gold):
+        items = _unpack_run_together(items, len(gold))
     if items == gold:
         return 1.0
     if not metadata.get("partial", False) or sorted(items) != sorted(gold) or len(set(gold)) != len(gold):
