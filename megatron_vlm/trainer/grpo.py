@@ -214,6 +214,12 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dt
     check = check_logprobs([s.sampled_logprobs() for s in samples], response_logprobs(trainer_lp, batch),
                            bounds)
     old = trainer_lp if rollout.old_logprobs == "trainer" else _engine_logprobs(samples, batch)
+    engine_lp = None
+    if update_cfg.rollout_correction is not None:  # decoupled PPO: behaviour = engine, proximal = trainer
+        if rollout.old_logprobs != "trainer":
+            raise ValueError("update.rollout_correction needs rollout.old_logprobs = trainer (with engine "
+                             "old log-probs the correction ratio is 1 on every token)")
+        engine_lp = _engine_logprobs(samples, batch)
     ref = None
     if update_cfg.loss.kl_type != "none":
         if actor.reference is None:
@@ -233,7 +239,8 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dt
             return report  # nothing left to learn from (every kept response was cut off)
     with timer("update"):
         metrics = update([actor.ddp], actor.optimizer, actor.scheduler, batch, images, patches,
-                         old, advantages, update_cfg, ref_logprobs=ref)
+                         old, advantages, update_cfg, ref_logprobs=ref, engine_logprobs=engine_lp,
+                         max_response_len=rollout.max_new_tokens)
     metrics.update(report, train_tokens=int(batch.loss_mask.sum()),
                    train_tokens_per_s=float(batch.loss_mask.sum()) / max(timer.seconds["update"], 1e-9))
     return metrics

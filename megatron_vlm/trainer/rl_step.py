@@ -14,7 +14,14 @@ Loss normalisation is exact across micro-batches and DP ranks: each micro-batch 
 *unnormalised* sum of its aggregation units (the loss with normalizer=1) and the number of units
 (tokens for token-mean, non-empty sequences for the seq-mean modes); megatron
 (`calculate_per_token_loss=True`) sums gradients over micro-batches and DP ranks and divides once by
-the global unit count.
+the global unit count. seq-mean-token-sum-norm (Dr. GRPO) counts each real sequence of a pack as
+L units, L one constant for the whole update (`max_response_len`: the GRPO stage passes
+rollout.max_new_tokens), so the global divisor is sequences x L as in the paper and verl.
+
+Rollout correction (`update.rollout_correction`): the engine's per-token log-probs travel in the
+micro-batches beside the old log-probs; `_loss_func` turns the two into the weight on the PG term
+(`megatron_vlm.rl.rollout_correction`, whole sequences are in one pack, so the sequence-level
+variants see every token) and reports its metrics like the loss's own.
 
 Scoring (score_rows: old and reference log-probs) is split the same way: each DP rank runs the
 forward on its own share of the rows only, and the shares' real tokens are all-gathered over the DP
@@ -35,6 +42,7 @@ from kernels.policy_loss import SeqLayout, fused_linear_policy_loss
 from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute_advantages, group_index_from_ids
 from megatron_vlm.rl.config import UpdateConfig
 from megatron_vlm.rl.losses import LossInputs, kernel_policy_config, policy_loss_fn
+from megatron_vlm.rl.rollout_correction import CorrectionInputs, ratio_quantiles, rollout_correction_fn
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, fixed_pack_length, forward_hidden, head_parallelism,
                                               pack_padding, pack_rows, packed_logprobs)
 from megatron_vlm.trainer.megatron_step import collective_device, model_device, on_device
@@ -54,12 +62,20 @@ def sequence_advantages(rewards: torch.Tensor, group_ids: list, loss_mask: torch
     return adv.reshape(rows, width) * loss_mask
 
 
-def aggregation_units(mask: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
-    """How many units the aggregation divides by, for packed [T] tokens."""
+def aggregation_units(mask: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, sequences: int | None = None,
+                      max_response_len: int | None = None) -> torch.Tensor:
+    """How many units the aggregation divides by, for packed [T] tokens: tokens (token-mean),
+    non-empty sequences (seq-mean-token-sum / -mean), or sequences x max_response_len
+    (seq-mean-token-sum-norm: every sequence, masked or not, as Dr. GRPO's G; `sequences` defaults
+    to those in cu_seqlens and max_response_len to the longest of them, the kernel's own default).
+    """
     if mode == "token-mean":
         return mask.sum()
-    # seq-mean-*: non-empty sequences (sum-norm: per sequence)
-    return (SeqLayout.build(mask, cu_seqlens).tokens > 0).sum()
+    layout = SeqLayout.build(mask, cu_seqlens)
+    if mode == "seq-mean-token-sum-norm":
+        count = len(layout.tokens) if sequences is None else sequences
+        return torch.tensor(count * (layout.max_len if max_response_len is None else max_response_len))
+    return (layout.tokens > 0).sum()
 
 
 def unit_report(loss: torch.Tensor, metrics: dict, units: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -74,29 +90,34 @@ def unit_report(loss: torch.Tensor, metrics: dict, units: torch.Tensor, mask: to
     return report
 
 
-def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, head: dict, output):
+def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, max_response_len: int | None, head: dict, output):
     packed = mb["batch"]
     cu, mask, kcfg = packed.cu_seqlens_padded, packed.loss_mask, kernel_policy_config(cfg.loss)
+    is_weight, correction = None, {}
+    if cfg.rollout_correction is not None:
+        is_weight, correction = rollout_correction_fn(
+            CorrectionInputs(mb["old_logprobs"], mb["engine_logprobs"], mask, cu), cfg.rollout_correction)
     if kcfg is not None:
         hidden, weight = output
         loss, metrics = fused_linear_policy_loss(
             hidden.reshape(-1, hidden.shape[-1]), weight, packed.labels, mb["old_logprobs"], mb["advantages"],
             mask, cu, kcfg, ref_logprobs=mb["ref_logprobs"], normalizer=1.0, temperature=cfg.temperature,
-            compute_entropy=True, impl=cfg.loss.impl, **head)
+            compute_entropy=True, impl=cfg.loss.impl, is_weight=is_weight, **head)
         metrics.pop("logprobs")
     else:
         logprobs, entropy = packed_logprobs(output, packed.labels, cfg.temperature, head, with_entropy=True,
                                             impl=cfg.loss.impl)
         loss, metrics = policy_loss_fn(LossInputs(
             logprobs, mb["old_logprobs"], mb["advantages"], mask, cu, ref_logprobs=mb["ref_logprobs"],
-            normalizer=1.0, entropy=entropy.detach()), cfg.loss)
-    units = aggregation_units(mask, cu, mode)
-    return loss, units.to(torch.int), unit_report(loss, metrics, units, mask)
+            normalizer=1.0, entropy=entropy.detach(), is_weight=is_weight), cfg.loss)
+    units = aggregation_units(mask, cu, mode, sequences=len(mb["rows"]), max_response_len=max_response_len)
+    return loss, units.to(torch.int), unit_report(loss, {**metrics, **correction}, units, mask)
 
 
-def _rl_forward_step(cfg: UpdateConfig, mode: str, data_iterator, model):
+def _rl_forward_step(cfg: UpdateConfig, mode: str, max_response_len: int | None, data_iterator, model):
     mb = next(data_iterator)
-    return forward_hidden(model, mb["batch"]), partial(_loss_func, mb, cfg, mode, head_parallelism(model))
+    return forward_hidden(model, mb["batch"]), partial(_loss_func, mb, cfg, mode, max_response_len,
+                                                       head_parallelism(model))
 
 
 def pack_budget(pack_tokens: int | None, micro_batch_size: int, batch: SequenceBatch) -> int:
@@ -105,17 +126,30 @@ def pack_budget(pack_tokens: int | None, micro_batch_size: int, batch: SequenceB
 
 def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_row: list[int],
            patches_per_image: list[int], old_logprobs: torch.Tensor, advantages: torch.Tensor,
-           cfg: UpdateConfig, ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+           cfg: UpdateConfig, ref_logprobs: torch.Tensor | None = None, engine_logprobs: torch.Tensor | None = None,
+           max_response_len: int | None = None) -> dict[str, float]:
     """`optimizer_steps` optimizer steps, each over one mini-batch of the rows, packed and dealt to
-    the DP ranks."""
+    the DP ranks. engine_logprobs [B, S]: the rollout engine's log-probs of its sampled tokens,
+    needed by `cfg.rollout_correction`. max_response_len: Dr. GRPO's constant L for
+    seq-mean-token-sum-norm; None = the batch's longest response (its loss tokens), which is the
+    same on every micro-batch and DP rank but moves with the batch, where a fixed budget
+    (rollout.max_new_tokens) keeps the loss's scale the same from step to step."""
     kcfg = kernel_policy_config(cfg.loss)
     mode = kcfg.aggregation if kcfg is not None else (cfg.loss.aggregation or "token-mean")
+    if mode == "seq-mean-token-sum-norm" and max_response_len is None:
+        max_response_len = int(batch.loss_mask.sum(1).max())
+    if cfg.rollout_correction is not None and engine_logprobs is None:
+        raise ValueError(f"update.rollout_correction ({cfg.rollout_correction.name}) needs the engine's log-probs")
     budget = pack_budget(cfg.pack_tokens, cfg.micro_batch_size, batch)
     metrics: dict[str, float] = {}
     for step_rows in _split(list(range(batch.input_ids.shape[0])), cfg.optimizer_steps):
         microbatches = make_microbatches(batch, images_per_row, patches_per_image, step_rows, budget,
-                                         old_logprobs, advantages, ref_logprobs, config=model_chunks[0].config)
-        metrics = train_step(model_chunks, optimizer, scheduler, microbatches, partial(_rl_forward_step, cfg, mode))
+                                         old_logprobs, advantages, ref_logprobs, config=model_chunks[0].config,
+                                         engine=engine_logprobs)
+        metrics = train_step(model_chunks, optimizer, scheduler, microbatches,
+                             partial(_rl_forward_step, cfg, mode, max_response_len))
+    if cfg.rollout_correction is not None:  # the ratios the update started from, over the whole batch
+        metrics.update(ratio_quantiles(old_logprobs, engine_logprobs, batch.loss_mask))
     return metrics
 
 
@@ -145,7 +179,8 @@ def _split(rows: list[int], parts: int) -> list[list[int]]:
 
 
 def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[int], token_budget: int,
-                      old, adv, ref, config, dp_size: int | None = None, dp_rank: int | None = None) -> list[dict]:
+                      old, adv, ref, config, dp_size: int | None = None, dp_rank: int | None = None,
+                      engine=None) -> list[dict]:
     """This DP rank's packed micro-batches of `rows` (all DP ranks pass the same rows and get the
     same count) with their per-token tensors packed alike (None where not needed). `config` is the
     model's TransformerConfig: TP padding under SP, one pack length when the pipeline needs it."""
@@ -163,7 +198,8 @@ def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[
         if not chosen:  # no sample here: a fully masked row keeps this rank in the reductions
             packed.loss_mask = torch.zeros_like(packed.loss_mask)
         out.append({"batch": packed, "rows": chosen, "old_logprobs": packed.take(old), "advantages": packed.take(adv),
-                    "ref_logprobs": packed.take(ref)})  # rows: [] for the masked stand-in
+                    "ref_logprobs": packed.take(ref),  # rows: [] for the masked stand-in
+                    "engine_logprobs": packed.take(engine)})
     return out
 
 
