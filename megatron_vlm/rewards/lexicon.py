@@ -70,6 +70,14 @@ CAUSE_WORDS = {
     "fr": ("parce que", "car", "puisque"),
     "de": ("weil", "denn", "da"),
 }
+# Words that label a part of a multi-part answer ('Part 2: ...', 'Teil 2: ...', '问题2：...').
+PART_WORDS = {
+    "en": ("part", "question", "q"),
+    "zh": ("问题", "小题"),
+    "es": ("parte", "pregunta"),
+    "fr": ("partie", "question"),
+    "de": ("teil", "frage", "aufgabe"),
+}
 # Leading articles dropped before short answers are compared.
 ARTICLES = {
     "en": ("the", "a", "an"),
