@@ -33,6 +33,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0"],
+        "loggers": ["tensorboard>=2.15", "wandb>=0.17"],  # train.loggers: tensorboard, wandb
         "bench": ["liger-kernel==0.8.5"],
         # GPU-only: documented, not installable on the CPU machines. NVIDIA apex: build from source.
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "vllm==0.33.0"],  # megatron-core 0.16.1's TE pin

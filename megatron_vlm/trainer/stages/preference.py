@@ -28,6 +28,7 @@ class PreferenceStage(Stage):
                                   batch.images_per_row, batch.patches, ref,
                                   replace(ctx.cfg.preference, name=self.cfg.kind), mbs,
                                   reward_shift=self.reward_shift)
+        metrics["train_tokens"] = int(batch.batch.loss_mask.sum())  # chosen + rejected response tokens
         if "bco_reward_sum" in metrics:  # MPO's BCO shift: the running mean of implicit rewards
             self.reward_shift = self.reward_shift.update(metrics["bco_reward_sum"], metrics["bco_reward_count"])
         return metrics

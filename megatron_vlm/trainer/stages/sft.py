@@ -27,5 +27,7 @@ def imitate(ctx, samples) -> dict:
     actor = ctx.actor
     batch, images, patches = build_batch(samples, {s.request_id: ctx.cache.get(s.request_id) for s in samples},
                                          actor.pad_id, actor.spatial_merge_size)
-    return sft_step([actor.ddp], actor.optimizer, actor.scheduler, batch, images, patches,
-                    ctx.cfg.update.micro_batch_size)
+    metrics = sft_step([actor.ddp], actor.optimizer, actor.scheduler, batch, images, patches,
+                       ctx.cfg.update.micro_batch_size)
+    metrics["train_tokens"] = int(batch.loss_mask.sum())  # the response tokens imitated
+    return metrics
