@@ -87,7 +87,8 @@ def test_is_weight_scales_the_pg_term_only(variant, aggregation, impl):
     logp, old, ref, adv, mask = _token_inputs(47)
     w = _is_weight(47).requires_grad_()  # requires grad: none may arrive
     ours, expected_logp = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    loss, metrics = policy_loss(ours, old, adv, mask, CU_SEQLENS, cfg, ref_logprobs=ref, impl=impl, is_weight=w)
+    loss, metrics = policy_loss(ours, old, adv, mask, CU_SEQLENS, cfg, ref_logprobs=ref, impl=impl,
+                                is_weight=w)
     loss.backward()
     expected, expected_metrics = policy_loss_ref(expected_logp, old, adv, mask, CU_SEQLENS, cfg, ref_logprobs=ref,
                                                  is_weight=w)

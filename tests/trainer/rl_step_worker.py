@@ -4,7 +4,10 @@
    against the trainer's, score the samples, GRPO advantages, trainer-side old log-probs.
 2. Update at TP=2 (DP=1, all rows in ONE packed micro-batch) and, from the same start, at EP=2
    (DP=2, a token budget of the longest row: every rank runs several packed micro-batches). Exact
-   normalisation means the same parameters after the optimizer step. Writes the figures as JSON.
+   normalisation means the same parameters after the optimizer step.
+3. The same pair of layouts with CISPO (the torch loss path), Dr. GRPO's seq-mean-token-sum-norm
+   (sequences x one constant length over micro-batches and DP ranks) and token-level truncated IS
+   against engine log-probs that differ from the trainer's. Writes the figures as JSON.
 """
 import json
 import sys
@@ -21,6 +24,7 @@ from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs, sy
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
 from megatron_vlm.config import OptimConfig
 from megatron_vlm.rl.config import UpdateConfig
+from megatron_vlm.rl.rollout_correction import RolloutCorrectionConfig
 from megatron_vlm.trainer.rl_step import score_rows, sequence_advantages, update
 from tests.rollout.test_embedded import fixture_requests
 from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
@@ -76,6 +80,26 @@ def main():
         grad_norm_one=metrics_one["grad_norm"], grad_norm_many=metrics_many["grad_norm"],
         param_max_abs_diff=max(float((after_one[k] - after_many[k]).abs().max()) for k in after_one),
         param_max_update=moved, entropy_one=metrics_one["entropy"], entropy_many=metrics_many["entropy"])
+
+    # 3. CISPO + Dr. GRPO aggregation + truncated IS, one pack on DP=1 against many on DP=2
+    g = torch.Generator().manual_seed(3)
+    engine_lp = (old + 0.5 * torch.randn(old.shape, generator=g)) * batch.loss_mask  # ratios both sides of C
+    corrected = dict(temperature=UPDATE.temperature, rollout_correction=RolloutCorrectionConfig(clip=1.5),
+                     loss=LossConfig(name="cispo", aggregation="seq-mean-token-sum-norm"))
+    corrected_after = {}
+    for name, parallel, tokens in (("one", ParallelConfig(tp=2), int(batch.lengths.sum())),
+                                   ("many", ParallelConfig(ep=2, etp=1), int(batch.lengths.max()))):
+        model, ddp, optimizer, scheduler = build(family, hf, full, parallel, runtime)
+        m = update([ddp], optimizer, scheduler, batch, images, patches, old, advantages,
+                   UpdateConfig(pack_tokens=tokens, **corrected), engine_logprobs=engine_lp, max_response_len=6)
+        corrected_after[name] = dict(iter_hf_weights(model, rules))
+        report.update({f"corrected_loss_{name}": m["loss"], f"corrected_grad_norm_{name}": m["grad_norm"],
+                       f"corrected_truncated_{name}": m["rollout_truncated_share"]})
+    report["corrected_param_max_abs_diff"] = max(
+        float((corrected_after["one"][k] - corrected_after["many"][k]).abs().max()) for k in corrected_after["one"])
+    report["corrected_param_max_update"] = max(
+        float((corrected_after["one"][k] - full_hf).abs().max()) for k, full_hf in hf.state_dict().items()
+        if k in corrected_after["one"] and corrected_after["one"][k].shape == full_hf.shape)
     if runtime.rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,6 +1,7 @@
 """One full RL step of a tiny VLM on two gloo ranks (rl_step_worker.py): weight sync + check,
 rollouts, GRPO, trainer old log-probs, DAPO update; the loss normalisation is exact, so one
-micro-batch on one DP rank and one-row micro-batches over two DP ranks reach the same parameters."""
+micro-batch on one DP rank and one-row micro-batches over two DP ranks reach the same parameters
+(also for CISPO with Dr. GRPO's aggregation and truncated-IS rollout correction)."""
 import json
 import os
 
@@ -27,3 +28,10 @@ def test_one_rl_step_on_two_ranks(tmp_path):
     assert r["param_max_abs_diff"] < 1e-6               # ...identically in both layouts
     # entropy of the sampling distribution, the same however the tokens were split (TP2 vs EP2)
     assert 0 < r["entropy_one"] < 5.3 and abs(r["entropy_one"] - r["entropy_many"]) < 1e-5  # ln(200)=5.3
+    # CISPO + seq-mean-token-sum-norm + token TIS: the same step however the rows were split
+    assert 0 < r["corrected_truncated_one"] < 1
+    assert abs(r["corrected_truncated_one"] - r["corrected_truncated_many"]) < 1e-6
+    assert abs(r["corrected_loss_one"] - r["corrected_loss_many"]) < 1e-6
+    assert abs(r["corrected_grad_norm_one"] - r["corrected_grad_norm_many"]) < 1e-5 * max(
+        1.0, r["corrected_grad_norm_one"])
+    assert r["corrected_param_max_update"] > 1e-4 and r["corrected_param_max_abs_diff"] < 1e-6
