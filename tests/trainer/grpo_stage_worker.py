@@ -26,6 +26,7 @@ from megatron_vlm.trainer.grpo import Actor, Rewards, grpo_step
 from megatron_vlm.config import OptimConfig
 from megatron_vlm.trainer.reference import ReferencePolicy
 from megatron_vlm.rl.config import UpdateConfig
+from megatron_vlm.rl.rollout_correction import RolloutCorrectionConfig
 from tests.rollout.test_embedded import fixture_requests
 from tests.trainer.policy_fixtures import build_policy, tiny_policy_weights
 
@@ -112,6 +113,16 @@ def main():
     report.update(empty_samples=em["samples"], empty_seen=empty.emptied, empty_reward=em["reward"],
                   empty_train_tokens=em.get("train_tokens", 0), empty_response_length=em["response_length"],
                   empty_sync=em.get("sync_logprob_max_abs", 1.0))
+    # 5. rollout correction from the stage: the engine's log-probs of its samples against the
+    #    trainer's (equal here after the sync: ratio 1, nothing masked); refused with engine old log-probs
+    corrected = replace(update_plain, rollout_correction=RolloutCorrectionConfig(name="icepop"))
+    rc = grpo_step(actor, engine, draw, varied, rollout, corrected, step=6)
+    report.update({k: v for k, v in rc.items() if k.startswith("rollout_")})
+    try:
+        grpo_step(actor, engine, draw, varied, replace(rollout, old_logprobs="engine"), corrected, step=7)
+        report["rc_engine_refused"] = ""
+    except ValueError as error:
+        report["rc_engine_refused"] = str(error)
     if runtime.rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -50,3 +50,7 @@ def test_empty_responses_get_zero_reward_and_stay_in_the_batch(report):
     # 'varied' scores len(response) + ..., so only the empty ones score 0: the step still trains
     assert report["empty_train_tokens"] == round(report["empty_response_length"] * 12)
     assert report["empty_train_tokens"] > 0 and report["empty_sync"] < 1e-5
+    # rollout correction wired through the stage: engine and trainer agree after the sync
+    assert abs(report["rollout_mismatch_k1"]) < 1e-5 and report["rollout_masked_share"] == 0
+    assert abs(report["rollout_ratio_p50"] - 1) < 1e-5 and abs(report["rollout_is_weight_mean"] - 1) < 1e-5
+    assert "rollout.old_logprobs = trainer" in report["rc_engine_refused"]
