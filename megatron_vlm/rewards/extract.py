@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 
-from megatron_vlm.rewards.lexicon import ANSWER_COPULAS, ANSWER_NOUNS, alternation, words
+from megatron_vlm.rewards.lexicon import ANSWER_COPULAS, ANSWER_NOUNS, ARTICLES, alternation, words
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MAX_ANSWER_CHARS = 8192   # the tail of the final answer that verifiers read
@@ -98,3 +99,29 @@ def normalize_text(s: str) -> str:
     """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
     s = strip_latex_text(s).lower().translate(_PUNCT)
     return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+_ANY_ARTICLE = re.compile(alternation(w.rstrip("'") for w in words(ARTICLES)))
+
+
+def fold_plural(word: str) -> str:
+    """'cats' -> 'cat', 'boxes' -> 'box', 'glass' stays (a crude English fold, opt-in per task)."""
+    if len(word) > 3 and re.search(r"(?:ses|xes|zes|ches|shes)$", word):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def normalize_answer(s: str, fold_plurals: bool = False) -> str:
+    """Short-answer normalisation in any script: LaTeX text unwrapped, case folded, accents and
+    full-width forms folded ('Zürich' = 'zurich', 'ＡＢＣ' = 'abc'), "'s" read as 'is', every
+    punctuation mark a space, articles of the `lexicon` languages dropped, single spaces."""
+    s = strip_latex_text(s).casefold()
+    s = re.sub(r"(?<=\w)['’]s\b", " is", s)
+    s = re.sub(r"\b(l|d)['’](?=\w)", " ", s)  # French elision: l'Everest
+    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    s = re.sub(r"[^\w\s]|_", " ", unicodedata.normalize("NFKC", s))
+    s = _ANY_ARTICLE.sub(" ", s)
+    tokens = s.split()
+    return " ".join(fold_plural(t) for t in tokens) if fold_plurals else " ".join(tokens)

@@ -22,13 +22,14 @@ ANSWER_NOUNS = {
     "fr": ("réponse finale", "réponse correcte", "réponse", "reponse"),
     "de": ("endgültige antwort", "richtige antwort", "antwort"),
 }
-# What may join the noun and the answer besides ':' '：' '='.
+# What may join the noun and the answer besides ':' '：' '=' (also the frame of a short answer
+# stated in a sentence: 'The capital is Paris', 'Paris est la capitale').
 ANSWER_COPULAS = {
-    "en": ("is",),
+    "en": ("is", "are", "was", "were", "would be"),
     "zh": ("是", "为", "為"),
-    "es": ("es", "sería", "seria"),
-    "fr": ("est", "serait"),
-    "de": ("ist", "lautet", "wäre"),
+    "es": ("es", "son", "era", "fue", "sería", "seria"),
+    "fr": ("est", "sont", "était", "serait"),
+    "de": ("ist", "sind", "war", "lautet", "wäre"),
 }
 
 # Yes / no words. Single letters (y, n, t, f) count only as a whole answer.

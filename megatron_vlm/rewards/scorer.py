@@ -37,6 +37,9 @@ class RewardConfig:
     monitor_tasks: list[str] = field(default_factory=list)  # verifier tasks also scored by the RM, to catch RM hacking
     hacking: HackingMonitorConfig = field(default_factory=HackingMonitorConfig)
     max_failure_rate: float = 0.5  # a score() call with a larger share of failed samples raises; 1 never
+    # task -> default metadata for its verifier (a sample's own metadata wins), e.g. a strict
+    # short-answer task: {"trivia": {"match": "exact"}}
+    task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.verifiers:
@@ -65,6 +68,10 @@ class RewardConfig:
                                  f"other than the reward model")
         if self.start_method not in START_METHODS:
             raise ValueError(f"reward.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        for task, defaults in self.task_metadata.items():
+            if task not in self.verifiers or not isinstance(defaults, Mapping):
+                raise ValueError(f"reward.task_metadata[{task!r}] must be a mapping for a task with a verifier "
+                                 f"(tasks: {sorted(self.verifiers)}), got {defaults!r}")
         if not 0 <= self.max_failure_rate <= 1:
             raise ValueError(f"reward.max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
 
@@ -170,7 +177,7 @@ class RewardScorer:
     def _score_with_pool(self, samples: Sequence[RewardSample], raw: list[float]) -> list[RewardFailure]:
         indices = [i for i, s in enumerate(samples) if self.cfg.verifiers[s.task] != REWARD_MODEL]
         jobs = [Job(self.cfg.verifiers[samples[i].task],
-                    (samples[i].response, samples[i].reference, dict(samples[i].metadata))) for i in indices]
+                    (samples[i].response, samples[i].reference, self.metadata(samples[i]))) for i in indices]
         failures = []
         for i, result in zip(indices, self.pool.run(jobs, self.cfg.timeout_s)):
             if result.value is not None:
@@ -180,6 +187,10 @@ class RewardScorer:
                                               "timeout" if result.timed_out else "error", result.error or "",
                                               result.elapsed_s))
         return failures
+
+    def metadata(self, sample: RewardSample) -> dict[str, Any]:
+        """The metadata its verifier sees: the task's defaults, overridden by the sample's own."""
+        return {**self.cfg.task_metadata.get(sample.task, {}), **sample.metadata}
 
     def _score_with_reward_model(self, samples: Sequence[RewardSample], raw: list[float]) -> list[RewardFailure]:
         indices = [i for i, s in enumerate(samples) if self.cfg.verifiers[s.task] == REWARD_MODEL]

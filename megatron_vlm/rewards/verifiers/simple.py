@@ -10,8 +10,9 @@ import re
 import string
 from typing import Any, Mapping, Sequence
 
-from megatron_vlm.rewards.extract import answer_span, final_answer, last_line, normalize_text, strip_latex_text
-from megatron_vlm.rewards.lexicon import (ANSWER_COPULAS, NEGATORS, NO_WORDS, SEQUENCE_WORDS, YES_WORDS,
+from megatron_vlm.rewards.extract import (answer_span, final_answer, last_line, normalize_answer, normalize_text,
+                                         strip_latex_text)
+from megatron_vlm.rewards.lexicon import (ANSWER_COPULAS, HEDGE_WORDS, NEGATORS, NO_WORDS, SEQUENCE_WORDS, YES_WORDS,
                                          alternation, is_cjk, words)
 from megatron_vlm.rewards.registry import register_verifier
 
@@ -146,13 +147,75 @@ def sequence_verifier(response: str, reference: Any, metadata: Mapping[str, Any]
     return sum(position[a] < position[b] for a, b in pairs) / len(pairs)
 
 
+_COPULA_WORDS = {normalize_answer(w) for w in words(ANSWER_COPULAS)}
+_HEDGE = re.compile(alternation(normalize_answer(w) for w in words(HEDGE_WORDS)))
+_CLAUSE = re.compile(r"(?<!\d)[,;.!?:](?!\d)|[，；。！？：\n]")
+SHORT_ANSWER_MODES = ("exact", "sentence")
+
+
+def _aliases(reference: Any, fold_plurals: bool) -> set[str]:
+    aliases = reference if isinstance(reference, (list, tuple)) else [reference]
+    if not aliases or any(a is None or not isinstance(a, (str, int, float)) for a in aliases):
+        raise ValueError(f"short_answer: reference must be a non-empty string or a list of accepted "
+                         f"answers (strings), got {reference!r}")
+    normalised = {normalize_answer(str(a), fold_plurals) for a in aliases}
+    if "" in normalised:
+        raise ValueError(f"short_answer: reference {reference!r} has an empty accepted answer")
+    return normalised
+
+
+def _framed(text: str, alias: str, max_words: int) -> bool:
+    """`text` (normalised) states `alias` in a copula frame: '<...> is <alias>' or
+    '<alias> is <...>', short, and with no hedge or negation words outside the alias."""
+    if len(text.split()) > max_words or alias not in text:
+        return False
+    cjk = is_cjk(alias)
+    if text.endswith(alias) and (cjk or text.endswith(" " + alias)):
+        frame = text[:-len(alias)].strip()
+        last = frame[-1:] if cjk else (frame.split() or [""])[-1]
+        if (last in _COPULA_WORDS or frame.endswith(("would be",))) and not _HEDGE.search(frame):
+            return True
+    if text.startswith(alias) and (cjk or text.startswith(alias + " ")):
+        rest = text[len(alias):].strip()
+        first = rest[:1] if cjk else (rest.split() or [""])[0]
+        return first in _COPULA_WORDS and not _HEDGE.search(rest)
+    return False
+
+
 @register_verifier("short_answer")
 def short_answer_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
-    """1.0 when the normalised answer (lower case, no punctuation or articles) equals the
-    normalised reference or one of its aliases (`reference` may be a list of aliases)."""
-    aliases: Sequence[Any] = reference if isinstance(reference, (list, tuple)) else [reference]
+    """1.0 when the answer equals the reference or one of its aliases after normalisation.
+
+    `reference`: a string or a list of accepted answers (aliases); None, empty or non-string
+    references are errors. Normalisation (`extract.normalize_answer`): case, accents, full-width
+    forms, punctuation, articles in five languages; plural folding with metadata `fold_plurals`.
+    The answer is the boxed answer, else the anchored one ('The answer is ...' in any `lexicon`
+    language), else the last line. metadata `match`:
+    - "exact": the whole answer (or its first clause, 'Paris, the capital of France') must equal
+      an alias;
+    - "sentence" (default): also accepts an alias stated in a short sentence (at most
+      `max_words`, default 12) in a copula frame: 'It is Paris.', 'The capital is Paris',
+      'Paris est la capitale', '首都是巴黎'.
+    Refuses (0) by design: hedges ('Paris or London', 'maybe Paris', two boxes), negations ('It is
+    not Paris', 'Paris is not it'), an alias that is not the sentence's subject or complement
+    ('near Paris', 'The Moon is bigger than the Sun' for 'the Sun'), long sentences, answers only
+    in the think block. Set the per-task defaults with `reward.task_metadata`.
+    """
+    fold = bool(metadata.get("fold_plurals", False))
+    mode = metadata.get("match", "sentence")
+    if mode not in SHORT_ANSWER_MODES:
+        raise ValueError(f"short_answer: metadata match must be one of {SHORT_ANSWER_MODES}, got {mode!r}")
+    aliases = _aliases(reference, fold)
     answer = final_answer(response)
     span = _anchored_or(answer, last_line(answer))
     if not span:
         return 0.0
-    return float(normalize_text(span) in {normalize_text(str(a)) for a in aliases})
+    first_clause = _CLAUSE.split(span.strip(), maxsplit=1)[0]
+    candidates = [normalize_answer(text, fold) for text in (span, first_clause)]
+    if any(c in aliases for c in candidates):
+        return 1.0
+    if mode == "exact":
+        return 0.0
+    sentence = normalize_answer(re.split(r"(?<!\d)[.!?](?!\d)|[。！？\n]", span.strip(), maxsplit=1)[0], fold)
+    max_words = int(metadata.get("max_words", 12))
+    return float(any(_framed(text, alias, max_words) for text in (sentence, candidates[1]) for alias in aliases))
