@@ -40,6 +40,35 @@ def final_answer(response: str, max_chars: int | None = MAX_ANSWER_CHARS) -> str
     return (text if max_chars is None else text[-max_chars:]).strip()
 
 
+MIN_THINK_TOKENS = 3  # distinct words (a Chinese character counts as one) below which reasoning is junk
+_THINK_TOKEN = re.compile(r"[\u4e00-\u9fff]|[^\W\d_]{2,}")
+
+
+def format_problem(response: str) -> str | None:
+    """Why `response` does not follow the chat template's think-then-answer form, or None.
+
+    Well formed: an optional `<think>` at the very start (templates that open the block in the
+    prompt leave it out), one `</think>`, reasoning of at least `MIN_THINK_TOKENS` distinct words,
+    then a non-empty final answer with no think tags in it.
+    """
+    closes = response.count(THINK_CLOSE)
+    if closes == 0:
+        return "unclosed think block" if THINK_OPEN in response else "no think block"
+    if closes > 1:
+        return "several </think>"
+    reasoning, _, answer = response.partition(THINK_CLOSE)
+    opens = reasoning.count(THINK_OPEN)
+    if opens > 1 or (opens == 1 and not reasoning.lstrip().startswith(THINK_OPEN)):
+        return "<think> not at the start"
+    if THINK_OPEN in answer:
+        return "<think> after </think>"
+    if len(set(_THINK_TOKEN.findall(reasoning.lower()))) < MIN_THINK_TOKENS:
+        return "empty or junk reasoning"
+    if not answer.strip():
+        return "no final answer"
+    return None
+
+
 def boxed_contents(text: str) -> list[str]:
     """Contents of every `\\boxed{...}` / `\\fbox{...}` in order, braces matched."""
     found = []

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
+from megatron_vlm.rewards.extract import format_problem
 from megatron_vlm.rewards.hacking import HackingMonitor, HackingMonitorConfig, HackingReport
 from megatron_vlm.rewards.normalization import RunningStats, normalization_modes, normalize_by_task
 from megatron_vlm.rewards.pool import START_METHODS, Job, WorkerPool
@@ -40,6 +41,10 @@ class RewardConfig:
     # task -> default metadata for its verifier (a sample's own metadata wins), e.g. a strict
     # short-answer task: {"trivia": {"match": "exact"}}
     task_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # task -> True: a response that does not follow the think-then-answer template (think block
+    # missing, unclosed, junk; see extract.format_problem) scores 0 without being verified. The
+    # well-formed share is logged for every task whatever this says (reward/<task>/well_formed).
+    strict_format: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.verifiers:
@@ -68,6 +73,10 @@ class RewardConfig:
                                  f"other than the reward model")
         if self.start_method not in START_METHODS:
             raise ValueError(f"reward.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        for task, strict in self.strict_format.items():
+            if task not in self.verifiers or not isinstance(strict, bool):
+                raise ValueError(f"reward.strict_format[{task!r}] must be true or false for a task with a verifier "
+                                 f"(tasks: {sorted(self.verifiers)}), got {strict!r}")
         for task, defaults in self.task_metadata.items():
             if task not in self.verifiers or not isinstance(defaults, Mapping):
                 raise ValueError(f"reward.task_metadata[{task!r}] must be a mapping for a task with a verifier "
@@ -147,12 +156,17 @@ class RewardScorer:
         if unknown:
             raise KeyError(f"samples have tasks {unknown} without a verifier; configured: {sorted(self.cfg.verifiers)}")
         raw: list[float] = [self.cfg.failure_score] * len(samples)
-        failures = self._score_with_pool(samples, raw) + self._score_with_reward_model(samples, raw)
+        well_formed = [isinstance(s.response, str) and format_problem(s.response) is None for s in samples]
+        refused = {i for i, s in enumerate(samples) if self.cfg.strict_format.get(s.task) and not well_formed[i]}
+        for i in refused:
+            raw[i] = 0.0
+        kept = [i for i in range(len(samples)) if i not in refused]
+        failures = self._score_with_pool(samples, raw, kept) + self._score_with_reward_model(samples, raw, kept)
         if samples and len(failures) > self.cfg.max_failure_rate * len(samples):
             raise RewardFailureRateError(failures, samples, self.cfg.max_failure_rate)
         rewards, self.stats = normalize_by_task(raw, [s.task for s in samples], self.cfg.normalization,
                                                 self.cfg.weights, self.stats)
-        metrics = task_metrics(samples, raw, rewards, failures)
+        metrics = task_metrics(samples, raw, rewards, failures, well_formed, refused)
         hacking = self._monitor(samples, raw, failures)
         if hacking is not None:
             metrics.update(hacking.metrics)
@@ -174,8 +188,9 @@ class RewardScorer:
             return None
         return self.monitor.update([samples[i].sample_id for i in indices], rm_scores, [raw[i] for i in indices])
 
-    def _score_with_pool(self, samples: Sequence[RewardSample], raw: list[float]) -> list[RewardFailure]:
-        indices = [i for i, s in enumerate(samples) if self.cfg.verifiers[s.task] != REWARD_MODEL]
+    def _score_with_pool(self, samples: Sequence[RewardSample], raw: list[float],
+                         kept: Sequence[int]) -> list[RewardFailure]:
+        indices = [i for i in kept if self.cfg.verifiers[samples[i].task] != REWARD_MODEL]
         jobs = [Job(self.cfg.verifiers[samples[i].task],
                     (samples[i].response, samples[i].reference, self.metadata(samples[i]))) for i in indices]
         failures = []
@@ -192,8 +207,9 @@ class RewardScorer:
         """The metadata its verifier sees: the task's defaults, overridden by the sample's own."""
         return {**self.cfg.task_metadata.get(sample.task, {}), **sample.metadata}
 
-    def _score_with_reward_model(self, samples: Sequence[RewardSample], raw: list[float]) -> list[RewardFailure]:
-        indices = [i for i, s in enumerate(samples) if self.cfg.verifiers[s.task] == REWARD_MODEL]
+    def _score_with_reward_model(self, samples: Sequence[RewardSample], raw: list[float],
+                                 kept: Sequence[int]) -> list[RewardFailure]:
+        indices = [i for i in kept if self.cfg.verifiers[samples[i].task] == REWARD_MODEL]
         if not indices:
             return []
         try:
@@ -224,10 +240,15 @@ class RewardScorer:
 
 
 def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards: Sequence[float],
-                 failures: Sequence[RewardFailure]) -> dict[str, float]:
-    """Per task: raw mean, normalised mean, share of non-zero rewards (sparsity), failures."""
+                 failures: Sequence[RewardFailure], well_formed: Sequence[bool] | None = None,
+                 refused: set[int] = frozenset()) -> dict[str, float]:
+    """Per task: raw mean, normalised mean, share of non-zero rewards (sparsity), failures, share
+    of well-formed responses and the number refused for their format (strict_format)."""
+    well_formed = [True] * len(samples) if well_formed is None else well_formed
     metrics: dict[str, float] = {"reward/failures": float(len(failures)),
                                  "reward/timeouts": float(sum(f.kind == "timeout" for f in failures))}
+    if samples:
+        metrics["reward/well_formed"] = sum(well_formed) / len(samples)
     for task in dict.fromkeys(s.task for s in samples):
         indices = [i for i, s in enumerate(samples) if s.task == task]
         n = len(indices)
@@ -237,4 +258,6 @@ def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards:
         metrics[f"reward/{task}/nonzero_frac"] = sum(raw[i] != 0 for i in indices) / n
         metrics[f"reward/{task}/failures"] = float(sum(f.task == task for f in failures))
         metrics[f"reward/{task}/timeouts"] = float(sum(f.task == task and f.kind == "timeout" for f in failures))
+        metrics[f"reward/{task}/well_formed"] = sum(well_formed[i] for i in indices) / n
+        metrics[f"reward/{task}/format_refused"] = float(sum(i in refused for i in indices))
     return metrics

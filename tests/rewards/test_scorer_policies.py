@@ -6,12 +6,15 @@ One scorer (one forkserver worker) is shared by the module: worker start-up is t
 import pytest
 
 from megatron_vlm.rewards import RewardConfig, RewardSample, RewardScorer
+from megatron_vlm.rewards.extract import format_problem
 
 
 @pytest.fixture(scope="module")
 def scorer():
-    cfg = RewardConfig(verifiers={"trivia": "short_answer", "trivia_strict": "short_answer"},
+    cfg = RewardConfig(verifiers={"trivia": "short_answer", "trivia_strict": "short_answer",
+                                  "gsm": "numeric", "gsm_strict": "numeric"},
                        task_metadata={"trivia_strict": {"match": "exact"}},
+                       strict_format={"gsm_strict": True, "gsm": False},
                        num_workers=1, max_failure_rate=1.0)
     with RewardScorer(cfg) as s:
         yield s
@@ -33,3 +36,49 @@ def test_task_metadata_sets_strictness_per_task(scorer):
 def test_task_metadata_is_validated():
     with pytest.raises(ValueError, match=r"reward.task_metadata\['nope'\]"):
         RewardConfig(verifiers={"a": "short_answer"}, task_metadata={"nope": {}})
+
+
+REASONING = "<think>Six times seven is forty-two, so the total is 42.</think>"
+FORMATS = [
+    # (response, problem or None)
+    (f"{REASONING}The answer is 42.", None),
+    ("Six times seven is forty-two.</think>42", None),          # <think> opened by the prompt
+    ("<think>六乘以七等于四十二</think>答案是 42", None),
+    ("The answer is 42.", "no think block"),
+    ("<think>Six times seven is forty-two, so 42", "unclosed think block"),
+    ("<think></think>42", "empty or junk reasoning"),
+    ("<think>...!!! 42 42 42</think>42", "empty or junk reasoning"),
+    ("<think>ok ok ok ok</think>42", "empty or junk reasoning"),
+    (f"{REASONING}", "no final answer"),
+    (f"{REASONING}</think>42", "several </think>"),
+    (f"42 {REASONING}42", "<think> not at the start"),
+    (f"{REASONING}<think>again</think>42", "several </think>"),
+    (f"{REASONING}42 <think>", "<think> after </think>"),
+]
+
+
+@pytest.mark.parametrize("response, problem", FORMATS, ids=[f[0][:30] for f in FORMATS])
+def test_format_problem(response, problem):
+    assert format_problem(response) == problem
+
+
+def test_strict_format_refuses_malformed_responses_and_both_modes_log_the_share(scorer):
+    responses = [f"{REASONING}The answer is 42.", "The answer is 42.", "<think></think>42",
+                 "<think>Six times seven is forty-two, so 42"]
+    batch = ([sample(f"lax-{i}", "gsm", r, "42") for i, r in enumerate(responses)]
+             + [sample(f"strict-{i}", "gsm_strict", r, "42") for i, r in enumerate(responses)])
+    result = scorer.score(batch)
+    assert result.raw == [1.0, 1.0, 1.0, 0.0,   # lax: pays the number after </think> or the whole text
+                          1.0, 0.0, 0.0, 0.0], result.failures
+    assert result.failures == []
+    assert result.metrics["reward/gsm/well_formed"] == result.metrics["reward/gsm_strict/well_formed"] == 0.25
+    assert result.metrics["reward/gsm/format_refused"] == 0.0
+    assert result.metrics["reward/gsm_strict/format_refused"] == 3.0
+    assert result.metrics["reward/well_formed"] == 0.25
+
+
+def test_strict_format_is_validated():
+    with pytest.raises(ValueError, match=r"reward.strict_format\['gsm'\] must be true or false"):
+        RewardConfig(verifiers={"gsm": "numeric"}, strict_format={"gsm": "yes"})
+    with pytest.raises(ValueError, match=r"reward.strict_format\['other'\]"):
+        RewardConfig(verifiers={"gsm": "numeric"}, strict_format={"other": True})
