@@ -1,9 +1,10 @@
-"""`megatron-vlm` command line: train, plan, bench.
+"""`megatron-vlm` command line: train, plan, convert, report, bench.
 
   megatron-vlm train --config configs/lm_demo.yaml [--resume auto|PATH] [--overwrite] [key.sub=value ...]
   megatron-vlm plan  --config configs/qwen3_vl_30b_a3b.yaml [--nproc N]
   megatron-vlm convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N --etp N --nproc N]
   megatron-vlm convert mcore-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
+  megatron-vlm report RUN_DIR [--out FILE]          |  megatron-vlm report --compare RUN_A RUN_B ... --out PNG
   megatron-vlm bench kernels [...]
 
 `train` with runtime.nproc > 1 and no launcher around it (no RANK in the environment) starts the
@@ -113,6 +114,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from megatron_vlm.report import compare_runs, render_report
+
+    if args.compare:
+        out = Path(args.out or "compare.png")
+        compare_runs([Path(r) for r in args.runs], out)
+    else:
+        if len(args.runs) != 1:
+            raise ValueError("report takes one RUN_DIR (or --compare RUN_A RUN_B ...)")
+        out = render_report(Path(args.runs[0]), Path(args.out) if args.out else None)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what != "kernels":
         raise SystemExit(f"unknown benchmark {args.what!r}; known: kernels")
@@ -152,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-shard-gb", type=float, default=2.0, help="HF shard size bound")
     conv.add_argument("--timeout", type=float, default=7200)
     conv.set_defaults(func=cmd_convert)
+    report = sub.add_parser("report", help="a run's HTML page (curves, sampled rollouts), or runs compared")
+    report.add_argument("runs", nargs="+", help="RUN_DIR (a train.out_dir); with --compare, several")
+    report.add_argument("--compare", action="store_true", help="one figure of several runs' curves")
+    report.add_argument("--out", default=None, help="RUN_DIR/report.html, or compare.png with --compare")
+    report.set_defaults(func=cmd_report)
     bench = sub.add_parser("bench", help="microbenchmarks")
     bench.add_argument("what", help="kernels")
     bench.add_argument("rest", nargs=argparse.REMAINDER)

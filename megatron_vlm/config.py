@@ -157,6 +157,19 @@ LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers (jsonl is always on
 
 
 @dataclass(kw_only=True)
+class SamplesConfig:
+    """`train.samples`: which rollouts are written for reading."""
+    every: int | None = None   # steps of a GRPO / RFT stage between writes; None: none written
+    count: int = 16            # rollouts per write (a seeded draw of the step's samples)
+
+    def __post_init__(self):
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"train.samples.every must be >= 1 or null, got {self.every}")
+        if self.count < 1:
+            raise ValueError(f"train.samples.count must be >= 1, got {self.count}")
+
+
+@dataclass(kw_only=True)
 class CheckpointConfig:
     """`train.checkpoint`: when a VLM run saves its state (trainer/checkpointing.py)."""
     every: int | None = None   # steps of a stage between saves; None: only at the end of each stage
@@ -183,6 +196,7 @@ class TrainConfig:
                                         # which the run saves and exits 75; None: the SLURM job's end
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (trainer/loggers.py)
     wandb_project: str = "megatron_vlm"
+    samples: SamplesConfig = field(default_factory=SamplesConfig)  # rollouts to read (trainer/samples.py)
 
     def __post_init__(self):
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "log_every",

@@ -25,7 +25,7 @@ CURVES = "curves.png"
 REJECTION = "rejection_sft.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPORT = "hf_export"
-OUTPUTS = (METRICS, CURVES, REJECTION, CHECKPOINTS, EXPORT, "tb", "wandb", "wandb_id")  # + the loggers
+OUTPUTS = (METRICS, CURVES, REJECTION, CHECKPOINTS, EXPORT, "samples", "report.html", "tb", "wandb", "wandb_id")
 
 
 def existing_outputs(out_dir: Path) -> list[str]:
@@ -121,26 +121,3 @@ class MetricsLog:
         self.sinks = []
         if self.file:
             self.file.close()
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    import matplotlib  # only rank 0 at the end of a run draws
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    x = list(range(len(rows)))
-    for ax, key, title in zip(axes, ("eval_accuracy", "reward", "loss"),
-                              ("held-out accuracy", "GRPO reward", "training loss")):
-        points = [(i, r[key]) for i, r in zip(x, rows) if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "eval_accuracy" else None)
-        ax.set_title(title)
-        ax.set_xlabel("step (all stages)")
-        for i, row in enumerate(rows):
-            if i and row.get("stage") != rows[i - 1].get("stage"):
-                ax.axvline(i, color="grey", linestyle=":")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -30,9 +30,10 @@ from megatron_vlm.parallel.runtime import shutdown
 from megatron_vlm.trainer.checkpointing import RunCheckpointer
 from megatron_vlm.trainer.context import build_context
 from megatron_vlm.trainer.megatron_step import collective_device
-from megatron_vlm.trainer.run_log import (CHECKPOINTS, CURVES, EXPORT, MetricsLog, plot_curves, refuse_foreign_outputs,
+from megatron_vlm.report import plot_run
+from megatron_vlm.trainer.run_log import (CHECKPOINTS, CURVES, EXPORT, MetricsLog, refuse_foreign_outputs,
                                           remove_outputs)
-from megatron_vlm.trainer.stages import build_stage
+from megatron_vlm.trainer.stages import build_stages
 
 
 class Preempted(Exception):
@@ -53,7 +54,7 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
     try:
         ctx = build_context(cfg)
         preemption.device = collective_device()
-        stages = [build_stage(stage, ctx) for stage in cfg.stages]
+        stages = build_stages(ctx)
         ckpt = RunCheckpointer(ctx, stages)
         position = _start(ctx, ckpt, resume, overwrite)
         log = MetricsLog(out, ctx.runtime.rank == 0, position and position.metrics_rows, cfg.train.loggers,
@@ -92,7 +93,7 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
             log.summary()
             log.close()
             if ctx.runtime.rank == 0 and log.rows:
-                plot_curves(log.rows, out / CURVES)
+                plot_run(log.rows, out / CURVES)
         if not keep_runtime:
             shutdown()
 

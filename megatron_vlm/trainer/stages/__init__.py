@@ -21,8 +21,9 @@ register_stage = STAGES.register
 class Stage:
     """The part every stage kind shares: entry into the stage, and an empty state."""
 
-    def __init__(self, ctx, cfg):
+    def __init__(self, ctx, cfg, offset: int = 0):
         self.ctx, self.cfg = ctx, cfg
+        self.offset = offset  # the steps of the stages before this one: step + offset is the run's step
 
     def begin(self) -> None:
         """Enter the stage: its own constant lr, fresh Adam moments if asked, pi_ref = the policy
@@ -47,8 +48,22 @@ class Stage:
             raise ValueError(f"a {self.cfg.kind} stage keeps no state, but the checkpoint has {sorted(state)}")
 
 
-def build_stage(cfg, ctx) -> Stage:
-    return STAGES.get(cfg.kind)(ctx, cfg)
+def build_stage(cfg, ctx, offset: int = 0) -> Stage:
+    return STAGES.get(cfg.kind)(ctx, cfg, offset)
+
+
+def build_stages(ctx) -> list[Stage]:
+    """The run's stages, each knowing where its steps fall in the run's count."""
+    stages, offset = [], 0
+    for cfg in ctx.cfg.stages:
+        stages.append(build_stage(cfg, ctx, offset))
+        offset += cfg.steps
+    return stages
+
+
+def samples_due(stage: Stage, step: int) -> bool:
+    every = stage.ctx.cfg.train.samples.every
+    return every is not None and step % every == 0 and stage.ctx.runtime.rank == 0
 
 
 from megatron_vlm.trainer.stages import grpo, preference, rft, sft  # noqa: E402,F401  (registers the kinds)

@@ -6,28 +6,37 @@ from __future__ import annotations
 import torch
 
 from megatron_vlm.trainer.grpo import Rewards, grpo_step
-from megatron_vlm.trainer.stages import Stage, register_stage
+from megatron_vlm.trainer.samples import write_samples
+from megatron_vlm.trainer.stages import Stage, register_stage, samples_due
 
 
 @register_stage("grpo")
 class GRPOStage(Stage):
-    def __init__(self, ctx, cfg):
-        super().__init__(ctx, cfg)
+    def __init__(self, ctx, cfg, offset: int = 0):
+        super().__init__(ctx, cfg, offset)
         self.scored: list = []  # (request, raw reward) of this step, for the prompt mix
+        self.first_draw = None  # (samples, reward result) of the step's first draw, to write out
 
     def step(self, step: int) -> dict:
         cfg = self.ctx.cfg
         metrics = grpo_step(self.ctx.actor, self.ctx.engine, self.ctx.draw, self.rewards, cfg.rollout,
                             cfg.update, step, cfg.rl)
         metrics.update(observe_mix(self.ctx, self.scored))
-        self.scored = []
+        if samples_due(self, step):
+            save_samples(self.ctx, step + self.offset, *self.first_draw)
+        self.scored, self.first_draw = [], None
         return metrics
 
     def rewards(self, samples) -> Rewards:
         _, result = self.ctx.score(samples)
         self.scored += [(self.ctx.data.by_id[s.request_id], raw) for s, raw in zip(samples, result.raw)]
+        self.first_draw = self.first_draw or (samples, result)
         return Rewards(torch.tensor(result.rewards, dtype=torch.float),
                        torch.tensor(result.raw, dtype=torch.float), result.metrics)
+
+
+def save_samples(ctx, step: int, samples, result) -> None:
+    write_samples(ctx.out_dir, step, samples, result, ctx.data.by_id, ctx.text, ctx.cfg.train.samples.count)
 
 
 def observe_mix(ctx, scored: list) -> dict:

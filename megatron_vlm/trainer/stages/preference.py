@@ -13,8 +13,8 @@ from megatron_vlm.trainer.stages import Stage, register_stage
 
 
 class PreferenceStage(Stage):
-    def __init__(self, ctx, cfg):
-        super().__init__(ctx, cfg)
+    def __init__(self, ctx, cfg, offset: int = 0):
+        super().__init__(ctx, cfg, offset)
         self.reward_shift = RewardShift()
 
     def step(self, step: int) -> dict:

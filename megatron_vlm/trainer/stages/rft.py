@@ -8,8 +8,8 @@ import time
 
 from megatron_vlm.rl.rejection import build_rejection_sft
 from megatron_vlm.trainer.sft import labelled_sample
-from megatron_vlm.trainer.stages import Stage, register_stage
-from megatron_vlm.trainer.stages.grpo import observe_mix
+from megatron_vlm.trainer.stages import Stage, register_stage, samples_due
+from megatron_vlm.trainer.stages.grpo import observe_mix, save_samples
 from megatron_vlm.trainer.stages.sft import imitate
 
 REJECTION_FILE = "rejection_sft.jsonl"
@@ -29,6 +29,8 @@ class RFTStage(Stage):
                    "time_rollout": rollout_seconds, **{f"rejection_{k}": v for k, v in stats.items()}}
         metrics.update(observe_mix(ctx, [(ctx.data.by_id[s.request_id], raw)
                                          for s, raw in zip(samples, result.raw)]))
+        if samples_due(self, step):
+            save_samples(ctx, step + self.offset, samples, result)
         if not examples:
             return metrics  # no prompt solved: nothing to imitate this step
         by_sample = {f"{s.request_id}#{s.index}": s for s in samples}
