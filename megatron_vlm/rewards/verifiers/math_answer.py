@@ -14,7 +14,16 @@ Departures from calling `math_verify.verify(parse(gold), parse(response))` direc
 - without a box, only the last line is parsed (a long list of numbers is not an answer);
 - two exact rationals must be equal exactly (math-verify compares floats: 1/2^99 == 1/2^98),
   except when either side is a percentage: math-verify's own percentage rule (`50\\%` equals
-  `50`, `0.5` and `1/2`) stands, since the exact comparison would read `50\\%` as 1/2 against 50.
+  `50`, `0.5` and `1/2`) stands, since the exact comparison would read `50\\%` as 1/2 against 50;
+- sets and intervals (policy, metadata `set_relation`, default true): math-verify's
+  `allow_set_relation_comp` is on, so a relation and the interval it describes are equal either
+  way round (`x > 2` = `(2, \\infty)`, `0 \\le x \\le 1` = `[0, 1]`; math-verify's default
+  accepts only a relation as the reference). Endpoints must match (`[0, 1)` != `[0, 1]`,
+  `x \\ge 2` != `(2, \\infty)`); sets are unordered (`\\{3,2,1\\}` = `\\{1,2,3\\}`, `1, 2` = `\\{2, 1\\}`);
+  `x=1 \\text{ or } x=2` = `\\{1, 2\\}`; unions compare as unions. Refused by design (math-verify
+  0.9.0): a union against 'or'-joined relations (`x<0 \\text{ or } x>1`), an ordered pair against
+  an interval (`(1, 2)` is an interval when it is the reference); the relation's variable name
+  is not checked (`y > 2` = `(2, \\infty)`).
 """
 from __future__ import annotations
 
@@ -62,7 +71,8 @@ def _exact_rationals_differ(gold: list, pred: list) -> bool:
 def math_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the final answer equals `reference` (LaTeX or plain) under math-verify, else 0.0.
 
-    metadata: `float_rounding` (default 6) digits kept when math-verify compares floats.
+    metadata: `float_rounding` (default 6) digits kept when math-verify compares floats;
+    `set_relation` (default true) compares relations with intervals and sets (module docstring).
     """
     from math_verify import verify
 
@@ -76,10 +86,11 @@ def math_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) ->
     gold, pred = _parse(_gold_latex(reference)), _parse(candidate)
     if not gold or not pred:
         return 0.0
-    rounding = int(metadata.get("float_rounding", 6))
+    options = {"float_rounding": int(metadata.get("float_rounding", 6)), "timeout_seconds": None,
+               "allow_set_relation_comp": bool(metadata.get("set_relation", True))}
     for other in boxes[:-1]:  # '\boxed{1/2} = \boxed{0.5}' restates; '\boxed{3} or \boxed{4}' hedges
-        if not verify(pred, _parse(f"\\boxed{{{other}}}"), float_rounding=rounding, timeout_seconds=None):
+        if not verify(pred, _parse(f"\\boxed{{{other}}}"), **options):
             return 0.0
-    equal = verify(gold, pred, float_rounding=rounding, timeout_seconds=None)
+    equal = verify(gold, pred, **options)
     percentage = any("%" in text for text in (str(reference), candidate))
     return float(equal and (percentage or not _exact_rationals_differ(gold, pred)))
