@@ -279,6 +279,9 @@ class RunConfig:
                              "model of its HF config (vlm.assets/model, vlm.model_config): drop it")
         if self.is_vlm:
             self.parallel.data_parallel_size(world_size)
+            if self.rl.routing_replay and self.parallel.cp > 1:
+                raise ValueError("rl.routing_replay with parallel.cp > 1: the engine's routes are not cut into "
+                                 "CP chunks (and packed micro-batches refuse CP today)")
             if not self.stages:
                 raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo | rft | dpo | mpo)")
             return

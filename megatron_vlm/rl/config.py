@@ -51,7 +51,9 @@ class RLConfig:
     """Engine choice and the rollout-shaping options of the recipes (`rl:` in a config)."""
     engine: str = "embedded"          # embedded (CPU, transformers) | vllm (GPU)
     vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
-    routing_replay: bool = False      # replay the engine's MoE routing in the trainer
+    # replay the engine's MoE routing in the trainer (trainer/routing_replay.py): the embedded engine
+    # records its routes; vLLM needs rl.vllm.return_routed_experts
+    routing_replay: bool = False
     dynamic_sampling: DynamicSamplingConfig | None = None  # DAPO: draw until the batch is informative
     overlong: OverlongPenaltyConfig | None = None           # DAPO soft over-long penalty (reward term)
     mask_truncated: bool = False      # DAPO over-long filtering: truncated responses leave the loss
@@ -64,10 +66,12 @@ class RLConfig:
 
     def check(self, rollout: RolloutConfig) -> None:
         """Cross-section checks, and refusal of what the stage runner does not apply yet."""
-        if self.routing_replay:
-            raise ValueError("rl.routing_replay: the engine returns routed experts "
-                             "(rl.vllm.return_routed_experts) but the trainer does not replay them "
-                             "yet (issue #5); refusing to run without it")
+        if self.routing_replay and self.engine == "vllm" and not self.vllm.return_routed_experts:
+            raise ValueError("rl.routing_replay with rl.engine=vllm needs rl.vllm.return_routed_experts=true "
+                             "(vLLM returns the experts each token used only when asked)")
+        if self.routing_replay and self.forced_answer is not None:
+            raise ValueError("rl.routing_replay with rl.forced_answer: the forced continuation's routes are "
+                             "not merged into the sample's yet, so its tokens would replay filler experts")
         if self.overlong is not None and self.overlong.max_response_len != rollout.max_new_tokens:
             raise ValueError(f"rl.overlong.max_response_len ({self.overlong.max_response_len}) must "
                              f"equal rollout.max_new_tokens ({rollout.max_new_tokens})")

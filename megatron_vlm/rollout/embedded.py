@@ -10,10 +10,20 @@ Log-probabilities are those of the sampling distribution before top-k / top-p tr
 log_softmax(logits / temperature) at each sampled token (what the trainer recomputes for the
 importance ratio and the sync check). A stop token ends a response and is part of it (the policy
 must learn to stop), with its log-probability.
+
+Routed experts (MoE routing replay, `return_routed_experts=True`): forward hooks on every text MoE
+router (transformers' `*.mlp.gate`, which returns (logits, weights, indices)) record the indices the
+engine's own forward used: prefill over the left-padded prompts (vision placeholder positions
+included) and each decode step. A sample gets `metadata["routed_experts"]`, int16
+[prompt_len + response_len - 1, moe_layers, top_k] (the final response token is sampled but never
+run), the same contract as vLLM's `completion.routed_experts`. transformers' rule (softmax, top-k of
+the probabilities, renormalised) selects the experts megatron's does (top-k of the logits, softmax
+over those k; models/language.py): softmax is monotonic, so only exact float ties could differ.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -36,7 +46,8 @@ Preparer = Callable[[RolloutRequest], Prepared]
 
 class EmbeddedEngine:
     def __init__(self, hf_config, prepare: Preparer, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, pad_token_id: int = 0):
+                 dtype: torch.dtype = torch.float32, pad_token_id: int = 0,
+                 return_routed_experts: bool = False):
         from megatron_vlm.models import family_for
 
         family = family_for(hf_config)
@@ -50,6 +61,10 @@ class EmbeddedEngine:
         self._tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
         self.loaded: set[str] = set()
         self.awake = {"weights": True, "kv_cache": True}
+        self.return_routed_experts = return_routed_experts
+        self.routers = moe_routers(self.model)
+        if return_routed_experts and not self.routers:
+            raise ValueError("return_routed_experts: the engine's model has no MoE routers (a dense family)")
 
     def _restore_buffers(self, family, hf_config) -> None:
         """Non-persistent buffers (rotary inverse frequencies) are not in any checkpoint: build
@@ -110,20 +125,62 @@ class EmbeddedEngine:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         greedy = sampling.temperature == 0
-        out = self.model.generate(
-            **batch, do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy or not sampling.top_k else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
-            eos_token_id=list(sampling.stop_token_ids) or None, pad_token_id=self.pad_token_id,
-            output_logits=True, return_dict_in_generate=True)
+        with self._record_routes(batch["input_ids"].shape[0] * sampling.n) as routes:
+            out = self.model.generate(
+                **batch, do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None if greedy or not sampling.top_k else sampling.top_k,
+                max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
+                eos_token_id=list(sampling.stop_token_ids) or None, pad_token_id=self.pad_token_id,
+                output_logits=True, return_dict_in_generate=True)
         seconds = (time.perf_counter() - start) / (len(requests) * sampling.n)
         new = out.sequences[:, batch["input_ids"].shape[1]:]            # [B*n, steps]
         logits = torch.stack(out.logits, dim=1).float()                  # [B*n, steps, V]
         logits = logits / (sampling.temperature or 1.0)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new[..., None])[..., 0]
-        return [self._sample(requests[i // sampling.n], prepared[i // sampling.n], i % sampling.n,
-                             new[i], logprobs[i], sampling, seconds) for i in range(new.shape[0])]
+        routed = self._routes(routes, batch["input_ids"].shape[1], new.shape[1])
+        samples = [self._sample(requests[i // sampling.n], prepared[i // sampling.n], i % sampling.n,
+                                new[i], logprobs[i], sampling, seconds) for i in range(new.shape[0])]
+        if routed is not None:
+            prompt_width = batch["input_ids"].shape[1]
+            for row, sample in enumerate(samples):
+                tokens = len(sample.prompt_ids) + len(sample.response_ids) - 1
+                start = prompt_width - len(sample.prompt_ids)  # left padding
+                sample.metadata = {**sample.metadata, "routed_experts": routed[row, start:start + tokens].clone()}
+        return samples
+
+    @contextmanager
+    def _record_routes(self, rows: int):
+        """Collect, per MoE layer, the expert indices each forward of `generate` used, as
+        [rows, tokens of that forward, top_k] chunks (prefill, then one token per decode step)."""
+        chunks: list[list[torch.Tensor]] = [[] for _ in self.routers]
+        if not self.return_routed_experts:
+            yield None
+            return
+
+        def keep(layer):
+            def hook(_gate, _inputs, output):
+                indices = output[2]                                   # [rows * tokens, top_k]
+                chunks[layer].append(indices.reshape(rows, -1, indices.shape[-1]).to("cpu", torch.int16))
+            return hook
+
+        hooks = [gate.register_forward_hook(keep(i)) for i, gate in enumerate(self.routers)]
+        try:
+            yield chunks
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @staticmethod
+    def _routes(chunks, prompt_width: int, steps: int) -> torch.Tensor | None:
+        """[rows, prompt_width + steps - 1, moe_layers, top_k]: every fed position, layers stacked."""
+        if chunks is None:
+            return None
+        routes = torch.stack([torch.cat(layer, dim=1) for layer in chunks], dim=2)
+        if routes.shape[1] != prompt_width + steps - 1:
+            raise RuntimeError(f"routed experts: recorded {routes.shape[1]} positions, expected the prompt's "
+                               f"{prompt_width} + {steps - 1} decode steps (generate ran another schedule?)")
+        return routes
 
     def _sample(self, request, prepared, index, tokens, logprobs, sampling, seconds) -> RolloutSample:
         stops = set(sampling.stop_token_ids)
@@ -155,3 +212,9 @@ class EmbeddedEngine:
             batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prepared
                                                  if p.image_grid_thw is not None]).to(self.device)
         return batch
+
+
+def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The text MoE routers of a transformers model, in layer order: the `mlp.gate` modules that
+    choose `top_k` experts (Qwen3-VL-MoE's `Qwen3VLMoeTextTopKRouter`)."""
+    return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]

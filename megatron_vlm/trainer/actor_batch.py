@@ -14,6 +14,10 @@ log-probs come from the last stage's hidden states and the vocab-parallel head w
 `kernels.logprobs.linear_logprobs` (TP vocab shards and the SP slice handled there, no [T, V]
 logits). Context parallelism is refused: the CPU core attention does CP on unpacked sequences only.
 
+With `build_batch(..., with_routes=True)` the batch also carries the engine's MoE routes per token
+(`routed_experts` [B, S, L, k], -1 where there are none) and each pack its share, in pack order:
+`forward_hidden` replays them (trainer/routing_replay.py).
+
 Batches and packs are built on the host; a pack reaches the model's device whole, with
 `PackedMicroBatch.to` (every tensor field, `cu_seqlens` included: Transformer Engine reads them
 there), called by `megatron_step.on_device` just before its forward. Host-side bookkeeping (`put`,
@@ -31,6 +35,7 @@ from megatron_vlm.models.mrope import get_rope_index
 from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutSample
 from megatron_vlm.trainer.megatron_step import host_to_device, model_device
+from megatron_vlm.trainer.routing_replay import replay_routes
 
 
 @dataclass
@@ -43,6 +48,8 @@ class SequenceBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     lengths: torch.Tensor | None = None  # [B] real tokens per row; None = every row is full width
+    routed_experts: torch.Tensor | None = None  # [B, S, moe_layers, top_k] int16, the engine's
+                                                # routes (trainer/routing_replay.py); -1: none
 
     def row_lengths(self) -> list[int]:
         if self.lengths is None:
@@ -60,13 +67,15 @@ class SequenceBatch:
             pixels, grid = self.pixel_values[start:stop], self.image_grid_thw[first_image:last_image]
         return SequenceBatch(self.input_ids[rows], self.labels[rows], self.loss_mask[rows],
                              self.position_ids[:, rows], self.mm_token_type_ids[rows], pixels, grid,
-                             None if self.lengths is None else self.lengths[rows])
+                             None if self.lengths is None else self.lengths[rows],
+                             None if self.routed_experts is None else self.routed_experts[rows])
 
 
 def build_batch(samples: list[RolloutSample], prepared: dict[str, Prepared], pad_id: int,
-                spatial_merge_size: int) -> tuple[SequenceBatch, list[int], list[int]]:
+                spatial_merge_size: int, with_routes: bool = False) -> tuple[SequenceBatch, list[int], list[int]]:
     """Sequences of `samples` (prepared[request_id] holds their prompt's processor output).
-    Returns the batch plus images per row and patches per image (for micro-batch slicing)."""
+    Returns the batch plus images per row and patches per image (for micro-batch slicing).
+    with_routes: the engine's routed experts of every sample go into `routed_experts`."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     width = max(lengths)  # rows never run padded: pack_rows pads each pack for TP / SP
     rows = len(samples)
@@ -93,8 +102,36 @@ def build_batch(samples: list[RolloutSample], prepared: dict[str, Prepared], pad
     labels = torch.cat([ids[:, 1:], torch.full((rows, 1), pad_id, dtype=torch.long)], dim=1)
     patches = grid.prod(-1).tolist() if grid is not None else []
     batch = SequenceBatch(ids, labels, loss_mask, position_ids, types,
-                          torch.cat(pixels) if pixels else None, grid, torch.tensor(lengths))
+                          torch.cat(pixels) if pixels else None, grid, torch.tensor(lengths),
+                          routed_experts(samples, width) if with_routes else None)
     return batch, images_per_row, patches
+
+
+def routed_experts(samples: list[RolloutSample], width: int) -> torch.Tensor:
+    """[B, width, moe_layers, top_k] int16 from each sample's `metadata["routed_experts"]` ([n, L, k],
+    n = prompt + response tokens, or one less: the engine never runs the final token), -1 after n."""
+    rows = []
+    for sample in samples:
+        routes = sample.metadata.get("routed_experts")
+        tokens = len(sample.prompt_ids) + len(sample.response_ids)
+        if routes is None:
+            raise ValueError(f"sample {sample.request_id}/{sample.index} has no routed experts: routing "
+                             f"replay needs the engine to return them (the embedded engine's "
+                             f"return_routed_experts, rl.vllm.return_routed_experts)")
+        routes = torch.as_tensor(routes)
+        if routes.dim() != 3 or routes.shape[0] not in (tokens - 1, tokens):
+            raise ValueError(f"sample {sample.request_id}/{sample.index}: routed experts of shape "
+                             f"{list(routes.shape)}, expected [{tokens} or {tokens - 1}, layers, top_k]")
+        if int(routes.max()) >= 2**15:
+            raise ValueError(f"routed experts: expert id {int(routes.max())} does not fit int16")
+        rows.append(routes)
+    shapes = {tuple(r.shape[1:]) for r in rows}
+    if len(shapes) != 1:
+        raise ValueError(f"routed experts of different [layers, top_k] across samples: {sorted(shapes)}")
+    out = torch.full((len(rows), width, *rows[0].shape[1:]), -1, dtype=torch.int16)
+    for row, routes in enumerate(rows):
+        out[row, :routes.shape[0]] = routes.to(torch.int16)
+    return out
 
 
 @dataclass
@@ -111,6 +148,7 @@ class PackedMicroBatch:
     image_grid_thw: torch.Tensor | None
     cu_seqlens: torch.Tensor       # [n + 1] int32, the samples' boundaries
     cu_seqlens_padded: torch.Tensor  # [n + 1] int32, the same with the tail padding in the last
+    routed_experts: torch.Tensor | None = None  # [T, moe_layers, top_k] the engine's routes, -1: none
 
     @property
     def tokens(self) -> int:
@@ -160,9 +198,12 @@ def pack_rows(batch: SequenceBatch, rows: list[int], images_per_row: list[int] |
     positions = torch.cat([batch.position_ids[:, r, :n] for r, n in zip(rows, lengths)]
                           + [batch.position_ids.new_zeros(3, tail)], dim=1)
     pixels, grid = _row_images(batch, rows, images_per_row, patches_per_image)
+    routes = None if batch.routed_experts is None else torch.cat(
+        [batch.routed_experts[r, :n] for r, n in zip(rows, lengths)]
+        + [batch.routed_experts.new_full((tail, *batch.routed_experts.shape[2:]), -1)])
     return PackedMicroBatch(list(rows), lengths, cat(batch.input_ids)[None], cat(batch.labels),
                             cat(batch.loss_mask), positions[:, None], cat(batch.mm_token_type_ids)[None],
-                            pixels, grid, cu_seqlens, padded)
+                            pixels, grid, cu_seqlens, padded, routes)
 
 
 def _concat_rows(per_row: torch.Tensor, rows, lengths, tail: int) -> torch.Tensor:
@@ -193,9 +234,10 @@ def pack_padding(config) -> int:
 
 
 def fixed_pack_length(config, pack_tokens) -> int | None:
-    """One padded length for every pack of every rank when the pipeline's p2p shapes are fixed
-    (PP > 1 without variable_seq_lengths), from each pack's real token count; None otherwise."""
-    if config.pipeline_model_parallel_size == 1 or config.variable_seq_lengths:
+    """One padded length for every pack of every rank when shapes must agree across ranks (no
+    variable_seq_lengths): the pipeline's p2p shapes (PP > 1) and megatron's allgather token
+    dispatcher (a plain all-gather over TP x EP), from each pack's real token count; None otherwise."""
+    if config.variable_seq_lengths:
         return None
     longest = max(pack_tokens)
     return longest + (-longest) % pack_padding(config)
@@ -204,10 +246,11 @@ def fixed_pack_length(config, pack_tokens) -> int | None:
 def forward_hidden(model, mb: PackedMicroBatch):
     """The model on one pack, already on the model's device (`PackedMicroBatch.to`): (hidden
     [1, T(/tp), H], head weight [V/tp, H]) on the last pipeline stage, the activations to pass on
-    elsewhere."""
-    return model(mb.input_ids, mb.position_ids, pixel_values=mb.pixel_values,
-                 image_grid_thw=mb.image_grid_thw, mm_token_type_ids=mb.mm_token_type_ids,
-                 packed_seq_params=mb.packed_seq_params(), return_hidden=True)
+    elsewhere. With the engine's routes in the pack, the MoE layers replay them (routing_replay.py)."""
+    with replay_routes(model, mb.routed_experts):
+        return model(mb.input_ids, mb.position_ids, pixel_values=mb.pixel_values,
+                     image_grid_thw=mb.image_grid_thw, mm_token_type_ids=mb.mm_token_type_ids,
+                     packed_seq_params=mb.packed_seq_params(), return_hidden=True)
 
 
 def head_parallelism(model) -> dict:

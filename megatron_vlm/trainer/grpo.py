@@ -206,10 +206,13 @@ def _groups(samples: list[RolloutSample], rewards: torch.Tensor) -> list[Rollout
 
 def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dtype) -> dict:
     prepared = {s.request_id: actor.prepared(s.request_id) for s in samples}
-    batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size)
+    # the engine's routes: replayed under rl.routing_replay, else only measured when it returns them
+    with_routes = rl.routing_replay or all("routed_experts" in s.metadata for s in samples)
+    batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size, with_routes)
+    routing: dict = {}
     with timer("old_logprobs"):
         trainer_lp = score_rows(actor.model, batch, images, patches, update_cfg.temperature,
-                                update_cfg.micro_batch_size)
+                                update_cfg.micro_batch_size, metrics=routing)
     bounds = rollout.sync_check.resolved(precision(engine_dtype, actor.model.config.params_dtype))
     check = check_logprobs([s.sampled_logprobs() for s in samples], response_logprobs(trainer_lp, batch),
                            bounds)
@@ -230,7 +233,7 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dt
                                         update_cfg.micro_batch_size)
     advantages = sequence_advantages(rewards, [s.request_id for s in samples], batch.loss_mask,
                                      update_cfg.advantage)
-    report = check.metrics()
+    report = {**check.metrics(), **routing}
     if rl.mask_truncated:  # the advantages above still saw them: only their tokens leave the loss
         truncated = torch.tensor([s.finish_reason == "length" for s in samples])
         batch.loss_mask = batch.loss_mask * (~truncated).float()[:, None]

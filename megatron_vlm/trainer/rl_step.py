@@ -46,6 +46,7 @@ from megatron_vlm.rl.rollout_correction import CorrectionInputs, ratio_quantiles
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, fixed_pack_length, forward_hidden, head_parallelism,
                                               pack_padding, pack_rows, packed_logprobs)
 from megatron_vlm.trainer.megatron_step import collective_device, model_device, on_device
+from megatron_vlm.trainer.routing_replay import route_match_metrics
 
 # Metrics that are sums in the loss's own units (the loss called with normalizer=1); the others
 # are masked token means of their micro-batch.
@@ -170,6 +171,8 @@ def train_step(model_chunks, optimizer, scheduler, microbatches: list[dict], for
     scheduler.step(increment=1)
     metrics = reduce_metrics(out)
     metrics.update(grad_norm=float(grad_norm or 0.0), lr=optimizer.param_groups[0]["lr"])
+    routes = route_match_metrics(model_chunks, any(mb["batch"].routed_experts is not None for mb in microbatches))
+    metrics.update({f"{name}_update": value for name, value in routes.items()})
     return metrics
 
 
@@ -197,6 +200,8 @@ def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[
         packed = pack_rows(batch, chosen or rows[:1] or [0], images_per_row, patches, multiple, length)
         if not chosen:  # no sample here: a fully masked row keeps this rank in the reductions
             packed.loss_mask = torch.zeros_like(packed.loss_mask)
+            if packed.routed_experts is not None:  # filler routes, left out of the match share
+                packed.routed_experts = torch.full_like(packed.routed_experts, -1)
         out.append({"batch": packed, "rows": chosen, "old_logprobs": packed.take(old), "advantages": packed.take(adv),
                     "ref_logprobs": packed.take(ref),  # rows: [] for the masked stand-in
                     "engine_logprobs": packed.take(engine)})
@@ -240,7 +245,8 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
 
 
 def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature: float,
-               micro_batch_size: int, pack_tokens: int | None = None, split_over_dp: bool = True) -> torch.Tensor:
+               micro_batch_size: int, pack_tokens: int | None = None, split_over_dp: bool = True,
+               metrics: dict | None = None) -> torch.Tensor:
     """Log-probs [B, S] of every row, the same on every rank (0 off the real tokens; on the batch's
     device), with no grad, over packed micro-batches through megatron's forward-only schedule.
 
@@ -248,7 +254,9 @@ def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature
     deterministic plan on every rank, the same number of micro-batches per rank, which the EP
     all-to-alls need), the last pipeline stage all-gathers the shares over the DP group and
     broadcasts the full result to the other stages. TP / CP ranks of one DP rank score the same
-    rows. split_over_dp=False scores every row on every DP rank (the unsplit reference)."""
+    rows. split_over_dp=False scores every row on every DP rank (the unsplit reference). With the
+    engine's routes in the batch the forward replays them (a model built for routing replay) and
+    `metrics`, if given, receives routing_replay_match."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -263,6 +271,9 @@ def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature
             forward_step_func=partial(_score_forward_step, temperature), data_iterator=on_device(mbs, device),
             model=[model], num_microbatches=len(mbs), seq_length=max(mb["batch"].tokens for mb in mbs),
             micro_batch_size=1, forward_only=True)
+    routes = route_match_metrics([model], batch.routed_experts is not None)
+    if metrics is not None:
+        metrics.update(routes)
     logprobs = torch.zeros(batch.loss_mask.shape, dtype=batch.loss_mask.dtype, device=device)  # [B, S]
     for mb, result in zip(mbs, out):
         if mb["rows"]:  # not the masked stand-in (its row is another pack's, or another rank's)

@@ -45,10 +45,12 @@ def test_whole_recipe_loads_plans_and_the_stage_checks_it():
     assert cfg.rl.dynamic_sampling.batch_groups == 128 and cfg.rl.overlong.buffer_len == 1024
     assert "TP=2 x PP=2 x CP=1 x DP=8 = 32" in format_plan(cfg, 32)
     cfg.rl.check(cfg.rollout)  # engine, dynamic sampling and over-long shaping are applied
-    cfg.rl.routing_replay = True
-    with pytest.raises(ValueError, match="rl.routing_replay: .* does not replay them yet"):
+    cfg.rl.routing_replay = True  # the trainer replays what vLLM returns, once it is asked to
+    with pytest.raises(ValueError, match="rl.routing_replay .* needs rl.vllm.return_routed_experts=true"):
         cfg.rl.check(cfg.rollout)
-    cfg.rl.routing_replay = False
+    cfg.rl.vllm.return_routed_experts = True
+    cfg.rl.check(cfg.rollout)
+    cfg.rl.routing_replay = cfg.rl.vllm.return_routed_experts = False
     cfg.rl.overlong.max_response_len = 4096
     with pytest.raises(ValueError, match="must equal rollout.max_new_tokens"):
         cfg.rl.check(cfg.rollout)
@@ -71,7 +73,7 @@ def test_rl_sections_build_their_config_classes(recipe):
     kwargs = llm_kwargs(engine, "cuda")
     assert kwargs["tensor_parallel_size"] == 2 and "data_parallel_size" not in kwargs  # 16 replicas,
     assert kwargs["distributed_executor_backend"] == "external_launcher"  # each independent
-    assert kwargs["enable_return_routed_experts"] is False  # routing replay is refused for now
+    assert kwargs["enable_return_routed_experts"] is False  # the recipe leaves routing replay off
     DynamicSamplingConfig(**rl["dynamic_sampling"])
     OverlongPenaltyConfig(**rl["overlong"])
 

@@ -122,3 +122,42 @@ def test_sleeping_engine_refuses_to_generate(setup, engine):
     with pytest.raises(RuntimeError, match="partly asleep"):
         engine.generate(requests, SamplingParams(max_new_tokens=2))
     engine.wake_up(["kv_cache"])
+
+
+def test_routed_experts_are_the_engines_own_routes(setup, engine):
+    """return_routed_experts: [prompt + response - 1, moe_layers, top_k] per sample, equal to the
+    routes of one teacher-forced forward over the whole sequence (prefill, image positions and
+    decode steps line up), and each sample's metadata its own dict."""
+    from megatron_vlm.rollout.embedded import moe_routers
+
+    hf_config, _, _, requests, prepared = setup
+    engine.return_routed_experts = True
+    samples = engine.generate(requests, SamplingParams(temperature=1.0, max_new_tokens=5, n=2, seed=4,
+                                                       stop_token_ids=[STOP]))
+    layers = len(moe_routers(engine.model))
+    assert layers == 3  # 4 layers, layer 0 dense
+    for sample in samples[::3]:
+        routes = sample.metadata["routed_experts"]
+        tokens = len(sample.prompt_ids) + len(sample.response_ids)
+        assert routes.shape == (tokens - 1, layers, 2) and routes.dtype == torch.int16
+        prep = prepared[sample.request_id]
+        recorded = []
+        hooks = [g.register_forward_hook(lambda _m, _i, out: recorded.append(out[2]))
+                 for g in moe_routers(engine.model)]
+        ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+        types = torch.cat([prep.mm_token_type_ids, torch.zeros(len(sample.response_ids), dtype=torch.long)])
+        extra = {} if prep.pixel_values is None else dict(pixel_values=prep.pixel_values,
+                                                          image_grid_thw=prep.image_grid_thw)
+        with torch.no_grad():
+            engine.model(input_ids=ids, mm_token_type_ids=types[None], **extra)
+        for hook in hooks:
+            hook.remove()
+        forced = torch.stack(recorded, dim=1)[:tokens - 1]  # [tokens - 1, layers, k]
+        assert torch.equal(forced.sort(-1).values.to(torch.int16), routes.sort(-1).values)
+    assert "routed_experts" not in requests[0].metadata
+
+
+def test_routed_experts_need_an_moe_model(single_rank_runtime):
+    _, prepared = fixture_requests()
+    with pytest.raises(ValueError, match="no MoE routers"):
+        EmbeddedEngine(make_config("qwen3_vl"), prepare=lambda r: prepared[r.request_id], return_routed_experts=True)

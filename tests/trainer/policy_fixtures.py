@@ -18,9 +18,10 @@ def tiny_policy_weights(seed: int, aux_loss: bool = True):
     return hf, family, rules, dict(hf_to_mcore(rules, hf.state_dict().__getitem__))
 
 
-def build_policy(family, hf, full, parallel, optim, total_steps: int = 1, distributed_optimizer: bool = True):
+def build_policy(family, hf, full, parallel, optim, total_steps: int = 1, distributed_optimizer: bool = True,
+                 **config_overrides):
     """(model, ddp, optimizer, scheduler) at the current layout, weights from `full`."""
-    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
+    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True, **config_overrides)
     load_full_state_dict(model, full, RankLayout.current(model.config))
     ddp = wrap_ddp(model, distributed_optimizer=distributed_optimizer)
     optimizer, scheduler = build_optimizer([ddp], optim, distributed_optimizer, total_steps=total_steps)
