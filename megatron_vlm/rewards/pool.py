@@ -14,16 +14,24 @@ process is safe. Design:
   SIGKILLs the late worker and starts a replacement without waiting for it: a hung job is
   reported within its timeout plus milliseconds, and the batch goes on;
 - a worker that dies mid-job (segfault, `os._exit`) fails that job and is replaced; a reward that
-  raises anything, `BaseException` included, fails only its job.
+  raises anything, `BaseException` included, fails only its job;
+- a worker that dies before it is ready (a preload or warm-up that raises or exits) is restarted
+  after a back-off that doubles (`startup_backoff_s`, at most `MAX_BACKOFF_S`); after
+  `max_start_failures` failures in a row in one slot, `run` raises `WorkerStartupError` with the
+  worker's own error, instead of restarting in a tight loop;
+- a reward must return a real number: bool, int and float count, a string (even "1.0") is a
+  failure of its job, as is NaN or inf.
 """
 from __future__ import annotations
 
 import importlib
 import math
 import multiprocessing as mp
+import numbers
 import os
 import signal
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -32,6 +40,12 @@ from typing import Any, Sequence
 DEFAULT_PRELOAD = ("megatron_vlm.rewards.warmup",)  # imports and exercises every built-in verifier
 START_METHODS = ("forkserver", "spawn")
 MAX_ERROR_CHARS = 500
+MAX_BACKOFF_S = 5.0
+
+
+class WorkerStartupError(RuntimeError):
+    """A reward worker failed to start `max_start_failures` times in a row; the message carries
+    the worker's last error (its exception, or its exit code)."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +63,7 @@ class JobResult:
     elapsed_s: float         # from sending the job to its result (or to the kill)
 
 
-def _worker_main(conn: Connection, warm_specs: Sequence[str], preload: Sequence[str]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+def _start_up(warm_specs: Sequence[str], preload: Sequence[str]) -> dict[str, Any]:
     from megatron_vlm.rewards.registry import resolve_reward_fn
 
     for module in preload:
@@ -64,6 +77,31 @@ def _worker_main(conn: Connection, warm_specs: Sequence[str], preload: Sequence[
             functions[spec] = resolve_reward_fn(spec)
         except Exception:
             pass
+    return functions
+
+
+def _call(function: Any, args: tuple) -> float:
+    value = function(*args)
+    if not isinstance(value, numbers.Real):  # bool and int are Real; "1.0" is not
+        raise TypeError(f"reward returned {type(value).__name__} {str(value)[:40]!r}; "
+                        f"it must return a real number (bool, int or float)")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"reward returned a non-finite value {value}")
+    return value
+
+
+def _worker_main(conn: Connection, warm_specs: Sequence[str], preload: Sequence[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        functions = _start_up(warm_specs, preload)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which backs off
+        conn.send(("startup_error", f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS],
+                   traceback.format_exc()[-MAX_ERROR_CHARS:]))
+        conn.close()
+        os._exit(1)
+    from megatron_vlm.rewards.registry import resolve_reward_fn
+
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -76,10 +114,7 @@ def _worker_main(conn: Connection, warm_specs: Sequence[str], preload: Sequence[
         try:
             if spec not in functions:
                 functions[spec] = resolve_reward_fn(spec)
-            value = float(functions[spec](*args))
-            if not math.isfinite(value):
-                raise ValueError(f"reward returned a non-finite value {value}")
-            reply = (job_id, value, None)
+            reply = (job_id, _call(functions[spec], args), None)
         except BaseException as e:  # noqa: BLE001 - math-verify's TimeoutException, SystemExit
             reply = (job_id, None, f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS])
         conn.send(reply)
@@ -98,7 +133,8 @@ class WorkerPool:
 
     def __init__(self, num_workers: int, *, start_method: str = "forkserver",
                  warm_specs: Sequence[str] = (), preload: Sequence[str] = DEFAULT_PRELOAD,
-                 startup_timeout_s: float = 120.0):
+                 startup_timeout_s: float = 120.0, max_start_failures: int = 4,
+                 startup_backoff_s: float = 0.5):
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
         self._ctx = mp.get_context(start_method)
@@ -106,7 +142,11 @@ class WorkerPool:
             self._ctx.set_forkserver_preload(list(preload))
         self._warm_specs, self._preload = tuple(warm_specs), tuple(preload)
         self._startup_timeout_s = startup_timeout_s
+        self._max_start_failures, self._startup_backoff_s = max_start_failures, startup_backoff_s
         self.restarts = 0  # workers killed or dead and replaced, over the pool's life
+        self.start_failures = 0  # workers that died before they were ready, over the pool's life
+        self._failed_starts = [0] * num_workers          # per slot, in a row
+        self._restart_at: list[float | None] = [None] * num_workers  # a slot waiting out its back-off
         self._workers = [self._start() for _ in range(num_workers)]
 
     def _start(self) -> _Worker:
@@ -126,16 +166,41 @@ class WorkerPool:
         self.restarts += 1
         self._workers[index] = self._start()
 
+    def _start_failed(self, index: int, error: str) -> None:
+        """The worker in slot `index` died before it was ready: back off, or give up."""
+        worker = self._workers[index]
+        worker.process.join(timeout=5)
+        worker.conn.close()
+        self.start_failures += 1
+        self._failed_starts[index] += 1
+        tries = self._failed_starts[index]
+        if tries >= self._max_start_failures:
+            raise WorkerStartupError(f"reward worker failed to start {tries} times in a row; last error: {error}")
+        self._restart_at[index] = time.monotonic() + min(MAX_BACKOFF_S, self._startup_backoff_s * 2 ** (tries - 1))
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for index, due in enumerate(self._restart_at):
+            if due is not None and now >= due:
+                self._restart_at[index] = None
+                self.restarts += 1
+                self._workers[index] = self._start()
+
+    def _live(self) -> list[tuple[int, _Worker]]:
+        return [(i, w) for i, w in enumerate(self._workers) if self._restart_at[i] is None]
+
     def run(self, jobs: Sequence[Job], timeout_s: float) -> list[JobResult]:
         results: list[JobResult | None] = [None] * len(jobs)
         queue = deque(range(len(jobs)))
         last_progress = time.monotonic()
         while queue or any(w.job is not None for w in self._workers):
+            self._restart_due()
             self._dispatch(jobs, queue, results)
             now = time.monotonic()
             deadlines = [w.job[1] + timeout_s for w in self._workers if w.job is not None]
+            deadlines += [due for due in self._restart_at if due is not None]
             wait_s = max(0.0, min(deadlines) - now) if deadlines else 1.0
-            readable = wait([w.conn for w in self._workers], timeout=wait_s)
+            readable = wait([w.conn for _, w in self._live()], timeout=wait_s)
             if self._collect(readable, results) or deadlines:
                 last_progress = time.monotonic()
             self._kill_late(timeout_s, results)
@@ -144,7 +209,7 @@ class WorkerPool:
         return results  # type: ignore[return-value]
 
     def _dispatch(self, jobs: Sequence[Job], queue: deque, results: list) -> None:
-        for index, worker in enumerate(self._workers):
+        for index, worker in self._live():
             if not (queue and worker.ready and worker.job is None):
                 continue
             job_index = queue.popleft()
@@ -162,12 +227,16 @@ class WorkerPool:
 
     def _collect(self, readable: list, results: list) -> bool:
         progressed = False
-        for index, worker in enumerate(self._workers):
+        for index, worker in self._live():
             if worker.conn not in readable:
                 continue
             try:
                 message = worker.conn.recv()
             except (EOFError, OSError):
+                if not worker.ready:
+                    worker.process.join(timeout=1)
+                    self._start_failed(index, f"worker exited during start-up (exit code {worker.process.exitcode})")
+                    continue
                 if worker.job is not None:
                     job_index, sent = worker.job
                     worker.process.join(timeout=1)  # reap it, to report its exit code
@@ -179,6 +248,10 @@ class WorkerPool:
             progressed = True
             if message[0] == "ready":
                 worker.ready = True
+                self._failed_starts[index] = 0
+                continue
+            if message[0] == "startup_error":
+                self._start_failed(index, message[1])
                 continue
             job_index, value, error = message
             results[job_index] = JobResult(value, error, False, time.monotonic() - worker.job[1])
@@ -187,7 +260,7 @@ class WorkerPool:
 
     def _kill_late(self, timeout_s: float, results: list) -> None:
         now = time.monotonic()
-        for index, worker in enumerate(self._workers):
+        for index, worker in self._live():
             if worker.job is not None and now - worker.job[1] >= timeout_s:
                 job_index, sent = worker.job
                 worker.process.kill()
@@ -196,6 +269,7 @@ class WorkerPool:
                 self._replace(index)
 
     def close(self) -> None:
+        self._workers = [w for _, w in self._live()]
         for worker in self._workers:
             try:
                 worker.conn.send(None)

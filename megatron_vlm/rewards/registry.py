@@ -21,20 +21,44 @@ import inspect
 from typing import Any, Callable, Mapping
 
 RewardFn = Callable[[str, Any, Mapping[str, Any]], float]
+ValidateFn = Callable[[Any, Mapping[str, Any]], None]
 
 _VERIFIERS: dict[str, RewardFn] = {}
+_VALIDATORS: dict[str, ValidateFn] = {}
 
 
-def register_verifier(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: register `fn` under `name`; a second registration of the same name is an error."""
+class BadReference(ValueError):
+    """A sample's reference (or metadata) is not in the form its verifier expects. The message
+    starts with the verifier's name and says the expected form; the scorer counts such samples
+    per task (`reward/<task>/bad_references`) and never pays them."""
+
+
+def register_verifier(name: str, *, validate: ValidateFn | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register `fn` under `name`; a second registration of the same name is an error.
+
+    `validate(reference, metadata)` raises `BadReference` for a sample the verifier cannot score;
+    it runs in the trainer's process (at load time through `validate_sample`, and before a job is
+    sent to a worker), so it must be cheap.
+    """
     def decorator(fn: RewardFn) -> RewardFn:
         if name in _VERIFIERS:
             raise ValueError(f"verifier {name!r} is already registered (by {_VERIFIERS[name].__module__})")
         if ":" in name:
             raise ValueError(f"verifier name {name!r} must not contain ':' (reserved for dotted paths)")
         _VERIFIERS[name] = fn
+        if validate is not None:
+            _VALIDATORS[name] = validate
         return fn
     return decorator
+
+
+def validate_sample(spec: str, reference: Any, metadata: Mapping[str, Any]) -> None:
+    """Raise `BadReference` when the verifier `spec` cannot score (reference, metadata); user
+    rewards (dotted paths) and verifiers without a validator accept everything here."""
+    _load_builtins()
+    validate = _VALIDATORS.get(spec)
+    if validate is not None:
+        validate(reference, metadata)
 
 
 def registered_verifiers() -> list[str]:

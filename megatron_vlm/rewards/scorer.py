@@ -20,7 +20,7 @@ from megatron_vlm.rewards.extract import format_problem
 from megatron_vlm.rewards.hacking import HackingMonitor, HackingMonitorConfig, HackingReport
 from megatron_vlm.rewards.normalization import RunningStats, normalization_modes, normalize_by_task
 from megatron_vlm.rewards.pool import START_METHODS, Job, WorkerPool
-from megatron_vlm.rewards.registry import registered_verifiers, resolve_reward_fn
+from megatron_vlm.rewards.registry import BadReference, registered_verifiers, resolve_reward_fn, validate_sample
 
 REWARD_MODEL = "reward_model"  # the verifier name that routes a task to the reward model
 _DOTTED_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -99,7 +99,7 @@ class RewardSample:
 class RewardFailure:
     sample_id: Any
     task: str
-    kind: str     # "timeout" | "error"
+    kind: str     # "timeout" | "error" | "bad_reference" | "bad_response"
     message: str
     elapsed_s: float = 0.0  # from the job's start in a worker to its failure (or the kill)
 
@@ -156,12 +156,15 @@ class RewardScorer:
         if unknown:
             raise KeyError(f"samples have tasks {unknown} without a verifier; configured: {sorted(self.cfg.verifiers)}")
         raw: list[float] = [self.cfg.failure_score] * len(samples)
+        rejected = {i: f for i, f in ((i, self._reject(s)) for i, s in enumerate(samples)) if f is not None}
         well_formed = [isinstance(s.response, str) and format_problem(s.response) is None for s in samples]
-        refused = {i for i, s in enumerate(samples) if self.cfg.strict_format.get(s.task) and not well_formed[i]}
+        refused = {i for i, s in enumerate(samples)
+                   if self.cfg.strict_format.get(s.task) and not well_formed[i] and i not in rejected}
         for i in refused:
             raw[i] = 0.0
-        kept = [i for i in range(len(samples)) if i not in refused]
-        failures = self._score_with_pool(samples, raw, kept) + self._score_with_reward_model(samples, raw, kept)
+        kept = [i for i in range(len(samples)) if i not in refused and i not in rejected]
+        failures = (list(rejected.values()) + self._score_with_pool(samples, raw, kept)
+                    + self._score_with_reward_model(samples, raw, kept))
         if samples and len(failures) > self.cfg.max_failure_rate * len(samples):
             raise RewardFailureRateError(failures, samples, self.cfg.max_failure_rate)
         rewards, self.stats = normalize_by_task(raw, [s.task for s in samples], self.cfg.normalization,
@@ -198,10 +201,27 @@ class RewardScorer:
             if result.value is not None:
                 raw[i] = result.value
             else:
-                failures.append(RewardFailure(samples[i].sample_id, samples[i].task,
-                                              "timeout" if result.timed_out else "error", result.error or "",
-                                              result.elapsed_s))
+                error = result.error or ""
+                kind = ("timeout" if result.timed_out else
+                        "bad_reference" if error.startswith(f"{BadReference.__name__}:") else "error")
+                failures.append(RewardFailure(samples[i].sample_id, samples[i].task, kind, error, result.elapsed_s))
         return failures
+
+    def _reject(self, sample: RewardSample) -> RewardFailure | None:
+        """A failure for a sample that cannot be scored at all (checked here, not in a worker)."""
+        if not isinstance(sample.response, str):
+            return RewardFailure(sample.sample_id, sample.task, "bad_response",
+                                 f"sample {sample.sample_id!r} (task {sample.task!r}): response must be a str, "
+                                 f"got {type(sample.response).__name__}")
+        try:
+            validate_sample(self.cfg.verifiers[sample.task], sample.reference, self.metadata(sample))
+        except BadReference as e:
+            return RewardFailure(sample.sample_id, sample.task, "bad_reference", str(e))
+        return None
+
+    def check_samples(self, samples: Sequence[RewardSample]) -> None:
+        """Load-time check: see `validate_samples`."""
+        validate_samples(self.cfg, samples)
 
     def metadata(self, sample: RewardSample) -> dict[str, Any]:
         """The metadata its verifier sees: the task's defaults, overridden by the sample's own."""
@@ -239,6 +259,29 @@ class RewardScorer:
         self.close()
 
 
+def validate_samples(cfg: RewardConfig, samples: Sequence[RewardSample]) -> None:
+    """Raise `BadReference` naming every sample (up to ten) whose task has no verifier, whose
+    response is not a string, or whose reference / metadata its verifier refuses (e.g. an
+    instruction-following sample with no constraints). Cheap, no workers: call it when a dataset
+    is loaded, so that a bad sample stops the run before its first step."""
+    problems = []
+    for sample in samples:
+        if sample.task not in cfg.verifiers:
+            problems.append(f"sample {sample.sample_id!r}: task {sample.task!r} has no verifier")
+            continue
+        if not isinstance(sample.response, (str, type(None))):  # a dataset sample has no response yet
+            problems.append(f"sample {sample.sample_id!r}: response must be a str, got {type(sample.response).__name__}")
+        try:
+            validate_sample(cfg.verifiers[sample.task], sample.reference,
+                            {**cfg.task_metadata.get(sample.task, {}), **sample.metadata})
+        except BadReference as e:
+            problems.append(f"sample {sample.sample_id!r} (task {sample.task!r}): {e}")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise BadReference(f"{len(problems)} of {len(samples)} samples cannot be scored: "
+                           + "; ".join(problems[:10]) + more)
+
+
 def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards: Sequence[float],
                  failures: Sequence[RewardFailure], well_formed: Sequence[bool] | None = None,
                  refused: set[int] = frozenset()) -> dict[str, float]:
@@ -246,7 +289,8 @@ def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards:
     of well-formed responses and the number refused for their format (strict_format)."""
     well_formed = [True] * len(samples) if well_formed is None else well_formed
     metrics: dict[str, float] = {"reward/failures": float(len(failures)),
-                                 "reward/timeouts": float(sum(f.kind == "timeout" for f in failures))}
+                                 "reward/timeouts": float(sum(f.kind == "timeout" for f in failures)),
+                                 "reward/bad_references": float(sum(f.kind == "bad_reference" for f in failures))}
     if samples:
         metrics["reward/well_formed"] = sum(well_formed) / len(samples)
     for task in dict.fromkeys(s.task for s in samples):
@@ -258,6 +302,8 @@ def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards:
         metrics[f"reward/{task}/nonzero_frac"] = sum(raw[i] != 0 for i in indices) / n
         metrics[f"reward/{task}/failures"] = float(sum(f.task == task for f in failures))
         metrics[f"reward/{task}/timeouts"] = float(sum(f.task == task and f.kind == "timeout" for f in failures))
+        metrics[f"reward/{task}/bad_references"] = float(
+            sum(f.task == task and f.kind == "bad_reference" for f in failures))
         metrics[f"reward/{task}/well_formed"] = sum(well_formed[i] for i in indices) / n
         metrics[f"reward/{task}/format_refused"] = float(sum(i in refused for i in indices))
     return metrics

@@ -1,6 +1,7 @@
 """instructions verifier: IFEval-style constraints on the final answer."""
 import pytest
 
+from megatron_vlm.rewards.registry import BadReference
 from megatron_vlm.rewards.verifiers.instructions import detect_language, instructions_verifier
 
 CASES = [
@@ -44,7 +45,7 @@ def test_all_or_nothing():
 
 
 def test_unknown_constraint_lists_known():
-    with pytest.raises(KeyError, match="unknown constraint 'rhymes'.*max_words"):
+    with pytest.raises(BadReference, match="instructions: unknown constraint 'rhymes'.*max_words"):
         instructions_verifier("x", None, {"constraints": [{"type": "rhymes"}]})
 
 

@@ -86,7 +86,7 @@ def test_boolean_in_each_language(response, reference, expected):
 def test_boolean_references_in_other_languages():
     assert boolean_verifier("yes", "是", {}) == 1.0
     assert boolean_verifier("no", "nein", {}) == 1.0
-    with pytest.raises(ValueError, match="boolean reference"):
+    with pytest.raises(ValueError, match="boolean: reference must be"):
         boolean_verifier("yes", "vielleicht", {})
 
 

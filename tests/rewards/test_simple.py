@@ -23,7 +23,7 @@ def test_boolean_cases(response, reference, expected, why):
 
 
 def test_boolean_reference_must_be_boolean():
-    with pytest.raises(ValueError, match="boolean reference"):
+    with pytest.raises(ValueError, match="boolean: reference must be"):
         boolean_verifier("yes", "maybe", {})
 
 

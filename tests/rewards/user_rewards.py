@@ -70,3 +70,11 @@ def not_deterministic(response: str, reference, metadata) -> float:
 def torch_imported(response: str, reference, metadata) -> float:
     import sys
     return float("torch" in sys.modules)
+
+
+def returns_bool(response: str, reference, metadata) -> bool:
+    return response == "yes"
+
+
+def returns_int(response: str, reference, metadata) -> int:
+    return len(response)

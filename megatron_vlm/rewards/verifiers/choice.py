@@ -18,7 +18,7 @@ import string
 from typing import Any, Mapping, Sequence
 
 from megatron_vlm.rewards.extract import answer_span, final_answer, normalize_text, strip_latex_text
-from megatron_vlm.rewards.registry import register_verifier
+from megatron_vlm.rewards.registry import BadReference, register_verifier
 
 _SEP = r"(?:\s*(?:,|;|&|/|\band\b|\bor\b|\s)\s*)"
 
@@ -112,11 +112,17 @@ def extract_choice(response: str, options: Sequence[str], num_options: int = 10)
 
 def _reference_letters(reference: Any) -> set[str]:
     if isinstance(reference, str):
-        return set(re.findall(r"[A-Z]", reference.upper()))
-    return {str(r).strip().upper() for r in reference}
+        letters = set(re.findall(r"[A-Z]", reference.upper()))
+    elif isinstance(reference, (list, tuple, set)):
+        letters = {str(r).strip().upper() for r in reference}
+    else:
+        letters = set()
+    if not letters or not all(re.fullmatch(r"[A-Z]", letter) for letter in letters):
+        raise BadReference(f"choice: reference must be option letters ('B', 'AC' or ['A', 'C']), got {reference!r}")
+    return letters
 
 
-@register_verifier("choice")
+@register_verifier("choice", validate=lambda reference, metadata: _reference_letters(reference) and None)
 def choice_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the chosen letters equal the reference letters ('B', 'AC', ['A', 'C']).
 

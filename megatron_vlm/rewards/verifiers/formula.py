@@ -14,7 +14,7 @@ import re
 from typing import Any, Mapping
 
 from megatron_vlm.rewards.extract import answer_span, final_answer, last_line
-from megatron_vlm.rewards.registry import register_verifier
+from megatron_vlm.rewards.registry import BadReference, register_verifier
 
 ALLOWED_FUNCTIONS = {"sin", "cos", "tan", "exp", "log", "ln", "sqrt", "pi", "E", "I", "abs", "Abs"}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
@@ -85,7 +85,13 @@ def formulas_equivalent(gold_text: str, answer_text: str) -> bool:
     return _numerically_equal(diff, sorted(diff.free_symbols, key=str))
 
 
-@register_verifier("formula")
+def _validate_formula(reference: Any, metadata: Mapping[str, Any]) -> None:
+    if not isinstance(reference, str) or not reference.strip():
+        raise BadReference(f"formula: reference must be a non-empty expression or equation string "
+                           f"('(x+1)^2', 'y = 2x + 1'), got {reference!r}")
+
+
+@register_verifier("formula", validate=_validate_formula)
 def formula_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the boxed (else 'answer is ...', else last line) formula equals `reference`.
 
@@ -97,7 +103,13 @@ def formula_verifier(response: str, reference: Any, metadata: Mapping[str, Any])
     if hedge:
         return 0.0
     candidate = span if span is not None else last_line(answer)
-    gold = str(reference)
+    _validate_formula(reference, metadata)
+    gold = reference
+    try:
+        parse_formula(gold)
+    except Exception as e:
+        raise BadReference(f"formula: cannot parse the reference {gold[:80]!r} ({type(e).__name__}: {e}); "
+                           f"expected an expression or equation such as '(x+1)^2' or 'y = 2x + 1'") from e
     if "=" in candidate and "=" not in gold and metadata.get("compare_rhs", True):
         candidate = candidate.split("=")[-1]
     try:

@@ -3,7 +3,8 @@
 `metadata["constraints"]` is a list of dicts, each with a `type` naming a registered check and
 that check's arguments, e.g. `{"type": "max_words", "value": 50}`. The score is the fraction of
 constraints met, or 1/0 with `all_or_nothing`. An unknown constraint type raises (a task
-configuration error, reported by the scorer), listing the known ones.
+configuration error, reported by the scorer), listing the known ones; so does a sample with no
+constraints (`BadReference`, found at load time by `validate_samples`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 from typing import Any, Callable, Mapping
 
 from megatron_vlm.rewards.extract import final_answer
-from megatron_vlm.rewards.registry import register_verifier
+from megatron_vlm.rewards.registry import BadReference, register_verifier
 
 ConstraintFn = Callable[[str, Mapping[str, Any]], bool]
 _CONSTRAINTS: dict[str, ConstraintFn] = {}
@@ -134,20 +135,31 @@ def detect_language(text: str) -> str | None:
 def _language(text, spec): return detect_language(text) == spec["value"]
 
 
-@register_verifier("instructions")
+def _validate_instructions(reference: Any, metadata: Mapping[str, Any]) -> None:
+    constraints = metadata.get("constraints")
+    if not isinstance(constraints, (list, tuple)) or not constraints:
+        raise BadReference(f"instructions: metadata 'constraints' must be a non-empty list of "
+                           f"{{'type': ...}} dicts, got {constraints!r}")
+    for spec in constraints:
+        if not isinstance(spec, Mapping) or spec.get("type") not in _CONSTRAINTS:
+            kind = spec.get("type") if isinstance(spec, Mapping) else None
+            raise BadReference(f"instructions: unknown constraint {kind!r} in {spec!r}; "
+                               f"known: {', '.join(sorted(_CONSTRAINTS))}")
+
+
+@register_verifier("instructions", validate=_validate_instructions)
 def instructions_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """Fraction of `metadata["constraints"]` the final answer meets (`reference` is unused).
 
     An empty final answer (e.g. an unclosed think block) meets nothing.
     """
+    _validate_instructions(reference, metadata)
     constraints = metadata["constraints"]
     answer = final_answer(response, max_chars=None)  # length limits need the whole answer
     if not answer:
         return 0.0
     met = []
     for spec in constraints:
-        if spec["type"] not in _CONSTRAINTS:
-            raise KeyError(f"unknown constraint {spec['type']!r}; known: {', '.join(sorted(_CONSTRAINTS))}")
         met.append(bool(_CONSTRAINTS[spec["type"]](answer, spec)))
     if metadata.get("all_or_nothing", False):
         return float(all(met))

@@ -31,7 +31,7 @@ import logging
 from typing import Any, Mapping
 
 from megatron_vlm.rewards.extract import boxed_contents, distinct, final_answer, last_line
-from megatron_vlm.rewards.registry import register_verifier
+from megatron_vlm.rewards.registry import BadReference, register_verifier
 
 MAX_EQUAL_BOXES = 3  # more boxed answers than this is spraying, even if they agree
 
@@ -67,7 +67,14 @@ def _exact_rationals_differ(gold: list, pred: list) -> bool:
     return values[0] != values[1]
 
 
-@register_verifier("math")
+def _validate_math(reference: Any, metadata: Mapping[str, Any]) -> None:
+    """Cheap, in the trainer's process: the form only (math-verify's parse runs in the worker)."""
+    if isinstance(reference, bool) or not isinstance(reference, (str, int, float)) or not str(reference).strip():
+        raise BadReference(f"math: reference must be a non-empty LaTeX or plain answer string (or a number), "
+                           f"got {reference!r}")
+
+
+@register_verifier("math", validate=_validate_math)
 def math_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the final answer equals `reference` (LaTeX or plain) under math-verify, else 0.0.
 
@@ -83,8 +90,13 @@ def math_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) ->
     candidate = f"\\boxed{{{boxes[-1]}}}" if boxes else last_line(answer)[-300:]
     if not candidate:
         return 0.0
-    gold, pred = _parse(_gold_latex(reference)), _parse(candidate)
-    if not gold or not pred:
+    _validate_math(reference, metadata)
+    gold = _parse(_gold_latex(reference))
+    if not gold:
+        raise BadReference(f"math: math-verify cannot parse the reference {str(reference)[:80]!r} "
+                           f"(expected LaTeX or a plain answer such as '\\frac{{1}}{{2}}' or '0.5')")
+    pred = _parse(candidate)
+    if not pred:
         return 0.0
     options = {"float_rounding": int(metadata.get("float_rounding", 6)), "timeout_seconds": None,
                "allow_set_relation_comp": bool(metadata.get("set_relation", True))}

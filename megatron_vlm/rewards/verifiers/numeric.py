@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from megatron_vlm.rewards.extract import answer_span, final_answer, last_line
 from megatron_vlm.rewards.lexicon import CAUSE_WORDS, alternation, words
-from megatron_vlm.rewards.registry import register_verifier
+from megatron_vlm.rewards.registry import BadReference, register_verifier
 
 # unit -> (dimension, scale to the dimension's base unit)
 UNITS = {
@@ -108,7 +108,17 @@ def _alternatives(value: float, is_pct: bool) -> list[float]:
     return [value / 100.0, value] if is_pct else [value]
 
 
-@register_verifier("numeric")
+def _gold_number(reference: Any) -> tuple[float, bool, str | None]:
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool) and math.isfinite(reference):
+        return float(reference), False, None
+    gold = parse_numbers(reference) if isinstance(reference, str) else []
+    if len(gold) != 1:
+        raise BadReference(f"numeric: reference must be a finite number or a string with exactly one number "
+                           f"('42', '12 cm', '50%', '3/4'), got {reference!r}")
+    return gold[0]
+
+
+@register_verifier("numeric", validate=lambda reference, metadata: _gold_number(reference) and None)
 def numeric_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the answer is within `rel_tol` (default 1e-4) or `abs_tol` (default 1e-8).
 
@@ -116,14 +126,11 @@ def numeric_verifier(response: str, reference: Any, metadata: Mapping[str, Any])
     given in another unit of the same dimension. A percentage matches its fraction or its number
     ('50%' matches 0.5 and 50).
     """
-    if isinstance(reference, (int, float)):
-        gold = [(float(reference), False, None)]
-    else:
-        gold = parse_numbers(str(reference))
+    gold_value, gold_pct, gold_unit = _gold_number(reference)
     answer = extract_number(response)
-    if not gold or answer is None:
+    if answer is None:
         return 0.0
-    (gold_value, gold_pct, gold_unit), (value, pct, unit) = gold[0], answer
+    value, pct, unit = answer
     gold_unit = metadata.get("unit", gold_unit)
     answer_dim, gold_dim = unit_info(unit) if unit else None, unit_info(gold_unit) if gold_unit else None
     if answer_dim and gold_dim and answer_dim[0] == gold_dim[0]:

@@ -14,7 +14,7 @@ from megatron_vlm.rewards.extract import (answer_span, final_answer, last_line, 
                                          strip_latex_text)
 from megatron_vlm.rewards.lexicon import (ANSWER_COPULAS, HEDGE_WORDS, NEGATORS, NO_WORDS, SEQUENCE_WORDS, YES_WORDS,
                                          alternation, is_cjk, words)
-from megatron_vlm.rewards.registry import register_verifier
+from megatron_vlm.rewards.registry import BadReference, register_verifier
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _SINGLE_LETTERS = {"y": True, "t": True, "n": False, "f": False}  # only as the whole answer
@@ -49,13 +49,18 @@ def _polarity(text: str) -> bool | None:
 def _reference_bool(reference: Any) -> bool:
     if isinstance(reference, bool):
         return reference
-    polarity = _polarity(str(reference))
+    polarity = _polarity(str(reference)) if isinstance(reference, str) else None
     if polarity is None:
-        raise ValueError(f"boolean reference must be yes/no/true/false, got {reference!r}")
+        raise BadReference(f"boolean: reference must be a bool or a yes/no word (yes/no/true/false, "
+                           f"是/否, sí/no, oui/non, ja/nein), got {reference!r}")
     return polarity
 
 
-@register_verifier("boolean")
+def _validate_boolean(reference: Any, metadata: Mapping[str, Any]) -> None:
+    _reference_bool(reference)
+
+
+@register_verifier("boolean", validate=_validate_boolean)
 def boolean_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the answer's polarity (yes/true/correct vs no/false/incorrect) equals `reference`.
 
@@ -113,14 +118,14 @@ def _gold_sequence(reference: Any) -> list[str]:
     elif isinstance(reference, (list, tuple)) and reference:
         gold = [" ".join(strip_latex_text(str(r)).lower().translate(_PUNCT).split()) for r in reference]
     else:
-        raise ValueError(f"sequence: reference must be a non-empty list of items or a string like "
+        raise BadReference(f"sequence: reference must be a non-empty list of items or a string like "
                          f"'B > A > C', got {reference!r}")
     if not gold or not all(gold):
-        raise ValueError(f"sequence: reference {reference!r} has no items (expected e.g. ['B', 'A', 'C'])")
+        raise BadReference(f"sequence: reference {reference!r} has no items (expected e.g. ['B', 'A', 'C'])")
     return gold
 
 
-@register_verifier("sequence")
+@register_verifier("sequence", validate=lambda reference, metadata: _gold_sequence(reference) and None)
 def sequence_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 for the reference order; with metadata `partial` true, the fraction of item pairs in the
     right relative order (Kendall-tau agreement) when the answer is a permutation of the
@@ -156,11 +161,11 @@ SHORT_ANSWER_MODES = ("exact", "sentence")
 def _aliases(reference: Any, fold_plurals: bool) -> set[str]:
     aliases = reference if isinstance(reference, (list, tuple)) else [reference]
     if not aliases or any(a is None or not isinstance(a, (str, int, float)) for a in aliases):
-        raise ValueError(f"short_answer: reference must be a non-empty string or a list of accepted "
+        raise BadReference(f"short_answer: reference must be a non-empty string or a list of accepted "
                          f"answers (strings), got {reference!r}")
     normalised = {normalize_answer(str(a), fold_plurals) for a in aliases}
     if "" in normalised:
-        raise ValueError(f"short_answer: reference {reference!r} has an empty accepted answer")
+        raise BadReference(f"short_answer: reference {reference!r} has an empty accepted answer")
     return normalised
 
 
@@ -182,7 +187,14 @@ def _framed(text: str, alias: str, max_words: int) -> bool:
     return False
 
 
-@register_verifier("short_answer")
+def _validate_short_answer(reference: Any, metadata: Mapping[str, Any]) -> None:
+    _aliases(reference, False)
+    if metadata.get("match", "sentence") not in SHORT_ANSWER_MODES:
+        raise BadReference(f"short_answer: metadata match must be one of {SHORT_ANSWER_MODES}, "
+                           f"got {metadata.get('match')!r}")
+
+
+@register_verifier("short_answer", validate=_validate_short_answer)
 def short_answer_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the answer equals the reference or one of its aliases after normalisation.
 
@@ -204,7 +216,7 @@ def short_answer_verifier(response: str, reference: Any, metadata: Mapping[str, 
     fold = bool(metadata.get("fold_plurals", False))
     mode = metadata.get("match", "sentence")
     if mode not in SHORT_ANSWER_MODES:
-        raise ValueError(f"short_answer: metadata match must be one of {SHORT_ANSWER_MODES}, got {mode!r}")
+        raise BadReference(f"short_answer: metadata match must be one of {SHORT_ANSWER_MODES}, got {mode!r}")
     aliases = _aliases(reference, fold)
     answer = final_answer(response)
     span = _anchored_or(answer, last_line(answer))

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from megatron_vlm.rewards.extract import boxed_contents, final_answer
 from megatron_vlm.rewards.lexicon import PART_WORDS, words
-from megatron_vlm.rewards.registry import register_verifier, resolve_reward_fn
+from megatron_vlm.rewards.registry import BadReference, register_verifier, resolve_reward_fn
 
 _ID = r"\d+|[a-zA-Z]"
 _PART_WORD = "|".join(re.escape(w) for w in words(PART_WORDS))
@@ -83,21 +83,27 @@ def split_parts(answer: str, num_parts: int) -> list[str | None]:
 def _per_part(value: Any, num_parts: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != num_parts:
-            raise ValueError(f"subquestions: metadata {name!r} has {len(value)} entries for {num_parts} parts")
+            raise BadReference(f"subquestions: metadata {name!r} has {len(value)} entries for {num_parts} parts")
         return list(value)
     return [value] * num_parts
 
 
-@register_verifier("subquestions")
+def _validate_subquestions(reference: Any, metadata: Mapping[str, Any]) -> None:
+    if not isinstance(reference, (list, tuple)) or not reference:
+        raise BadReference(f"subquestions: reference must be a non-empty list with one reference per part, "
+                           f"got {type(reference).__name__} {reference!r}")
+    for name in ("verifiers", "sub_metadata", "weights"):
+        _per_part(metadata.get(name, 1.0), len(reference), name)
+
+
+@register_verifier("subquestions", validate=_validate_subquestions)
 def subquestions_verifier(response: str, reference: Any, metadata: Mapping[str, Any]) -> float:
     """Weighted mean of the parts' scores; `reference` is the list of part references.
 
     metadata: `verifiers` (one name for all parts or one per part, default 'short_answer'),
     `sub_metadata` (one dict for all or one per part), `weights` (default equal).
     """
-    if not isinstance(reference, (list, tuple)) or not reference:
-        raise ValueError(f"subquestions: reference must be a non-empty list with one reference per part, "
-                         f"got {type(reference).__name__} {reference!r}")
+    _validate_subquestions(reference, metadata)
     references: Sequence[Any] = list(reference)
     n = len(references)
     names = _per_part(metadata.get("verifiers", "short_answer"), n, "verifiers")
