@@ -1,7 +1,8 @@
 """Rewards: verifiers, reward models, per-task normalisation, and the scoring service.
 
     registry.py       register_verifier / resolve_reward_fn: names and `pkg.module:function` paths
-    extract.py        final answer after </think>, boxed answers, normalisation
+    extract.py        final answer after </think>, boxed answers, the template check, normalisation
+    lexicon.py        every natural-language word list (anchors, yes/no, hedges...), five languages
     verifiers/        math (math-verify), choice, numeric, formula, boolean, sequence, short_answer,
                       subquestions, instructions
     pool.py           worker processes with a hard, process-level timeout per sample
@@ -9,9 +10,11 @@
     normalization.py  per-task none / mean_std / rank, then per-task weights
     reward_model.py   sequence-classification RM and POLAR-style relative RM (imports torch)
     hacking.py        flags RM scores diverging from verifier scores
+    judge.py          the `judge` kind: a local causal LM grading answers (imports torch)
+    bench/            hang_absorption: hangs per batch a worker pool absorbs
 
 This package does not import megatron-core or the trainer; `reward_model` is the only module that
-imports torch, so reward workers start without it.
+imports torch (with `judge`), so reward workers start without it.
 """
 from megatron_vlm.rewards.registry import (get_verifier, register_verifier, registered_verifiers,
                                            resolve_reward_fn)

@@ -23,6 +23,8 @@ from megatron_vlm.rewards.pool import START_METHODS, Job, WorkerPool
 from megatron_vlm.rewards.registry import BadReference, registered_verifiers, resolve_reward_fn, validate_sample
 
 REWARD_MODEL = "reward_model"  # the verifier name that routes a task to the reward model
+JUDGE = "judge"                # ... and to the judge (a generative verifier, judge.py)
+IN_PROCESS = (REWARD_MODEL, JUDGE)
 _DOTTED_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -49,7 +51,7 @@ class RewardConfig:
     def __post_init__(self):
         if not self.verifiers:
             raise ValueError(f"reward.verifiers must name at least one task, got {self.verifiers!r}")
-        known = set(registered_verifiers()) | {REWARD_MODEL}
+        known = set(registered_verifiers()) | set(IN_PROCESS)
         for task, name in self.verifiers.items():
             if name not in known and not _DOTTED_PATH.match(name):
                 raise ValueError(f"reward.verifiers[{task!r}] must be one of {sorted(known)} or "
@@ -68,7 +70,7 @@ class RewardConfig:
             raise ValueError(f"reward.normalization must be one of {normalization_modes()}, "
                              f"got {self.normalization!r}")
         for task in self.monitor_tasks:
-            if self.verifiers.get(task, REWARD_MODEL) == REWARD_MODEL:
+            if self.verifiers.get(task, REWARD_MODEL) in IN_PROCESS:
                 raise ValueError(f"reward.monitor_tasks has {task!r}, which needs a verifier "
                                  f"other than the reward model")
         if self.start_method not in START_METHODS:
@@ -139,14 +141,20 @@ class RewardModel(Protocol):
               references: Sequence[Any] | None = None) -> list[float]: ...
 
 
+class Judge(Protocol):
+    def judge(self, questions: Sequence[str], references: Sequence[Any], responses: Sequence[str]) -> list: ...
+
+
 class RewardScorer:
-    def __init__(self, cfg: RewardConfig, reward_model: RewardModel | None = None):
-        specs = sorted({name for name in cfg.verifiers.values() if name != REWARD_MODEL})
+    def __init__(self, cfg: RewardConfig, reward_model: RewardModel | None = None, judge: Judge | None = None):
+        specs = sorted({name for name in cfg.verifiers.values() if name not in IN_PROCESS})
         for spec in specs:  # fail at start-up, not mid-run, on a bad name or import path
             resolve_reward_fn(spec)
         if (REWARD_MODEL in cfg.verifiers.values() or cfg.monitor_tasks) and reward_model is None:
             raise ValueError("reward.verifiers or reward.monitor_tasks need a reward model, but none was given")
-        self.cfg, self.reward_model = cfg, reward_model
+        if JUDGE in cfg.verifiers.values() and judge is None:
+            raise ValueError("reward.verifiers name the judge, but no judge was given")
+        self.cfg, self.reward_model, self.judge = cfg, reward_model, judge
         self.stats: dict[str, RunningStats] = {}
         self.monitor = HackingMonitor(cfg.hacking) if cfg.monitor_tasks else None
         self.pool = WorkerPool(cfg.num_workers, start_method=cfg.start_method, warm_specs=specs)
@@ -164,7 +172,7 @@ class RewardScorer:
             raw[i] = 0.0
         kept = [i for i in range(len(samples)) if i not in refused and i not in rejected]
         failures = (list(rejected.values()) + self._score_with_pool(samples, raw, kept)
-                    + self._score_with_reward_model(samples, raw, kept))
+                    + self._score_with_reward_model(samples, raw, kept) + self._score_with_judge(samples, raw, kept))
         if samples and len(failures) > self.cfg.max_failure_rate * len(samples):
             raise RewardFailureRateError(failures, samples, self.cfg.max_failure_rate)
         rewards, self.stats = normalize_by_task(raw, [s.task for s in samples], self.cfg.normalization,
@@ -193,7 +201,7 @@ class RewardScorer:
 
     def _score_with_pool(self, samples: Sequence[RewardSample], raw: list[float],
                          kept: Sequence[int]) -> list[RewardFailure]:
-        indices = [i for i in kept if self.cfg.verifiers[samples[i].task] != REWARD_MODEL]
+        indices = [i for i in kept if self.cfg.verifiers[samples[i].task] not in IN_PROCESS]
         jobs = [Job(self.cfg.verifiers[samples[i].task],
                     (samples[i].response, samples[i].reference, self.metadata(samples[i]))) for i in indices]
         failures = []
@@ -242,6 +250,27 @@ class RewardScorer:
         for i, value in zip(indices, scores):
             raw[i] = float(value)
         return []
+
+    def _score_with_judge(self, samples: Sequence[RewardSample], raw: list[float],
+                          kept: Sequence[int]) -> list[RewardFailure]:
+        indices = [i for i in kept if self.cfg.verifiers[samples[i].task] == JUDGE]
+        if not indices:
+            return []
+        try:
+            verdicts = self.judge.judge([samples[i].prompt for i in indices], [samples[i].reference for i in indices],
+                                        [samples[i].response for i in indices])
+        except Exception as e:  # the run goes on; every sample of the call is reported
+            message = f"judge failed: {type(e).__name__}: {e}"
+            return [RewardFailure(samples[i].sample_id, samples[i].task, "error", message) for i in indices]
+        failures = []
+        for i, verdict in zip(indices, verdicts):
+            if verdict.score is not None:
+                raw[i] = verdict.score
+            else:
+                failures.append(RewardFailure(samples[i].sample_id, samples[i].task,
+                                              "timeout" if verdict.timed_out else "error", verdict.error or "",
+                                              verdict.elapsed_s))
+        return failures
 
     def state_dict(self) -> dict[str, Any]:
         return {task: vars(stats).copy() for task, stats in self.stats.items()}

@@ -1,0 +1,1 @@
+"""Benchmarks of the reward service (scripts that print figures, not tests)."""
