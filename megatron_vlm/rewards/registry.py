@@ -7,8 +7,12 @@ A reward function has one signature, shared by built-in verifiers and user exten
 `response` is the full model output (think block included: each function decides what it reads,
 and the built-ins read only the final answer after `</think>`), `reference` is the task's gold
 answer (any picklable value), `metadata` the task's per-sample options. The return value is a
-finite number (bool and int are accepted); raising, hanging or returning NaN makes the scorer
-give the configured failure score and count the sample id in its metrics. Functions must be
+finite real number (bool and int are accepted; a string, even "1.0", is not); raising, hanging or
+returning NaN makes the scorer give the configured failure score and count the sample id in its
+metrics. A reference the function cannot use should raise `BadReference` naming the function and
+the form it expects: the scorer counts those apart (`reward/<task>/bad_references`). A verifier
+may register a cheap `validate(reference, metadata)` that the scorer runs before dispatch and
+`validate_samples` runs at load time. Functions must be
 importable at module level (workers run in spawned processes and look them up by name).
 
 A reward is named either by its registered name (`"math"`) or by a dotted path

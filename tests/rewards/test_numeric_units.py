@@ -54,3 +54,12 @@ def test_unit_info():
     assert unit_info("m s^-2")[0] == unit_info("m/s^2")[0] == (("length", 1), ("time", -2))
     assert unit_info("apples") is None
     assert parse_numbers("25 cm^2 and 3 kg") == [(25.0, False, "cm^2"), (3.0, False, "kg")]
+
+
+def test_reference_as_any_real_number():
+    from fractions import Fraction
+
+    import numpy as np
+    assert numeric_verifier("\\boxed{1/2}", Fraction(1, 2), {}) == 1.0
+    assert numeric_verifier("3", np.int64(3), {}) == 1.0
+    assert numeric_verifier("3", np.float32(3.5), {}) == 0.0

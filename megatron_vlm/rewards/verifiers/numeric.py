@@ -16,6 +16,7 @@ end), else the last number of the last line. Two different numbers in an anchore
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Mapping
 
@@ -109,8 +110,8 @@ def _alternatives(value: float, is_pct: bool) -> list[float]:
 
 
 def _gold_number(reference: Any) -> tuple[float, bool, str | None]:
-    if isinstance(reference, (int, float)) and not isinstance(reference, bool) and math.isfinite(reference):
-        return float(reference), False, None
+    if isinstance(reference, numbers.Real) and not isinstance(reference, bool) and math.isfinite(reference):
+        return float(reference), False, None  # int, float, Fraction, numpy scalars
     gold = parse_numbers(reference) if isinstance(reference, str) else []
     if len(gold) != 1:
         raise BadReference(f"numeric: reference must be a finite number or a string with exactly one number "
