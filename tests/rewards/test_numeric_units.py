@@ -38,6 +38,9 @@ SEPARATORS = [
     ("\\boxed{1{,}234}", "1234", 1.0),
     ("Die Antwort ist 1.234.567 Einwohner", "1234567", 1.0),
     ("La respuesta es 3,5 cm.", "3.5", 1.0),                                 # decimal comma
+    ("答案是 ４２。", "42", 1.0),                                              # full-width digits
+    ("答案是 ５０％", "0.5", 1.0),
+    ("答案是 ４３。", "42", 0.0),
     ("The population is 1 234 567.", "567", 0.0),
     ("Total: 12\u00a0500", "500", 0.0),
     ("1 2 3 4 5 6 7 8 9 10 ... 42", "7", 0.0),                                # not thousands groups

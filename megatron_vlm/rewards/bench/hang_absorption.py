@@ -33,9 +33,11 @@ def hang(response: str, reference, metadata) -> float:
 
 
 def make_batch(size: int, hangs: int) -> list[RewardSample]:
-    batch = [RewardSample(sample_id=i, task="math", prompt="p",
-                          response=f"<think>Reduce it.</think> The answer is \\boxed{{\\frac{{{i + 1}}}{{{2 * i + 2 + i % 2}}}}}",
-                          reference="\\frac{1}{2}") for i in range(size)]
+    # (i+1) / (2i+2) = 1/2 for even i; (i+1) / (2i+3) != 1/2 for odd i: right and wrong answers
+    answers = [f"\\frac{{{i + 1}}}{{{2 * i + 2 + i % 2}}}" for i in range(size)]
+    batch = [RewardSample(sample_id=i, task="math", prompt="p", reference="\\frac{1}{2}",
+                          response=f"<think>Reduce it.</think> The answer is \\boxed{{{answer}}}")
+             for i, answer in enumerate(answers)]
     for k in range(hangs):  # evenly spread, the first at the start of the batch
         i = k * size // hangs
         batch[i] = RewardSample(sample_id=i, task="hang", prompt="p", response="x")
@@ -60,15 +62,16 @@ def sweep(workers: int, batch_size: int, timeout_s: float, hang_counts: list[int
         times = {hangs: timed(scorer, make_batch(batch_size, hangs), repeats) for hangs in hang_counts}
         base = min(base, timed(scorer, make_batch(batch_size, 0), repeats))  # again, against drift
         cpu_s = base * min(workers, len(os.sched_getaffinity(0)))  # the batch's work, over the busy cores
-        absorbed, rows = 0, []
-        for hangs, elapsed in times.items():
+        absorbed, doubled, rows = 0, False, []
+        for hangs, elapsed in sorted(times.items()):
             ratio = elapsed / base
             model = 1 + hangs * timeout_s / cpu_s
             rows.append(f"  hangs {hangs:3d}: ratio {ratio:5.2f} (model {model:5.2f})")
-            if ratio < 2:
-                absorbed = max(absorbed, hangs)
-        print(f"workers {workers} on {len(os.sched_getaffinity(0))} cores: batch {batch_size}, no-hang scoring {base * 1e3:.0f} ms, timeout {timeout_s} s; "
-              f"largest hang count under 2x: {absorbed} (model: {cpu_s / timeout_s:.1f})")
+            doubled = doubled or ratio >= 2
+            absorbed = absorbed if doubled else hangs
+        cores = len(os.sched_getaffinity(0))
+        print(f"workers {workers} on {cores} cores: batch {batch_size}, no-hang scoring {base * 1e3:.0f} ms, "
+              f"timeout {timeout_s} s; largest hang count under 2x: {absorbed} (model: {cpu_s / timeout_s:.1f})")
         print("\n".join(rows), flush=True)
 
 

@@ -39,12 +39,14 @@ _TOKEN = re.compile(
     rf"\s*(?P<unit>{_UNIT}(?:\s*/\s*{_UNIT}|\s+[a-zA-Zµ]+\^[-+]?\d+)*)?")
 _SENTENCE_END = re.compile(rf"(?<!\d)[.;](?!\d)|[。；\n]|{alternation(words(CAUSE_WORDS))}", re.IGNORECASE)
 _SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺", "0123456789-+")
+_FULL_WIDTH = str.maketrans("０１２３４５６７８９％．－＋／", "0123456789%.-+/")  # CJK input methods
 _SPACE_GROUPS = re.compile(r"(?<![\d.,])\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?!\d)")  # 1 234 567
 _DOT_GROUPS = re.compile(r"(?<![\d.,])\d{1,3}(?:\.\d{3}){2,}(?![\d.])")             # 1.234.567
 
 
 def _normalise(text: str) -> str:
-    text = text.replace("\u2212", "-").replace("\\%", "%").replace("$", "").replace("{,}", ",")
+    text = text.translate(_FULL_WIDTH).replace("\u2212", "-").replace("\\%", "%")
+    text = text.replace("$", "").replace("{,}", ",")
     text = re.sub(r"[⁻⁺]?[⁰¹²³⁴⁵⁶⁷⁸⁹]+", lambda m: "^" + m.group(0).translate(_SUPERSCRIPTS), text)
     text = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", text)
     text = re.sub(r"\(([-+]?[\d.]+)\)/\(([-+]?[\d.]+)\)", r"\1/\2", text)
