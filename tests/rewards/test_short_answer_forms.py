@@ -29,6 +29,11 @@ SENTENCES = [
     ("It is maybe Paris.", "Paris", {}, 0.0),
     ("It is not Paris.", "Paris", {}, 0.0),
     ("Paris is not the capital.", "Paris", {}, 0.0),
+    ("Paris is wrong.", "Paris", {}, 0.0),
+    ("Paris est faux.", "Paris", {}, 0.0),
+    ("It is wrong to say it is Paris.", "Paris", {}, 0.0),
+    ("巴黎是错误的", PARIS, {}, 0.0),
+    ("巴黎是法国的首都", PARIS, {}, 1.0),
     ("Es París o Londres.", PARIS, {}, 0.0),
     ("Vielleicht ist es Paris oder London.", "Paris", {}, 0.0),
     ("The Moon is bigger than the Sun.", "the Sun", {}, 0.0),       # the alias is not the complement

@@ -154,6 +154,7 @@ def sequence_verifier(response: str, reference: Any, metadata: Mapping[str, Any]
 
 _COPULA_WORDS = {normalize_answer(w) for w in words(ANSWER_COPULAS)}
 _HEDGE = re.compile(alternation(normalize_answer(w) for w in words(HEDGE_WORDS)))
+_WRONG = re.compile(alternation(normalize_answer(w) for w in words(NO_WORDS) if len(w) > 1 or is_cjk(w)))
 _CLAUSE = re.compile(r"(?<!\d)[,;.!?:](?!\d)|[，；。！？：\n]")
 SHORT_ANSWER_MODES = ("exact", "sentence")
 
@@ -171,19 +172,20 @@ def _aliases(reference: Any, fold_plurals: bool) -> set[str]:
 
 def _framed(text: str, alias: str, max_words: int) -> bool:
     """`text` (normalised) states `alias` in a copula frame: '<...> is <alias>' or
-    '<alias> is <...>', short, and with no hedge or negation words outside the alias."""
+    '<alias> is <...>', short, and with no hedge, negation or no-words ('wrong') outside the alias."""
     if len(text.split()) > max_words or alias not in text:
         return False
     cjk = is_cjk(alias)
     if text.endswith(alias) and (cjk or text.endswith(" " + alias)):
         frame = text[:-len(alias)].strip()
         last = frame[-1:] if cjk else (frame.split() or [""])[-1]
-        if (last in _COPULA_WORDS or frame.endswith(("would be",))) and not _HEDGE.search(frame):
+        copula = last in _COPULA_WORDS or frame.endswith("would be")
+        if copula and not _HEDGE.search(frame) and not _WRONG.search(frame):
             return True
     if text.startswith(alias) and (cjk or text.startswith(alias + " ")):
         rest = text[len(alias):].strip()
         first = rest[:1] if cjk else (rest.split() or [""])[0]
-        return first in _COPULA_WORDS and not _HEDGE.search(rest)
+        return first in _COPULA_WORDS and not _HEDGE.search(rest) and not _WRONG.search(rest)
     return False
 
 
@@ -209,7 +211,7 @@ def short_answer_verifier(response: str, reference: Any, metadata: Mapping[str, 
       `max_words`, default 12) in a copula frame: 'It is Paris.', 'The capital is Paris',
       'Paris est la capitale', '首都是巴黎'.
     Refuses (0) by design: hedges ('Paris or London', 'maybe Paris', two boxes), negations ('It is
-    not Paris', 'Paris is not it'), an alias that is not the sentence's subject or complement
+    not Paris', 'Paris is not it', 'Paris is wrong', 'Paris est faux'), an alias that is not the sentence's subject or complement
     ('near Paris', 'The Moon is bigger than the Sun' for 'the Sun'), long sentences, answers only
     in the think block. Set the per-task defaults with `reward.task_metadata`.
     """
