@@ -209,6 +209,11 @@ def build_context(cfg) -> RunContext:
     tasks = {r.metadata.get("task", "default") for r in data.prompts + data.evals}
     reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model is not None else None
     scorer = RewardScorer(reward_config(cfg, tasks), reward_model)
+    # every reference its verifier would refuse, named now rather than counted at scoring time
+    scorer.check_samples([RewardSample(sample_id=r.request_id, task=r.metadata.get("task", "default"),
+                                       prompt=r.metadata.get("question", ""), response=None,
+                                       reference=r.metadata.get("reference"), metadata=r.metadata)
+                          for r in data.prompts + data.evals])
     return RunContext(cfg=cfg, assets=assets, runtime=runtime, hf_config=hf_config, family=family,
                       processor=processor, cache=cache, data=data, actor=actor, engine=engine,
                       scorer=scorer)
