@@ -92,5 +92,5 @@ def test_the_report_in_a_headless_browser(run_dir, tmp_path):
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800",
                     f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
-    if os.environ.get("REPORT_SCREENSHOT"):  # docs/report.png is made this way
+    if os.environ.get("REPORT_SCREENSHOT"):  # a copy of the screenshot, to look at
         shutil.copy(shot, os.environ["REPORT_SCREENSHOT"])
