@@ -21,6 +21,7 @@ from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.models.specs import BackendConfig
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.plan import PlannedModel
+from megatron_vlm.rewards.judge import JudgeConfig
 from megatron_vlm.rewards.reward_model import RewardModelConfig
 from megatron_vlm.rewards.scorer import RewardConfig
 from megatron_vlm.rl.config import RLConfig, RolloutConfig, UpdateConfig
@@ -241,6 +242,7 @@ class RunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig | None = None  # None: every task of the data scored by vlm.verifier
     reward_model: RewardModelConfig | None = None  # for tasks whose verifier is "reward_model"
+    judge: JudgeConfig | None = None  # for tasks whose verifier is "judge" (a local HF causal LM grades)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # dpo / mpo stages (name
                                                                             # set by the stage kind)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)  # rft stages: best-of-N filter

@@ -237,3 +237,12 @@ def test_a_vlm_vocabulary_that_tp_does_not_divide_is_named_before_any_process(tm
                                                           f"vlm.assets={tmp_path / 'assets'}"])
     with pytest.raises(ValueError, match=r"text_config.vocab_size \(\d+\) is not divisible by parallel.tp \(2\)"):
         cfg.check(2)
+
+
+def test_a_judge_section_configures_the_judge_verifier():
+    cfg = load_config(None, ["judge.path=/models/judge", "judge.batch_size=4",
+                             "reward={verifiers: {open: judge}}"])
+    assert cfg.judge.path == "/models/judge" and cfg.judge.batch_size == 4
+    assert cfg.reward.verifiers == {"open": "judge"}
+    with pytest.raises(ValueError, match="judge.batch_size must be >= 1"):
+        load_config(None, ["judge.batch_size=0"])

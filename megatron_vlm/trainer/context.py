@@ -35,6 +35,7 @@ from megatron_vlm.data.processor import MultimodalProcessor
 from megatron_vlm.models import family_for
 from megatron_vlm.models.source import resolve_hf_config
 from megatron_vlm.parallel.runtime import init_runtime
+from megatron_vlm.rewards.judge import load_judge
 from megatron_vlm.rewards.reward_model import load_reward_model
 from megatron_vlm.rewards.scorer import RewardConfig, RewardSample, RewardScorer
 from megatron_vlm.rollout.embedded import EmbeddedEngine, Prepared
@@ -208,7 +209,8 @@ def build_context(cfg) -> RunContext:
         engine = build_engine(cfg, assets, hf_config, cache, pad, runtime.device.type)
     tasks = {r.metadata.get("task", "default") for r in data.prompts + data.evals}
     reward_model = load_reward_model(cfg.reward_model) if cfg.reward_model is not None else None
-    scorer = RewardScorer(reward_config(cfg, tasks), reward_model)
+    judge = load_judge(cfg.judge) if cfg.judge is not None else None
+    scorer = RewardScorer(reward_config(cfg, tasks), reward_model, judge)
     # every reference its verifier would refuse, named now rather than counted at scoring time
     scorer.check_samples([RewardSample(sample_id=r.request_id, task=r.metadata.get("task", "default"),
                                        prompt=r.metadata.get("question", ""), response=None,
