@@ -49,6 +49,8 @@ def test_collective_device_is_the_cuda_device_for_nccl_and_the_host_for_gloo(mon
 
 def test_packed_microbatch_to_moves_every_tensor_field():
     batch, images, patches = _batch()
+    rows, width = batch.input_ids.shape
+    batch.routed_experts = torch.zeros(rows, width, 2, 2, dtype=torch.int16)  # routing replay's routes
     packed = pack_rows(batch, [2, 0, 1], images, patches, pad_to_multiple=8)  # images, text, tail padding
     tensor_fields = [f.name for f in fields(PackedMicroBatch) if torch.is_tensor(getattr(packed, f.name))]
     # every field but the Python lists is a tensor in this pack: none can be left out below

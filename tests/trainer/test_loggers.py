@@ -3,11 +3,17 @@ TensorBoard and W&B (offline) under the same names, progress as plain lines off 
 bar on one, and the per-stage run summary."""
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from megatron_vlm.trainer.loggers import Progress, metric_name, scalars, summary_table
-from megatron_vlm.trainer.run_log import METRICS, MetricsLog
+from megatron_vlm.trainer.run_log import METRICS
+
+ROOT = Path(__file__).resolve().parents[2]
 
 ROWS = [
     {"stage": "init", "step": 0, "eval_accuracy": 0.25, "eval_samples": 8},
@@ -33,18 +39,19 @@ def test_scalars_keep_finite_numbers_only():
     assert values == {"train/loss": 1.0}
 
 
-def test_every_row_reaches_tensorboard_and_wandb_under_the_same_names(tmp_path, monkeypatch):
+def test_every_row_reaches_tensorboard_and_wandb_under_the_same_names(tmp_path):
+    """In a process of its own, as a run's rank 0 (W&B's service keeps state per process)."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    log = MetricsLog(tmp_path, True, loggers=["jsonl", "tensorboard", "wandb"], config={"seed": 1},
-                     stream=io.StringIO())
-    for row in ROWS:
-        log(row)
-    log.close()
+    script = (f"import io, json\nfrom megatron_vlm.trainer.run_log import MetricsLog\n"
+              f"log = MetricsLog(__import__('pathlib').Path({str(tmp_path)!r}), True, "
+              f"loggers=['jsonl', 'tensorboard', 'wandb'], config={{'seed': 1}}, stream=io.StringIO())\n"
+              f"for row in json.loads({json.dumps(json.dumps(ROWS))}):\n    log(row)\nlog.close()\n")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()] == ROWS
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
