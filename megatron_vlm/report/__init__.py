@@ -42,7 +42,7 @@ def _pyplot():
     return plt
 
 
-def _stage_spans(rows: list[dict]) -> list[tuple[str, int, int]]:
+def stage_spans(rows: list[dict]) -> list[tuple[str, int, int]]:
     """(kind, first row, last row) of each stage in the order the run met them."""
     spans: list[list] = []
     for i, row in enumerate(rows):
@@ -67,7 +67,7 @@ def plot_run(rows: list[dict], path: Path) -> None:
     for ax in axes[3 + len(panels):]:
         ax.set_visible(False)
     axes = axes[:3 + len(panels)]
-    spans = _stage_spans(rows)
+    spans = stage_spans(rows)
     _eval_panel(axes[0], rows, spans)
     _reward_panel(axes[1], rows)
     _time_panel(axes[2], rows)
@@ -163,7 +163,7 @@ def render_report(run_dir: Path, out: Path | None = None) -> Path:
     rows, samples = read_rows(run_dir), read_samples(run_dir)
     figure = io.BytesIO()
     plot_run(rows, figure)
-    stages = [f"{kind} ({last - first + 1} steps)" for kind, first, last in _stage_spans(rows)]
+    stages = [f"{kind} ({last - first + 1} steps)" for kind, first, last in stage_spans(rows)]
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     head = (f"<h1>{html.escape(run_dir.name)}</h1><p>{len(rows)} rows; stages: {html.escape(', '.join(stages))}; "
             f"held-out accuracy {_pct(evals[0])} &rarr; {_pct(evals[-1])}</p>" if evals else

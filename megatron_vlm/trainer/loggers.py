@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from megatron_vlm.config import LOGGERS
+from megatron_vlm.report import stage_spans
 
 GROUPS = {"time_": "time/", "sync_": "sync/", "eval_": "eval/", "reward_": "reward/"}
 # the numbers a progress line shows, per stage kind (those present in the row)
@@ -156,37 +157,28 @@ class Progress:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Per stage (in the order the run met them): steps, wall time, time per phase, eval accuracy
-    at the start (the evaluation before it) and the end, tokens/s, reward failures / timeouts."""
-    stages: list[dict] = []
-    last_eval = None
-    for row in rows:
-        if row.get("stage") == "init":
-            last_eval = row.get("eval_accuracy", last_eval)
-            continue
-        if not stages or stages[-1]["kind"] != row["stage"] or row["step"] <= stages[-1]["last_step"]:
-            stages.append({"kind": row["stage"], "steps": 0, "seconds": 0.0, "phases": {}, "tokens": 0.0,
-                           "token_seconds": 0.0, "eval_start": last_eval, "eval_end": None, "failures": 0,
-                           "timeouts": 0, "last_step": 0})
-        s = stages[-1]
-        s["steps"] += 1
-        s["last_step"] = row["step"]
-        s["seconds"] += row.get("step_seconds", 0.0)
-        for key, value in row.items():
-            if key.startswith("time_") and isinstance(value, (int, float)):
-                s["phases"][key[5:]] = s["phases"].get(key[5:], 0.0) + value
-        s["tokens"] += row.get("train_tokens", row.get("tokens", 0))  # trained tokens (GRPO / SFT names)
-        s["failures"] += int(row.get("reward/failures", 0))
-        s["timeouts"] += int(row.get("reward/timeouts", 0))
-        if "eval_accuracy" in row:
-            s["eval_end"] = last_eval = row["eval_accuracy"]
+    """Per stage (in the order the run met them, `report.stage_spans`): steps, wall time, time per
+    phase, eval accuracy at the start (the evaluation before it) and the end, trained tokens/s,
+    reward failures / timeouts."""
     lines = [f"{'stage':<6} {'steps':>5} {'wall s':>8} {'eval start':>10} {'eval end':>9} {'train tok/s':>11} "
              f"{'rew fail':>8} {'timeouts':>8}  time per phase (s)"]
-    for s in stages:
-        rate = s["tokens"] / s["seconds"] if s["seconds"] and s["tokens"] else float("nan")
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["phases"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"{s['kind']:<6} {s['steps']:>5} {s['seconds']:>8.1f} {_fmt(s['eval_start']):>10} "
-                     f"{_fmt(s['eval_end']):>9} {rate:>11.0f} {s['failures']:>8} {s['timeouts']:>8}  {phases or '-'}")
+    for kind, first, last in stage_spans(rows):
+        span = rows[first:last + 1]
+        before = [r["eval_accuracy"] for r in rows[:first] if "eval_accuracy" in r]
+        evals = [r["eval_accuracy"] for r in span if "eval_accuracy" in r]
+        seconds = sum(r.get("step_seconds", 0.0) for r in span)
+        tokens = sum(r.get("train_tokens", r.get("tokens", 0)) for r in span)  # trained tokens (GRPO / SFT names)
+        phases: dict[str, float] = {}
+        for row in span:
+            for key, value in row.items():
+                if key.startswith("time_") and isinstance(value, (int, float)):
+                    phases[key[5:]] = phases.get(key[5:], 0.0) + value
+        rate = tokens / seconds if seconds and tokens else float("nan")
+        failures = sum(int(r.get("reward/failures", 0)) for r in span)
+        timeouts = sum(int(r.get("reward/timeouts", 0)) for r in span)
+        listed = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{kind:<6} {len(span):>5} {seconds:>8.1f} {_fmt(before[-1] if before else None):>10} "
+                     f"{_fmt(evals[-1] if evals else None):>9} {rate:>11.0f} {failures:>8} {timeouts:>8}  {listed or '-'}")
     return "\n".join(lines)
 
 

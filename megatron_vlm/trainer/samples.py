@@ -1,8 +1,8 @@
 """Rollouts a person can read: every `train.samples.every` steps of a GRPO / RFT stage, rank 0
 writes `train.out_dir/samples/step_XXXXXXX.jsonl` (the run's global step), one JSON object per
 sampled rollout: the prompt text, its images (PNG files under samples/images/, by request id),
-the response, the raw and normalised reward, the group advantage of this draw (GRPO's
-(r - mean) / std over the prompt's group, before any over-long shaping), the task, the verifier's
+the response, the raw and normalised reward, the advantage of this draw (the run's estimator
+on the normalised rewards, before any over-long shaping), the task, the verifier's
 verdict and failure message if any, the response length and whether it was truncated.
 `megatron-vlm report RUN_DIR` shows them in a browsable table.
 """
@@ -12,30 +12,30 @@ import json
 import random
 from pathlib import Path
 
+import torch
+
+from megatron_vlm.rl.advantages import AdvantageInputs, compute_advantages, group_index_from_ids
+
 SAMPLES = "samples"
 
 
-def group_advantages(samples, raw: list[float]) -> list[float]:
-    """(r - mean) / std of each sample's group (its prompt), 0 for a group whose rewards tie."""
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(s.request_id, []).append(i)
-    out = [0.0] * len(samples)
-    for members in groups.values():
-        values = [raw[i] for i in members]
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-        for i in members:
-            out[i] = (raw[i] - mean) / std if std > 0 else 0.0
-    return out
+def group_advantages(samples, rewards: list[float], cfg) -> list[float]:
+    """Each sample's advantage by the run's estimator (`update.advantage`, the function the update
+    uses), from this draw's rewards, one value per sequence."""
+    count = len(samples)
+    inputs = AdvantageInputs(torch.tensor(rewards, dtype=torch.float),
+                             group_index_from_ids([s.request_id for s in samples]),
+                             torch.ones(count), torch.arange(count + 1))
+    return compute_advantages(inputs, cfg).tolist()
 
 
-def write_samples(out_dir: Path, step: int, samples, result, requests: dict, text, count: int) -> Path:
+def write_samples(out_dir: Path, step: int, samples, result, requests: dict, text, count: int,
+                  advantage_cfg) -> Path:
     """Write `count` of a step's rollouts (seeded by the step); returns the file."""
     root = out_dir / SAMPLES
     (root / "images").mkdir(parents=True, exist_ok=True)
     failures = {f.sample_id: f for f in result.failures}
-    advantages = group_advantages(samples, result.raw)
+    advantages = group_advantages(samples, result.rewards, advantage_cfg)
     chosen = sorted(random.Random(step).sample(range(len(samples)), min(count, len(samples))))
     path = root / f"step_{step:07d}.jsonl"
     with open(path, "w") as f:

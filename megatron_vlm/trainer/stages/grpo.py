@@ -36,7 +36,8 @@ class GRPOStage(Stage):
 
 
 def save_samples(ctx, step: int, samples, result) -> None:
-    write_samples(ctx.out_dir, step, samples, result, ctx.data.by_id, ctx.text, ctx.cfg.train.samples.count)
+    write_samples(ctx.out_dir, step, samples, result, ctx.data.by_id, ctx.text, ctx.cfg.train.samples.count,
+                  ctx.cfg.update.advantage)
 
 
 def observe_mix(ctx, scored: list) -> dict:
