@@ -7,6 +7,7 @@ SLURM_NTASKS, SLURM_LOCALID), or default to a single process on a free local por
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import random
@@ -88,6 +89,11 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234, device: str | None 
             backend=backend, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+        # A process that exits with its process group alive can die in interpreter finalisation
+        # (gloo's worker threads still own tensors: "terminate called without an active
+        # exception", SIGABRT, pytorch#190489), turning a finished rank into a failed one. The
+        # group we made is destroyed while the interpreter is whole; after shutdown() it is a no-op.
+        atexit.register(shutdown)
     runtime = Runtime(rank, world_size, local_rank, dev, backend, parallel)
     set_layout(runtime, parallel, seed)
     return runtime
