@@ -10,6 +10,8 @@
     reference.py    the plain-torch specification of all of the above
     bench/          `python -m kernels.bench`: providers, time / CPU time / peak memory, packing figures
 
+    interpret.py    makes Triton's CPU interpreter compute bf16 dots, so tests run the bf16 branch
+
 Each op dispatches with impl="auto": Triton for CUDA tensors, a fused plain-torch path otherwise;
 tests run the Triton kernels on CPU under TRITON_INTERPRET=1.
 """

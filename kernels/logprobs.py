@@ -2,17 +2,52 @@
 
     logprobs, entropy = linear_logprobs(hidden [T, H], weight [V/tp, H], labels [T], temperature)
 
-The logits z = hidden @ weight^T / temperature exist only one tile (Triton) or one token block
-(torch) at a time; what crosses tiles, blocks and TP ranks is [T]-sized: the row max, the sum of
-exp(z - max), the target logit and (for the entropy) the sum of exp(z - max) * z.
+The logits z = hidden @ weight^T / temperature are never stored whole; what crosses tiles, chunks
+and TP ranks is [T]-sized: the row max, the sum of exp(z - max), the target logit and (for the
+entropy) the sum of exp(z - max) * z.
 
 Two implementations behind one dispatch (`impl="auto"`: Triton for CUDA tensors, torch otherwise):
-- Triton: `_fwd_kernel` streams vocab tiles with an online max / log-sum-exp and writes per-split
-  partial statistics; `_bwd_kernel` recomputes each [BLOCK_T, BLOCK_V] logits tile in registers,
-  forms d logits and accumulates d hidden and d weight with atomics. Nothing [T, V] touches memory.
+- Triton forward (`_fwd_kernel`): each program streams SPLIT_COLUMNS vocab columns in tiles with an
+  online max / log-sum-exp in fp32 and writes per-split partial statistics, merged (and
+  all-reduced over TP) in `combine_partials`. Entropy and target logit are fused in the same pass.
+- Triton backward, token chunk by token chunk: `_dlogits_kernel` recomputes each [BLOCK_T,
+  BLOCK_V] logits tile from the saved fp32 log-sum-exp and writes d loss / d logits for the chunk
+  in the run dtype ([T_chunk, V/tp], the only large buffer); then two cuBLAS GEMMs through torch:
+  d hidden[chunk] = dlogits @ W and d W += dlogits^T @ hidden[chunk].
 - torch (the CPU default): token blocks of full vocabulary rows ([Tb, V/tp] fp32, tens of MiB),
   in-place max / exp / sum; the backward recomputes each block's logits once.
 `kernels.policy_loss` reuses both to fuse the head with the loss (gradients formed in the forward).
+
+Why the backward writes a d logits chunk and calls cuBLAS (option a of issue #15) rather than
+atomics or kernels that own output tiles (option b). Chosen by reasoning, not measured: no GPU has
+run this code yet.
+- The previous backward formed d logits per tile and atomically added its share of d hidden and d
+  weight: T * V * H * (1/BLOCK_V + 1/BLOCK_T) fp32 atomics, 3e10 for an 8k-token pack at V/tp = 76k,
+  H = 2048, with token blocks fastest in the launch order, so ~128 programs hit the same d weight
+  rows at once. (a) has no atomics at all: every output element is written by one program or one
+  cuBLAS tile, and the result is deterministic run to run.
+- (b) needs a program that owns a d weight tile to hold [BLOCK_V, H] accumulators (1 MiB in fp32 at
+  H = 2048, far above an SM's registers and shared memory), or to own [BLOCK_V, BLOCK_H] and
+  recompute the full-H logits tile H / BLOCK_H times; and its d hidden kernel recomputes the logits
+  a second time. (a) does 8*T*H*V FLOPs (forward, one recompute, two GEMMs), (b) at least 10.
+- Half of (a)'s FLOPs are plain GEMMs (M = T_chunk, N = H, K = V/tp and M = V/tp, N = H, K = T_chunk)
+  where cuBLAS runs near its best; the price is writing and reading the d logits chunk twice
+  (~3.7 GB of traffic for that 8k x 76k pack, under 1 ms at H200 bandwidth, against ~10 ms of math).
+- Counted as 6*T*H*V (the usual figure), the recompute caps (a) at 75% of the rate its kernels
+  reach; the issue's 60%-of-bf16-peak goal needs them at ~80% of peak. Unmeasured.
+Chunks: DLOGITS_CHUNK_BYTES bounds the d logits chunk. With more than one chunk and bf16 weights,
+d weight accumulates in an fp32 [V/tp, H] buffer (cuBLAS with out_dtype=float32 on CUDA), so each
+chunk is not rounded to bf16; with one chunk (or fp32) the GEMM writes d weight directly.
+
+Precision: tiles enter `tl.dot` in the run dtype (bf16 on the tensor cores), accumulation and the
+log-sum-exp are fp32. For fp32 inputs the dot's input_precision is "ieee" unless the process asks
+torch for TF32 (`torch.set_float32_matmul_precision("high")` or "medium"), which then applies to
+these kernels as it does to the backward's cuBLAS GEMMs: ~1e-3 relative error on the logits for
+roughly 8x the fp32 FLOP rate. Under TRITON_INTERPRET=1 the same bf16 dots run on CPU through
+`kernels.interpret` (Triton 3.9's interpreter mishandles bf16 dots on its own).
+
+Tiles and warps are autotuned (`triton.autotune`, keyed on H and V/tp) over a small set of configs;
+`tuned_configs()` reports the chosen ones (the benchmark records them). Interpreted: one config.
 
 Vocab parallelism follows megatron's ColumnParallelLinear output layer: rank r holds rows
 [r * V/tp, (r+1) * V/tp) of the weight and full labels; the [T]-sized statistics are all-reduced
@@ -20,63 +55,69 @@ Vocab parallelism follows megatron's ColumnParallelLinear output layer: rank r h
 sequence parallelism (hidden arrives as this rank's [T/tp, H] slice) all-gathered in the forward and
 reduce-scattered in the backward.
 """
-import os
-
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
 
-# Triton tiles. BLOCK_T x BLOCK_V is one logits tile held in registers (64 x 128 fp32 = 32 KiB per
-# program); BLOCK_H is the reduction step of the two tl.dot's. All are >= 16, as tl.dot requires.
-BLOCK_T = 64
-BLOCK_V = 128
-BLOCK_H = 64
-# Vocab tiles one forward program streams: enough work per program to amortise loading the hidden
-# tile, few enough that small T still yields a grid that fills the GPU.
-TILES_PER_SPLIT = 16
+from kernels.interpret import interpreting, patch_bf16_dot
+
+patch_bf16_dot()  # no-op unless TRITON_INTERPRET=1
+
+# Vocab columns one forward program streams: enough work per program to amortise loading its hidden
+# rows, few enough that small T still fills the GPU (V/tp = 76k: 38 splits x T/BLOCK_T programs).
+# A multiple of every config's BLOCK_V, so the partials' shape does not depend on the tuned config.
+SPLIT_COLUMNS = 2048
+# The backward's d logits chunk [T_chunk, V/tp] in the run dtype: 512 MiB is 1.5k rows at V = 152k
+# in bf16 (8k at 32k), long enough for the d weight GEMM (K = T_chunk) to run at full rate.
+DLOGITS_CHUNK_BYTES = 1 << 29
+CHUNK_ROW_MULTIPLE = 128
+# Autotuned tiles. BLOCK_T x BLOCK_V is one fp32 logits tile held in registers; BLOCK_H is the K step
+# of the dot (>= 16, as tl.dot requires); GROUP_T token blocks sweep the vocab together in the
+# backward so a weight tile is reused from L2. A small set: every config is benchmarked once per
+# (H, V/tp), and a VLM run sees one or two such shapes.
+GPU_CONFIGS = [
+    triton.Config(dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_T=128, BLOCK_V=256, BLOCK_H=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_T=64, BLOCK_V=256, BLOCK_H=64), num_warps=8, num_stages=4),
+    triton.Config(dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=32), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64), num_warps=4, num_stages=4),
+]
+# Interpreted (CPU tests): one config, so autotune never benchmarks; tiles that do not divide the
+# tests' awkward shapes (T=47, V=1237, H=96), so every mask is exercised.
+INTERPRET_CONFIGS = [triton.Config(dict(BLOCK_T=32, BLOCK_V=128, BLOCK_H=64), num_warps=4, num_stages=1)]
+HEAD_CONFIGS = INTERPRET_CONFIGS if interpreting() else GPU_CONFIGS
+GROUP_T = 8
 # torch path: fp32 elements of one [Tb, V] logits block (64 MiB: 512 rows at V=32k). The rows are
 # the inner dimension of the d weight GEMM, so fewer rows cost CPU time: measured on 2 cores at
 # T=4096, H=1024, V=32k, the fused loss took 1.1x / 1.0x / 0.95x / 0.93x the naive path's CPU time
 # with 128 / 256 / 512 / 1024 rows; 512 keeps the block at 4% of the naive path's [T, V] buffers.
 TORCH_BLOCK_ELEMENTS = 1 << 24
 TORCH_BLOCK_ROWS = (64, 1024)  # clamp for very small / very large vocabularies
-# Triton 3.9's interpreter (TRITON_INTERPRET=1, CPU tests) returns garbage from tl.dot on bf16
-# tiles (e.g. 2e10 for a 16x16 product). bf16 x bf16 products are exact in fp32, so upcasting the
-# tiles before the dot gives what the GPU's bf16 dot with fp32 accumulation computes.
-UPCAST_DOT_OPERANDS = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------- Triton
 @triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return out
-
-
-@triton.jit
 def _logits_tile(h_ptr, w_ptr, h_rows, w_rows, t_mask, v_mask, H,
                  BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """hidden rows x weight rows^T for one [BLOCK_T, BLOCK_V] tile, fp32 accumulation over H."""
+                 DOT_PRECISION: tl.constexpr):
+    """hidden rows x weight rows^T for one [BLOCK_T, BLOCK_V] tile: run-dtype operands, fp32 acc."""
     acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
     for k in range(0, H, BLOCK_H):
         offs_h = k + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
         w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        acc = _dot(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
 
 
+@triton.autotune(configs=HEAD_CONFIGS, key=["H", "V"])
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_ptr,
-                T, V, H, vocab_start, inv_temp, tiles_per_split,
-                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                NEED_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                T, V, H, vocab_start, inv_temp,
+                SPLIT_COLUMNS: tl.constexpr, NEED_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Partial statistics of one token block over one vocab split, written at [split, t]."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -88,11 +129,11 @@ def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_pt
     ez = tl.zeros([BLOCK_T], tl.float32)
     target = tl.zeros([BLOCK_T], tl.float32)
     h_rows = offs_t.to(tl.int64) * H
-    for i in range(0, tiles_per_split):
-        offs_v = (pid_s * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
+    for i in range(0, SPLIT_COLUMNS // BLOCK_V):
+        offs_v = pid_s * SPLIT_COLUMNS + i * BLOCK_V + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         acc = _logits_tile(h_ptr, w_ptr, h_rows, offs_v.to(tl.int64) * H, t_mask, v_mask, H,
-                           BLOCK_T, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
+                           BLOCK_T, BLOCK_V, BLOCK_H, DOT_PRECISION)
         z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_T, BLOCK_V]
         new_max = tl.maximum(row_max, tl.max(z, 1))
         rescale = tl.exp(row_max - new_max)
@@ -111,23 +152,30 @@ def _fwd_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sumexp_ptr, ez_ptr, target_pt
     tl.store(target_ptr + out, target, mask=t_mask)
 
 
+@triton.autotune(configs=HEAD_CONFIGS, key=["H", "V"])
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, dh_ptr, dw_ptr,
-                T, V, H, vocab_start, inv_temp,
-                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                HAS_G_ENT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One [BLOCK_T, BLOCK_V] tile: recompute logits, form d logits, atomically add its share of
-    d hidden [BLOCK_T, H] and d weight [BLOCK_V, H] (fp32 buffers)."""
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
+def _dlogits_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, dz_ptr,
+                    T, V, H, vocab_start, inv_temp,
+                    HAS_G_ENT: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_T: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One [BLOCK_T, BLOCK_V] tile of d loss / d logits for a token chunk ([T, V] here), recomputed
+    from the logits tile and the saved log-sum-exp, stored in dz_ptr's dtype. No atomics."""
+    pid = tl.program_id(0)
+    blocks_t = tl.cdiv(T, BLOCK_T)
+    blocks_v = tl.cdiv(V, BLOCK_V)
+    # Grouped order: GROUP_T consecutive programs share a weight tile (from L2), and the group's
+    # hidden rows stay in L2 while it sweeps the vocab.
+    per_group = GROUP_T * blocks_v
+    first_t = (pid // per_group) * GROUP_T
+    group_rows = tl.minimum(blocks_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     t_mask = offs_t < T
     v_mask = offs_v < V
-    h_rows = offs_t.to(tl.int64) * H
-    w_rows = offs_v.to(tl.int64) * H
-    acc = _logits_tile(h_ptr, w_ptr, h_rows, w_rows, t_mask, v_mask, H,
-                       BLOCK_T, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
+    acc = _logits_tile(h_ptr, w_ptr, offs_t.to(tl.int64) * H, offs_v.to(tl.int64) * H, t_mask, v_mask, H,
+                       BLOCK_T, BLOCK_V, BLOCK_H, DOT_PRECISION)
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     g_logp = tl.load(g_logp_ptr + offs_t, mask=t_mask, other=0.0)
     local_label = tl.load(labels_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64) - vocab_start
@@ -140,53 +188,99 @@ def _bwd_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_en
         g_ent = tl.load(g_ent_ptr + offs_t, mask=t_mask, other=0.0)
         dz -= p * (logp_all + ent[:, None]) * g_ent[:, None]
     dz += tl.where((offs_v[None, :] == local_label[:, None]) & v_mask[None, :], g_logp[:, None], 0.0)
-    dz = (dz * inv_temp).to(h_ptr.dtype.element_ty)
-    for k in range(0, H, BLOCK_H):
-        offs_h = k + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        h = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-        dh = _dot(dz, w, None, DOT_PRECISION, UPCAST)  # [BLOCK_T, BLOCK_H]
-        tl.atomic_add(dh_ptr + h_rows[:, None] + offs_h[None, :], dh, mask=t_mask[:, None] & h_mask[None, :])
-        dw = _dot(tl.trans(dz), h, None, DOT_PRECISION, UPCAST)  # [BLOCK_V, BLOCK_H]
-        tl.atomic_add(dw_ptr + w_rows[:, None] + offs_h[None, :], dw, mask=v_mask[:, None] & h_mask[None, :])
+    out = offs_t.to(tl.int64)[:, None] * V + offs_v[None, :]
+    tl.store(dz_ptr + out, (dz * inv_temp).to(dz_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
 
 
-def _dot_precision(dtype):
-    # fp32 inputs: exact fp32 products (tf32 would cost ~1e-3 relative error); bf16/fp16: native.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype):
+    """tl.dot input_precision for operands of `dtype`. fp32: exact ("ieee") unless torch's matmul
+    precision allows TF32; bf16 / fp16: the operands are native tensor-core types and the setting
+    has no effect ("tf32" is Triton's NVIDIA default)."""
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"
 
 
-def logprobs_fwd_triton(hidden, weight, labels, temperature, vocab_start, need_entropy):
+def tuned_configs():
+    """The config autotune chose for each head kernel at its last launch (None before one)."""
+    return {kernel.fn.__name__: _describe(getattr(kernel, "best_config", None))
+            for kernel in (_fwd_kernel, _dlogits_kernel)}
+
+
+def _describe(config):
+    if config is None:
+        return None
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def logprobs_fwd_triton(hidden, weight, labels, temperature, vocab_start, need_entropy, split_columns=None):
     """Launch _fwd_kernel -> partial (max, sumexp, sum e*z, target), each [n_splits, T] fp32."""
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     (T, H), V = hidden.shape, weight.shape[0]
-    vocab_tiles = triton.cdiv(V, BLOCK_V)
-    tiles_per_split = min(TILES_PER_SPLIT, vocab_tiles)
-    n_splits = triton.cdiv(vocab_tiles, tiles_per_split)
+    split_columns = split_columns or SPLIT_COLUMNS
+    if any(split_columns % c.kwargs["BLOCK_V"] for c in HEAD_CONFIGS):
+        raise ValueError(f"split_columns must be a multiple of every BLOCK_V, got {split_columns}")
+    n_splits = triton.cdiv(V, split_columns)
     partials = torch.empty(4, n_splits, T, dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(T, BLOCK_T), n_splits)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), n_splits)  # noqa: E731
     _fwd_kernel[grid](hidden, weight, labels, partials[0], partials[1], partials[2], partials[3],
-                      T, V, H, vocab_start, 1.0 / temperature, tiles_per_split,
-                      BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, NEED_ENTROPY=need_entropy,
-                      DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=UPCAST_DOT_OPERANDS)
+                      T, V, H, vocab_start, 1.0 / temperature, SPLIT_COLUMNS=split_columns,
+                      NEED_ENTROPY=need_entropy, DOT_PRECISION=dot_precision(hidden.dtype))
     return partials.unbind(0)
 
 
-def logprobs_bwd_triton(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp, g_ent):
-    """Launch _bwd_kernel -> (d hidden [T, H] partial over this rank's vocab, d weight [V, H])."""
+def dlogits_chunk_rows(vocab_local, dtype):
+    """Tokens per backward chunk: the [rows, V/tp] d logits block within DLOGITS_CHUNK_BYTES."""
+    rows = DLOGITS_CHUNK_BYTES // (vocab_local * torch.finfo(dtype).bits // 8)
+    return max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+
+
+def dlogits_triton(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp, g_ent, out):
+    """Launch _dlogits_kernel: out [T, V] (run dtype) = d loss / d logits for these T tokens."""
+    (T, H), V = hidden.shape, weight.shape[0]
+    has_g_ent = g_ent is not None
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731
+    _dlogits_kernel[grid](hidden, weight, labels, lse, entropy if has_g_ent else lse, g_logp,
+                          g_ent if has_g_ent else g_logp, out, T, V, H, vocab_start, 1.0 / temperature,
+                          HAS_G_ENT=has_g_ent, DOT_PRECISION=dot_precision(hidden.dtype), GROUP_T=GROUP_T)
+    return out
+
+
+def _addmm_fp32_(acc, a, b):
+    """acc (fp32) += a @ b for run-dtype a, b, accumulated in fp32 without a run-dtype product."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # CPU (interpreted tests): no bf16 -> fp32 addmm kernel; the fp32 product is the same math
+        acc.addmm_(a.float(), b.float())
+
+
+def logprobs_bwd_triton(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp, g_ent,
+                        chunk_rows=None):
+    """Chunked backward -> (d hidden [T, H] partial over this rank's vocab, d weight [V, H]), both in
+    the run dtype. Per chunk: d logits (Triton), then d hidden = dlogits @ W, d W += dlogits^T @ h."""
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     (T, H), V = hidden.shape, weight.shape[0]
-    dh = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    rows = chunk_rows or dlogits_chunk_rows(V, hidden.dtype)
+    g_logp = g_logp.float().contiguous()
+    g_ent = g_ent.float().contiguous() if g_ent is not None else None
+    dh = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    dlogits = torch.empty(min(rows, T), V, dtype=hidden.dtype, device=hidden.device)  # the one [T_chunk, V/tp]
+    if T <= rows:  # one chunk: the GEMMs write the gradients directly (fp32 accumulation inside)
+        dlogits_triton(hidden, weight, labels, temperature, vocab_start, lse, entropy, g_logp, g_ent, dlogits)
+        torch.mm(dlogits, weight, out=dh)
+        return dh, torch.mm(dlogits.t(), hidden)
     dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
-    has_g_ent = g_ent is not None
-    g_ent = g_ent.float().contiguous() if has_g_ent else g_logp
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(V, BLOCK_V))
-    _bwd_kernel[grid](hidden, weight, labels, lse, entropy if entropy is not None else lse,
-                      g_logp.float().contiguous(), g_ent, dh, dw, T, V, H, vocab_start, 1.0 / temperature,
-                      BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, HAS_G_ENT=has_g_ent,
-                      DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=UPCAST_DOT_OPERANDS)
-    return dh.to(hidden.dtype), dw.to(weight.dtype)
+    for start in range(0, T, rows):
+        chunk = slice(start, min(start + rows, T))
+        dz = dlogits[: chunk.stop - start]
+        dlogits_triton(hidden[chunk], weight, labels[chunk], temperature, vocab_start, lse[chunk],
+                       entropy[chunk] if entropy is not None else None, g_logp[chunk],
+                       g_ent[chunk] if g_ent is not None else None, dz)
+        torch.mm(dz, weight, out=dh[chunk])
+        _addmm_fp32_(dw, dz.t(), hidden[chunk])
+    return dh, dw.to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------- TP plumbing

@@ -22,7 +22,9 @@ Design:
   No logits are recomputed, which is what keeps it at the naive path's matmul cost. GSPO's
   coefficient needs the whole sequence's log-probs, so there it takes two passes (a statistics
   pass, then the gradient pass: 4/3 of the matmul work). The Triton path always does statistics
-  kernel -> [T] coefficients -> gradient kernel that recomputes logits tiles in registers.
+  kernel -> [T] coefficients -> per token chunk, a d logits kernel that recomputes the logits
+  tiles, then d hidden and d weight as two cuBLAS GEMMs (`kernels.logprobs.logprobs_bwd_triton`:
+  no atomics; why, in that module's docstring). All of it runs inside the forward call.
 - A rollout-correction weight (`is_weight` [T], e.g. truncated importance sampling between the
   trainer's old policy and the rollout engine) multiplies the policy-gradient term only:
   loss = sum_t w_t (is_weight_t pg_t + kl_coef kl_t). It is applied to pg and d pg (so to the
@@ -203,20 +205,40 @@ def token_terms(log_ratio, advantages, logprobs, ref_logprobs, cfg, bounds, impl
 # ---------------------------------------------------------------------------- aggregation
 @dataclass
 class SeqLayout:
+    """Which sequence each token belongs to, and per-sequence sums. Under context parallelism
+    (`cp_group`) each rank holds part of every sequence (cu_seqlens are the local boundaries) and
+    the per-sequence sums are over the whole sequence: summed over the CP group, differentiably
+    (an all-reduce whose backward sums the gradients of every rank) when the values need a grad."""
     seq_index: torch.Tensor  # [T] sequence of each token
     tokens: torch.Tensor     # [S] unmasked tokens per sequence (fp32)
     max_len: int             # longest sequence (with the sequence count, the Dr. GRPO default divisor)
+    cp_group: object = None
 
     @classmethod
-    def build(cls, mask, cu_seqlens):
+    def build(cls, mask, cu_seqlens, cp_group=None):
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         seq_index = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths.to(mask.device))
         tokens = torch.zeros(len(lengths), dtype=torch.float32, device=mask.device)
         tokens.index_add_(0, seq_index, mask.float())
-        return cls(seq_index, tokens, int(lengths.max()) if len(lengths) else 0)
+        cp = 1 if cp_group is None else cp_group.size()
+        layout = cls(seq_index, tokens, cp * int(lengths.max()) if len(lengths) else 0, cp_group if cp > 1 else None)
+        layout.tokens = layout.over_cp(tokens)
+        return layout
+
+    def over_cp(self, per_sequence):
+        """[S] partial sums of this rank's tokens -> the whole sequences' sums."""
+        if self.cp_group is None:
+            return per_sequence
+        if per_sequence.requires_grad:
+            import torch.distributed.nn.functional as dist_nn
+
+            return dist_nn.all_reduce(per_sequence, group=self.cp_group)
+        per_sequence = per_sequence.clone()
+        torch.distributed.all_reduce(per_sequence, group=self.cp_group)
+        return per_sequence
 
     def segment_sum(self, values):
-        return torch.zeros_like(self.tokens).index_add_(0, self.seq_index, values)
+        return self.over_cp(torch.zeros_like(self.tokens, dtype=values.dtype).index_add(0, self.seq_index, values))
 
 
 def aggregation_weights(mask, layout: SeqLayout, mode, normalizer=None):
@@ -299,9 +321,9 @@ class PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg, normalizer,
-                entropy, impl, is_weight):
+                entropy, impl, is_weight, cp_group):
         logprobs = logprobs.float()
-        layout = SeqLayout.build(mask, cu_seqlens)
+        layout = SeqLayout.build(mask, cu_seqlens, cp_group)
         weights = aggregation_weights(mask, layout, cfg.aggregation, normalizer)
         terms, coef = loss_and_coefficients(logprobs, old_logprobs.float(), advantages, mask, layout, cfg,
                                             ref_logprobs, weights, impl, is_weight)
@@ -313,17 +335,21 @@ class PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         (coef,) = ctx.saved_tensors
-        return (grad_loss * coef,) + (None,) * 10
+        return (grad_loss * coef,) + (None,) * 11
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, cfg: PolicyLossConfig,
-                ref_logprobs=None, normalizer=None, entropy=None, impl: str = "auto", is_weight=None):
+                ref_logprobs=None, normalizer=None, entropy=None, impl: str = "auto", is_weight=None,
+                cp_group=None):
     """(loss, metrics) for flat [T] tokens; see the module docstring. Differentiable w.r.t. logprobs
-    only. `is_weight` [T] (None = 1) multiplies the policy-gradient term, not the KL term."""
+    only. `is_weight` [T] (None = 1) multiplies the policy-gradient term, not the KL term. Under
+    context parallelism the tokens are this rank's share (cu_seqlens its local boundaries) and
+    `cp_group` sums the sequence statistics; the loss is then this rank's part of the whole, and
+    its gradient the whole loss's w.r.t. these tokens."""
     _check_inputs(cfg, ref_logprobs)
     impl = resolve_impl(impl, logprobs)
     loss, *values = PolicyLoss.apply(logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg,
-                                     normalizer, entropy, impl, is_weight)
+                                     normalizer, entropy, impl, is_weight, cp_group)
     return loss, dict(zip(_metric_names(cfg, entropy is not None), values))
 
 
@@ -387,9 +413,9 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg,
-                normalizer, temperature, tp_group, sequence_parallel, compute_entropy, impl, is_weight):
+                normalizer, temperature, tp_group, sequence_parallel, compute_entropy, impl, is_weight, cp_group):
         hidden_full = gather_sequence_parallel(hidden, tp_group) if sequence_parallel else hidden
-        layout = SeqLayout.build(mask, cu_seqlens)
+        layout = SeqLayout.build(mask, cu_seqlens, cp_group)
         weights = aggregation_weights(mask, layout, cfg.aggregation, normalizer)
         if impl == "torch" and cfg.ratio_level == "token":
             logprobs, entropy, terms, dh, dw = _one_pass_torch(
@@ -411,23 +437,23 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         dh, dw = ctx.saved_tensors
         # In place: a second [V, H] buffer would add to the peak (so retain_graph=True is unsupported).
-        return (dh.mul_(grad_loss), dw.mul_(grad_loss)) + (None,) * 14
+        return (dh.mul_(grad_loss), dw.mul_(grad_loss)) + (None,) * 15
 
 
 def fused_linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens,
                              cfg: PolicyLossConfig, ref_logprobs=None, normalizer=None, temperature: float = 1.0,
                              tp_group=None, sequence_parallel: bool = False, compute_entropy: bool = False,
-                             impl: str = "auto", is_weight=None):
+                             impl: str = "auto", is_weight=None, cp_group=None):
     """Head + log-probs + policy loss in one op: (loss, metrics); metrics["logprobs"] holds the
     detached [T] log-probs. hidden [T, H] ([T/tp, H] under sequence parallelism), weight [V/tp, H],
     labels and the per-token inputs [T] (full on every TP rank). Differentiable w.r.t. hidden and
     weight; the loss must be used as is (a scalar multiple is fine, e.g. loss scaling), since the
-    gradient was formed in the forward. `is_weight` [T] as in policy_loss."""
+    gradient was formed in the forward. `is_weight` [T] and `cp_group` as in policy_loss."""
     _check_inputs(cfg, ref_logprobs)
     impl = resolve_impl(impl, hidden)
     loss, logprobs, *values = FusedLinearPolicyLoss.apply(
         hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg, normalizer,
-        float(temperature), tp_group, sequence_parallel, compute_entropy, impl, is_weight)
+        float(temperature), tp_group, sequence_parallel, compute_entropy, impl, is_weight, cp_group)
     metrics = dict(zip(_metric_names(cfg, compute_entropy), values))
     metrics["logprobs"] = logprobs
     return loss, metrics

@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import kernels.logprobs as lp
 from kernels.logprobs import linear_logprobs
 from kernels.policy_loss import PolicyLossConfig, fused_linear_policy_loss
 from kernels.reference import linear_logprobs_ref, policy_loss_ref
@@ -73,6 +74,25 @@ def check_fused_loss(impl, sequence_parallel, ratio_level, group, rank, world):
     assert_close(w.grad, w_ref.grad.chunk(world)[rank], **TOL, name="d_weight shard")
 
 
+class small_tiles:
+    """Triton backward chunks of 16 rows and forward splits of 256 columns (619 = 3 splits per rank,
+    T=48 = 3 chunks), so TP=2 also covers the multi-chunk and multi-split paths."""
+
+    def __enter__(self):
+        self.saved = lp.dlogits_chunk_rows, lp.SPLIT_COLUMNS
+        lp.dlogits_chunk_rows, lp.SPLIT_COLUMNS = (lambda vocab, dtype: 16), 256
+
+    def __exit__(self, *exc):
+        lp.dlogits_chunk_rows, lp.SPLIT_COLUMNS = self.saved
+
+
+def with_small_tiles(check):
+    def run():
+        with small_tiles():
+            check()
+    return run
+
+
 def main():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -84,6 +104,8 @@ def main():
             for level in ("token", "sequence"):
                 cases.append((f"fused {level}", lambda level=level: check_fused_loss(
                     impl, sequence_parallel, level, group, rank, world)))
+            if impl == "triton":
+                cases += [(f"{name}, small tiles", with_small_tiles(case)) for name, case in cases]
             for name, case in cases:
                 try:
                     case()
