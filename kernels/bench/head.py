@@ -10,7 +10,11 @@ k3 KL loss with token-mean, then backward to hidden and weight):
   chunk_recompute  kernels.logprobs.linear_logprobs (token blocks, logits recomputed in backward)
                    + kernels.policy_loss.policy_loss
   fused_torch      kernels.policy_loss.fused_linear_policy_loss, torch path (gradients in the forward)
-  triton           the same op, Triton path (CUDA only)
+  triton           the same op, Triton path (CUDA; interpreted on CPU under TRITON_INTERPRET=1); the
+                   record carries the configs autotune chose (`tuned`)
+  compiled_chunk   torch.compile'd chunking: per token chunk a compiled logits + log_softmax +
+                   gather, under activation checkpointing (one chunk's logits alive; recomputed in
+                   backward), then the reference loss
   liger            Liger-Kernel's LigerFusedLinearGRPOLoss (chunked, uncompiled), when installed
 
 Timing: per repetition, a fresh leaf hidden / weight (so gradients are freed between repetitions);
@@ -26,7 +30,8 @@ import time
 
 import torch
 
-PROVIDERS = ("naive", "reference", "chunk_recompute", "fused_torch", "triton", "liger")
+PROVIDERS = ("naive", "reference", "chunk_recompute", "fused_torch", "triton", "compiled_chunk", "liger")
+COMPILED_CHUNK_ROWS = 1024  # tokens per compiled chunk: one [1024, V] fp32 logits block alive
 KL_COEF = 0.04
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
@@ -85,6 +90,18 @@ def build(provider, x):
 
         def forward(hidden, weight):
             return fused_linear_policy_loss(hidden, weight, x["labels"], *args, ref_logprobs=x["ref"], impl=impl)[0]
+    elif provider == "compiled_chunk":
+        from torch.utils.checkpoint import checkpoint
+
+        from kernels.reference import policy_loss_ref
+        chunk_logprobs = torch.compile(_chunk_logprobs, dynamic=False)
+        T = x["labels"].numel()
+        chunks = [slice(s, min(s + COMPILED_CHUNK_ROWS, T)) for s in range(0, T, COMPILED_CHUNK_ROWS)]
+
+        def forward(hidden, weight):
+            logp = torch.cat([checkpoint(chunk_logprobs, hidden[c], weight, x["labels"][c], use_reentrant=False)
+                              for c in chunks])
+            return policy_loss_ref(logp, *args, ref_logprobs=x["ref"])[0]
     elif provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         liger = LigerFusedLinearGRPOLoss(beta=KL_COEF, compiled=False, chunk_size=1, epsilon_low=EPS_LOW,
@@ -99,6 +116,30 @@ def build(provider, x):
     else:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     return forward
+
+
+def _chunk_logprobs(hidden, weight, labels):
+    logits = (hidden @ weight.t()).float()  # [T_chunk, V]
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def matmul_peak_tflops(dtype=torch.bfloat16, n=8192, reps=20):
+    """The device's achievable dense TFLOP/s: best of `reps` n x n x n matmuls (CUDA only)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / best / 1e12
 
 
 class Memory:
@@ -159,6 +200,9 @@ def measure(provider, T, H, V, dtype, reps, warmup, device):
                   peak_extra_mib=memory.peak_extra() / 2**20, runs=runs, device=str(device),
                   threads=torch.get_num_threads())
     record["tflops"] = 6 * T * H * V / record["full_s"] / 1e12
+    if provider == "triton":
+        from kernels.logprobs import tuned_configs
+        record["tuned"] = tuned_configs()
     return record
 
 

@@ -151,7 +151,7 @@ def test_bench_command_parses_with_the_benchmarks_own_flags(tmp_path):
     assert cli.func.__name__ == "cmd_bench" and cli.what == "kernels"
     args = parse_args(cli.rest)
     assert set(args.providers.split(",")) <= set(PROVIDERS) and args.suite == "head"
-    assert (args.tokens, args.vocab, args.hidden, args.dtype) == ("4096", "32768", 1024, "bfloat16")
+    assert (args.tokens, args.vocab, args.hidden, args.dtype) == ("4096", "32768", "1024", "bfloat16")
     assert args.json == str(tmp_path / "bench_bf16.json")
 
 
