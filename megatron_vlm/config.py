@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_vlm.data.loading import LoadConfig, SourceConfig
+from megatron_vlm.data.loading import KindsConfig, LoadConfig, SourceConfig
 from megatron_vlm.models.language import LanguageModelConfig
 from megatron_vlm.models.specs import BackendConfig
 from megatron_vlm.parallel.config import ParallelConfig
@@ -96,6 +96,8 @@ class VLMConfig:
     load: LoadConfig = field(default_factory=LoadConfig)  # transforms (MCQ -> fill-in, question
                                                           # into the image), template, length rules
     max_prompt_length: int = 256     # the loader's limit (expanded tokens): one place to set it
+    kinds: KindsConfig = field(default_factory=KindsConfig)  # the kinds each split keeps: {sft, rl,
+                                     # eval: [names] | null, column: kind} (demonstrations of some kinds)
     verifier: str = "numeric"        # for every task of the prompt files
     export: bool = True
 
@@ -281,9 +283,6 @@ class RunConfig:
                              "model of its HF config (vlm.assets/model, vlm.model_config): drop it")
         if self.is_vlm:
             self.parallel.data_parallel_size(world_size)
-            if self.rl.routing_replay and self.parallel.cp > 1:
-                raise ValueError("rl.routing_replay with parallel.cp > 1: the engine's routes are not cut into "
-                                 "CP chunks (and packed micro-batches refuse CP today)")
             if not self.stages:
                 raise ValueError("a VLM run needs at least one entry in stages (kind: sft | grpo | rft | dpo | mpo)")
             return

@@ -23,7 +23,11 @@ Design decisions:
   `rejected`, a plausible mistake carried through to a wrong answer: a misread digit (one of the two
   visually closest digits, `CONFUSIONS`) or an arithmetic slip (off by one; for max, the smaller
   digit). `error` names the mistake; the rejected answer always differs from the reference.
-- Everything is drawn from `random.Random(seed)`: the same seed writes the same files.
+- Every row names its `kind` (the loader's `vlm.kinds` filter and the per-kind evaluation read
+  it), its two digits and which is `larger` (left / right / equal): the held-out accuracy of max
+  split by `larger` shows whether the policy reads both digits or answers one side.
+- Everything is drawn from `random.Random(seed)`: the same seed writes the same files. The eval
+  split has 1,500 rows (500 per kind); its first 500 are the rows of the 500-row split it replaced.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ class DigitsConfig:
     held_out_fraction: float = 0.2  # of the digit samples of each label, never in training images
     num_sft: int = 1000
     num_rl: int = 4000
-    num_eval: int = 500
+    num_eval: int = 1500            # 500 held-out rows per question kind (kinds cycle)
     num_pref: int = 400             # preference pairs (offline DPO / MPO), on training images
     num_text: int = 1000            # text-only prompts (rl_text.parquet): a second source and task
     scale: int = 2                  # nearest-neighbour upscaling of the 8 x 16 pair
@@ -108,6 +112,11 @@ def render_pair(left: np.ndarray, right: np.ndarray, scale: int):
 
 def answer(kind: str, left: int, right: int) -> int:
     return {"sum": left + right, "max": max(left, right), "difference": left - right}[kind]
+
+
+def larger(left: int, right: int) -> str:
+    """Which digit is larger: "left", "right" or "equal"."""
+    return "left" if left > right else "right" if right > left else "equal"
 
 
 def thinking(kind: str, left: int, right: int, result: int | None = None) -> str:
@@ -175,10 +184,11 @@ def build_splits(cfg: DigitsConfig) -> dict[str, list[dict]]:
             left_id, right_id = problem["source_ids"]
             row = {"id": problem["id"], "image": render_pair(images[left_id], images[right_id], cfg.scale),
                    "question": problem["question"], "mode": cfg.mode, "kind": problem["kind"],
-                   "source_ids": problem["source_ids"]}
+                   "source_ids": problem["source_ids"], "left": problem["left"], "right": problem["right"],
+                   "larger": larger(problem["left"], problem["right"])}
             if name == "sft":
                 trace = thinking(problem["kind"], problem["left"], problem["right"]) if cfg.mode == "think" else None
-                row.update(answer=problem["answer"], thinking=trace or "", left=problem["left"], right=problem["right"],
+                row.update(answer=problem["answer"], thinking=trace or "",
                            response=render_response(problem["answer"], trace, cfg.mode))
             else:
                 row.update(reference=problem["answer"], task=TASK, verifier=VERIFIER)

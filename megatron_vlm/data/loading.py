@@ -51,6 +51,10 @@ mcq_without_choices + mcq_not_rewritable == loaded` and `question_in_image + que
 loaded`. Rows a transform removes are counted under `dropped_mcq_not_rewritable`,
 `skipped_bad_mcq` or `skipped_no_image`, so `rows == loaded + every dropped_* and skipped_*`.
 
+Kinds (`select_kinds`, `vlm.kinds`): a loaded set cut to the rows whose `kind` column (or any
+other column, e.g. `task`) is listed, the rest counted under `dropped_kind`; a listed kind absent
+from the file is a DataError naming the config field and the kinds the file has.
+
 Mixtures (`load_mixture`, InternVL3.5 mixes text : multimodal at 1 : 2.5): each `SourceConfig`
 is loaded with `load_prompts`, then `transforms.mixture` draws counts exactly proportional to the
 ratios, deterministic from the seed; each request's metadata `source` is the source's name.
@@ -111,6 +115,27 @@ class LoadConfig:
             raise ValueError(f"load.mcq_task must be a task name or None, got {self.mcq_task!r}")
         if self.canvas_width < 32:
             raise ValueError(f"load.canvas_width must be >= 32 pixels, got {self.canvas_width}")
+
+
+@dataclass(kw_only=True)
+class KindsConfig:
+    """The question kinds each split keeps (`vlm.kinds`), for data with a `kind` column (or any
+    column of the row, e.g. `task`): demonstrations for some kinds, verifiable prompts for all.
+    None keeps every row; a listed kind the file does not have is an error naming the field."""
+    sft: list[str] | None = None     # vlm.sft_data rows kept (the demonstrations; preference pairs too)
+    rl: list[str] | None = None      # vlm.prompt_data / prompt_sources rows kept (GRPO / RFT prompts)
+    eval: list[str] | None = None    # vlm.eval_data rows kept (held-out)
+    column: str = "kind"             # the row's column that names its kind
+
+    def __post_init__(self):
+        for split in ("sft", "rl", "eval"):
+            kinds = getattr(self, split)
+            if kinds is not None and (not kinds or not all(isinstance(k, str) and k for k in kinds)):
+                raise ValueError(f"vlm.kinds.{split} must be a non-empty list of kind names or null, got {kinds!r}")
+            if kinds is not None and len(set(kinds)) != len(kinds):
+                raise ValueError(f"vlm.kinds.{split} names a kind twice: {kinds}")
+        if not self.column:
+            raise ValueError("vlm.kinds.column must name a column")
 
 
 @dataclass(kw_only=True)
@@ -284,6 +309,28 @@ def require_rows(result: LoadResult, source: str | Path, what: str = "prompt") -
     first = "; ".join(result.problems[:3])
     raise DataError(f"{source}: no usable {what} rows: {rows} read, {sum(removed.values())} removed ({why})"
                     + (f"; first problems: {first}" if first else ""))
+
+
+def select_kinds(result: LoadResult, kinds: Sequence[str] | None, column: str, *, source: str | Path,
+                 field: str) -> LoadResult:
+    """`result` with only the rows whose `column` (in the request's metadata) is one of `kinds`;
+    the others are counted under `dropped_kind` (so `rows == loaded + dropped_*` still holds).
+    None keeps every row. A DataError naming `field` when a listed kind has no row in `source`."""
+    if kinds is None:
+        return result
+    found = {str(_metadata(item).get(column)) for item in result.requests if _metadata(item).get(column) is not None}
+    missing = [k for k in kinds if k not in found]
+    if missing:
+        there = f"its {column!r} values: {sorted(found)}" if found else f"it has no {column!r} column"
+        raise DataError(f"{field}: {missing} not found in {source} ({there})")
+    kept = [item for item in result.requests if str(_metadata(item).get(column)) in kinds]
+    counts = {**result.counts, "loaded": len(kept),
+              "dropped_kind": result.counts.get("dropped_kind", 0) + len(result.requests) - len(kept)}
+    return LoadResult(requests=kept, counts=counts, problems=result.problems)
+
+
+def _metadata(item) -> dict:
+    return item.request.metadata if isinstance(item, PreferencePair) else item.metadata
 
 
 def check_prompt_counts(prompts: LoadResult, evals: LoadResult, prompts_per_step: int, *,

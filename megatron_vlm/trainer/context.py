@@ -17,11 +17,12 @@ reference policy are saved by checkpoint/run_state.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from megatron_vlm.checkpoint.convert import load_weights
 from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
 from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
 from megatron_vlm.data.loading import (check_prompt_counts, load_mixture, load_prompts, load_sft_requests,
-                                        require_rows)
+                                        require_rows, select_kinds)
 from megatron_vlm.data.processor import MultimodalProcessor
 from megatron_vlm.models import family_for
 from megatron_vlm.models.source import resolve_hf_config
@@ -222,11 +223,12 @@ def build_context(cfg) -> RunContext:
 
 
 def load_data(cfg, assets: Path, processor, announce: bool) -> RunData:
-    """The run's prompt, eval and SFT sets, each checked before the model is built (an empty
-    set, fewer prompts than one step draws, SFT rows without a response: one line naming the
-    file and column)."""
+    """The run's prompt, eval and SFT sets, each cut to its `vlm.kinds` and checked before the
+    model is built (an empty set, fewer prompts than one step draws, SFT rows without a response,
+    a kind the file lacks: one line naming the file and column or the config field)."""
     load = replace(cfg.vlm.load, max_prompt_length=cfg.vlm.max_prompt_length)
-    kinds = {stage.kind for stage in cfg.stages}
+    kinds, column = cfg.vlm.kinds, cfg.vlm.kinds.column
+    stage_kinds = {stage.kind for stage in cfg.stages}
     if cfg.vlm.prompt_sources:  # a mixture with per-source ratios (paths relative to the assets)
         sources = [replace(s, path=[str(assets / p) for p in ([s.path] if isinstance(s.path, str) else s.path)])
                    for s in cfg.vlm.prompt_sources]
@@ -235,13 +237,20 @@ def load_data(cfg, assets: Path, processor, announce: bool) -> RunData:
     else:
         prompt_source = assets / cfg.vlm.prompt_data
         loaded = load_prompts(prompt_source, processor, load)
+    loaded = select_kinds(loaded, kinds.rl, column, source=prompt_source, field="vlm.kinds.rl")
     if announce:
         print(f"prompts: {loaded.counts}" + "".join(f"\n  {p}" for p in loaded.problems[:5]), flush=True)
     eval_source = assets / cfg.vlm.eval_data
-    evals = load_prompts(eval_source, processor, load)
+    evals = select_kinds(load_prompts(eval_source, processor, load), kinds.eval, column, source=eval_source,
+                         field="vlm.kinds.eval")
     sft_source = assets / cfg.vlm.sft_data
-    sft = load_sft_requests(sft_source, processor, load) if "sft" in kinds else None
-    if kinds & {"grpo", "rft"}:
+    sft = None
+    if "sft" in stage_kinds:
+        sft = select_kinds(load_sft_requests(sft_source, processor, load), kinds.sft, column, source=sft_source,
+                           field="vlm.kinds.sft")
+        if announce and kinds.sft is not None:
+            print(f"sft: {sft.counts} ({column} in {kinds.sft})", flush=True)
+    if stage_kinds & {"grpo", "rft"}:
         check_prompt_counts(loaded, evals, cfg.rollout.prompts_per_step, prompt_source=prompt_source,
                             eval_source=eval_source, sft=sft, sft_source=sft_source)
     else:
@@ -282,26 +291,43 @@ def reward_config(cfg, tasks: set[str]) -> RewardConfig:
 
 
 def ensure_assets(cfg) -> Path:
+    """`vlm.assets`, written first with `vlm.build_demo_assets` when missing or written by another
+    version of the digits demo (its manifest's settings differ from the demo's now: e.g. 500 eval
+    rows where there are 1,500), so a run never trains on stale demo files."""
     if cfg.vlm.assets is None:
         raise ValueError("vlm.assets must name the assets directory (model/ + data files)")
     assets = Path(cfg.vlm.assets)
-    if (assets / "model" / "config.json").is_file():
-        return assets
     if not cfg.vlm.build_demo_assets:
+        if (assets / "model" / "config.json").is_file():
+            return assets
         raise FileNotFoundError(f"{assets / 'model' / 'config.json'} not found; set "
                                 f"vlm.build_demo_assets=true to write the digits demo there")
-    ready = assets / ".ready"
-    if int(os.environ.get("RANK", 0)) == 0:
-        from megatron_vlm.data.digits import build_demo_assets  # matplotlib fonts: only for the demo
+    from megatron_vlm.data.digits import DigitsConfig, build_demo_assets  # matplotlib fonts: only for the demo
 
+    wanted = asdict(DigitsConfig(seed=cfg.runtime.seed))
+    ready = assets / ".ready"
+    if int(os.environ.get("RANK", 0)) == 0 and not _demo_assets_match(assets, wanted):
+        if ready.exists():
+            print(f"{assets}: written by another version of the digits demo; rewriting it", flush=True)
+            ready.unlink()
         build_demo_assets(assets, seed=cfg.runtime.seed)
         ready.write_text("ok")
     deadline = time.monotonic() + 600
-    while not ready.exists():  # other ranks wait for rank 0 (no process group exists yet)
-        if time.monotonic() > deadline:
+    while not (ready.exists() and _demo_assets_match(assets, wanted)):  # other ranks wait for rank 0
+        if time.monotonic() > deadline:  # (no process group exists yet)
             raise TimeoutError(f"rank 0 did not finish writing {assets}")
         time.sleep(0.5)
     return assets
+
+
+def _demo_assets_match(assets: Path, wanted: dict) -> bool:
+    """Whether `assets` holds a complete digits demo written with the settings `wanted` (the
+    manifest is written last)."""
+    try:
+        manifest = json.loads((assets / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("digits") == wanted and (assets / "model" / "config.json").is_file()
 
 
 def build_policy(cfg, runtime, family, hf_config):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from megatron_vlm.data.loading import load_preferences
+from megatron_vlm.data.loading import load_preferences, select_kinds
 from megatron_vlm.rl.preference import RewardShift
 from megatron_vlm.trainer.preference import pair_batch, preference_step
 from megatron_vlm.trainer.stages import Stage, register_stage
@@ -41,7 +41,9 @@ class PreferenceStage(Stage):
                 raise FileNotFoundError(f"a {self.cfg.kind} stage needs preference pairs: {path} "
                                         f"(columns: the prompt's, chosen, rejected)")
             load = replace(self.ctx.cfg.vlm.load, max_prompt_length=self.ctx.cfg.vlm.max_prompt_length)
-            data.pairs = load_preferences(path, self.ctx.processor, load).requests
+            kinds = self.ctx.cfg.vlm.kinds  # a chosen response is a demonstration: vlm.kinds.sft cuts them too
+            data.pairs = select_kinds(load_preferences(path, self.ctx.processor, load), kinds.sft, kinds.column,
+                                      source=path, field="vlm.kinds.sft").requests
         return data.pairs
 
     def state_dict(self) -> dict:
