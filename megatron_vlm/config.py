@@ -121,10 +121,14 @@ class EvalConfig:
     every: int = 20
     samples: int = 128
     max_new_tokens: int = 32
+    slice_by: list[str] = field(default_factory=list)  # columns whose values split each kind's accuracy
+                                                       # (the digits demo: larger = left / right / equal)
 
     def __post_init__(self):
         if self.every < 1 or self.samples < 1 or self.max_new_tokens < 1:
             raise ValueError("eval.every, eval.samples and eval.max_new_tokens must be >= 1")
+        if not all(isinstance(c, str) and c for c in self.slice_by):
+            raise ValueError(f"eval.slice_by must list column names, got {self.slice_by!r}")
 
 
 @dataclass(kw_only=True)

@@ -36,6 +36,7 @@ from megatron_vlm.data.processor import MultimodalProcessor
 from megatron_vlm.models import family_for
 from megatron_vlm.models.source import resolve_hf_config
 from megatron_vlm.parallel.runtime import init_runtime
+from megatron_vlm.rewards.extract import format_problem
 from megatron_vlm.rewards.judge import load_judge
 from megatron_vlm.rewards.reward_model import load_reward_model
 from megatron_vlm.rewards.scorer import RewardConfig, RewardSample, RewardScorer
@@ -43,6 +44,7 @@ from megatron_vlm.rollout.embedded import EmbeddedEngine, Prepared
 from megatron_vlm.trainer.routing_replay import moe_routers
 from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, SamplingParams
 from megatron_vlm.rollout.weight_sync import sync_weights
+from megatron_vlm.trainer.evaluation import accuracy_metrics, sample_kind
 from megatron_vlm.trainer.grpo import Actor, generate_share
 from megatron_vlm.trainer.megatron_step import build_optimizer, wrap_ddp
 from megatron_vlm.trainer.prompt_mix import PromptMix, random_state, set_random_state
@@ -155,15 +157,22 @@ class RunContext:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out accuracy: greedy answers to unseen images, checked by the verifier."""
+        """Held-out accuracy, overall and per kind (`trainer/evaluation.py`): greedy answers to unseen
+        images, checked by the verifier; strict when also well formed."""
+        start = time.perf_counter()
         greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, n=1,
                                 stop_token_ids=self.actor.stop_token_ids)
         samples = self.sample(self.data.evals, greedy)
         running = self.scorer.state_dict()  # evaluation must not move the normalisation statistics
-        _, result = self.score(samples, log_failures=False)
+        batch, result = self.score(samples, log_failures=False)
         self.scorer.load_state_dict(running)
-        rewards = torch.tensor(result.raw, dtype=torch.float)
-        return {"eval_accuracy": float((rewards >= 1.0).float().mean()), "eval_samples": len(samples)}
+        column = self.cfg.vlm.kinds.column
+        kinds = [sample_kind(s.metadata, column) for s in samples]
+        metrics = accuracy_metrics(kinds, [raw >= 1.0 for raw in result.raw],
+                                   [isinstance(b.response, str) and format_problem(b.response) is None for b in batch],
+                                   {c: [s.metadata.get(c) for s in samples] for c in self.cfg.eval.slice_by},
+                                   per_kind=any(column in s.metadata for s in samples) or None)
+        return {**metrics, "eval_seconds": time.perf_counter() - start}  # not in step_seconds
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):  # vLLM: before the process groups are destroyed

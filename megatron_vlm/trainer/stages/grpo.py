@@ -1,10 +1,12 @@
 """The GRPO stage (and its DAPO / GSPO / Intern-S1 variants, by `update.loss`): rollout -> reward
 -> filter -> score -> update, in `trainer.grpo.grpo_step`; the prompts come from the run's mix,
-which sees each step's raw rewards (difficulty-adaptive shares, curriculum)."""
+which sees each step's raw rewards (difficulty-adaptive shares, curriculum). Beside the per-task
+reward, the step logs the mean raw reward of each question kind (`reward/by_kind/<kind>`)."""
 from __future__ import annotations
 
 import torch
 
+from megatron_vlm.trainer.evaluation import mean_by, sample_kind
 from megatron_vlm.trainer.grpo import Rewards, grpo_step
 from megatron_vlm.trainer.samples import write_samples
 from megatron_vlm.trainer.stages import Stage, register_stage, samples_due
@@ -22,6 +24,7 @@ class GRPOStage(Stage):
         metrics = grpo_step(self.ctx.actor, self.ctx.engine, self.ctx.draw, self.rewards, cfg.rollout,
                             cfg.update, step, cfg.rl)
         metrics.update(observe_mix(self.ctx, self.scored))
+        metrics.update(reward_by_kind(self.scored, cfg.vlm.kinds.column))
         if samples_due(self, step):
             save_samples(self.ctx, step + self.offset, *self.first_draw)
         self.scored, self.first_draw = [], None
@@ -38,6 +41,15 @@ class GRPOStage(Stage):
 def save_samples(ctx, step: int, samples, result) -> None:
     write_samples(ctx.out_dir, step, samples, result, ctx.data.by_id, ctx.text, ctx.cfg.train.samples.count,
                   ctx.cfg.update.advantage)
+
+
+def reward_by_kind(scored: list, column: str) -> dict:
+    """`reward/by_kind/<kind>`: the mean raw reward of the step's samples of each kind (every draw
+    of the step), when the prompts name a kind (`column`) or span several tasks."""
+    kinds = [sample_kind(request.metadata, column) for request, _ in scored]
+    if not (any(column in request.metadata for request, _ in scored) or len(set(kinds)) > 1):
+        return {}
+    return {f"reward/by_kind/{kind}": mean for kind, mean in mean_by(kinds, [raw for _, raw in scored]).items()}
 
 
 def observe_mix(ctx, scored: list) -> dict:
