@@ -56,8 +56,9 @@ def stage_spans(rows: list[dict]) -> list[tuple[str, int, int]]:
 
 
 def plot_run(rows: list[dict], path: Path) -> None:
-    """Eval accuracy per stage with the stage boundaries labelled, the reward smoothed over
-    `WINDOW` steps with the raw values faint behind it, the step-time breakdown stacked by phase,
+    """Eval accuracy per stage with the stage boundaries labelled (overall, strict, and per kind
+    when the run logged kinds), the reward smoothed over `WINDOW` steps with the raw values faint
+    behind it (and per kind, smoothed), the step-time breakdown stacked by phase,
     and whichever of loss / entropy / KL / clip share / response length the run logged."""
     plt = _pyplot()
     panels = [(title, keys) for title, keys in PANELS if any(k in r for r in rows for k in keys)]
@@ -88,15 +89,28 @@ def plot_run(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def kind_names(rows: list[dict], prefix: str = "eval/accuracy/") -> list[str]:
+    """The kinds with a per-kind figure under `prefix` in the rows (slices left out), sorted."""
+    return sorted({k[len(prefix):] for r in rows for k in r if k.startswith(prefix) and "/" not in k[len(prefix):]})
+
+
 def _eval_panel(ax, rows, spans) -> None:
     points = [(i, r["eval_accuracy"]) for i, r in enumerate(rows) if "eval_accuracy" in r]
     if points:
-        ax.plot(*zip(*points), marker="o", color="tab:blue")
-    top = max([v for _, v in points] + [1e-9])
+        ax.plot(*zip(*points), marker="o", color="tab:blue", label="all kinds")
+    strict = [(i, r["eval_strict_accuracy"]) for i, r in enumerate(rows) if "eval_strict_accuracy" in r]
+    if strict:
+        ax.plot(*zip(*strict), color="tab:blue", linestyle="--", linewidth=0.9, label="all, strict (well formed)")
+    for kind in kind_names(rows):
+        key = f"eval/accuracy/{kind}"
+        ax.plot(*zip(*[(i, r[key]) for i, r in enumerate(rows) if key in r]), marker=".", linewidth=0.9, label=kind)
+    top = max([v for _, v in points] + [r[k] for r in rows for k in r if k.startswith("eval/accuracy/")] + [1e-9])
     for kind, first, last in spans:
         ax.text((first + last) / 2, top * 1.02, kind, ha="center", va="bottom", fontsize=8, color="dimgrey")
     ax.set_ylim(0, max(1.0, top * 1.12))
-    ax.set_title("held-out accuracy, by stage")
+    if strict or kind_names(rows):
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("held-out accuracy, by stage and kind")
 
 
 def _reward_panel(ax, rows) -> None:
@@ -104,11 +118,18 @@ def _reward_panel(ax, rows) -> None:
     if rewards:
         steps, values = zip(*rewards)
         ax.plot(steps, values, color="tab:orange", alpha=0.25, label="per step")
-        smooth = [sum(values[max(0, j - WINDOW + 1):j + 1]) / len(values[max(0, j - WINDOW + 1):j + 1])
-                  for j in range(len(values))]
-        ax.plot(steps, smooth, color="tab:orange", label=f"mean of {WINDOW}")
+        ax.plot(steps, _trailing_mean(values), color="tab:orange", label=f"mean of {WINDOW}")
+        for kind in kind_names(rows, "reward/by_kind/"):
+            key = f"reward/by_kind/{kind}"
+            steps, values = zip(*[(i, r[key]) for i, r in enumerate(rows) if key in r])
+            ax.plot(steps, _trailing_mean(values), linewidth=0.9, label=f"{kind}, mean of {WINDOW}")
         ax.legend(fontsize=7)
     ax.set_title("verifier reward (raw)")
+
+
+def _trailing_mean(values) -> list[float]:
+    return [sum(values[max(0, j - WINDOW + 1):j + 1]) / len(values[max(0, j - WINDOW + 1):j + 1])
+            for j in range(len(values))]
 
 
 def _time_panel(ax, rows) -> None:
@@ -166,13 +187,24 @@ def render_report(run_dir: Path, out: Path | None = None) -> Path:
     stages = [f"{kind} ({last - first + 1} steps)" for kind, first, last in stage_spans(rows)]
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     head = (f"<h1>{html.escape(run_dir.name)}</h1><p>{len(rows)} rows; stages: {html.escape(', '.join(stages))}; "
-            f"held-out accuracy {_pct(evals[0])} &rarr; {_pct(evals[-1])}</p>" if evals else
+            f"held-out accuracy {_pct(evals[0])} &rarr; {_pct(evals[-1])}{_kinds_line(rows)}</p>" if evals else
             f"<h1>{html.escape(run_dir.name)}</h1><p>{len(rows)} rows</p>")
     page = _PAGE.format(title=html.escape(run_dir.name), head=head, curves=_data_uri(figure.getvalue(), "png"),
                         count=len(samples), tasks=_options(sorted({s["task"] for s in samples})),
                         rows="\n".join(_sample_row(run_dir, s) for s in samples))
     out.write_text(page)
     return out
+
+
+def _kinds_line(rows: list[dict]) -> str:
+    """'; by kind at the end: max 41.9% (strict 0.0%), ...' from the last evaluation with kinds."""
+    last = next((r for r in reversed(rows) if any(k.startswith("eval/accuracy/") for k in r)), None)
+    if last is None:
+        return ""
+    parts = [f"{html.escape(kind)} {_pct(last[f'eval/accuracy/{kind}'])}"
+             + (f" (strict {_pct(last[f'eval/strict_accuracy/{kind}'])})" if f"eval/strict_accuracy/{kind}" in last else "")
+             for kind in kind_names([last])]
+    return "; by kind at the end: " + ", ".join(parts)
 
 
 def _pct(value: float) -> str:

@@ -12,8 +12,9 @@
 - Progress: on a terminal, a tqdm bar per stage with its ETA and the few numbers of that stage
   kind; elsewhere (CI, SLURM logs) one plain line per step, so logs stay readable.
 - `summary_table(rows)`: per stage, steps, wall time, time per phase, eval accuracy at its start
-  and end, tokens/s, reward failures and timeouts; printed at the end of a run and on a
-  preemption save.
+  and end (and the stage's last evaluation by kind, strict beside it), tokens/s, reward failures
+  and timeouts; printed at the end of a run and on a preemption save. Evaluation lines show the
+  strict and per-kind accuracy when the run logs them (`trainer/evaluation.py`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 from megatron_vlm.config import LOGGERS
-from megatron_vlm.report import stage_spans
+from megatron_vlm.report import kind_names, stage_spans
 
 GROUPS = {"time_": "time/", "sync_": "sync/", "eval_": "eval/", "reward_": "reward/"}
 # the numbers a progress line shows, per stage kind (those present in the row)
@@ -145,15 +146,25 @@ class Progress:
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in keys + ("step_seconds",) if k in row}, refresh=False)
             self.bar.update(1)
             if "eval_accuracy" in row:
-                self.bar.write(f"{row['stage']} step {row['step']}: eval accuracy {row['eval_accuracy']:.4g}", file=self.stream)
+                self.bar.write(f"{row['stage']} step {row['step']}: eval accuracy {row['eval_accuracy']:.4g}"
+                               f"{by_kind(row)}", file=self.stream)
             return
         print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                       for k in LINE_KEYS if k in row), file=self.stream, flush=True)
+                       for k in LINE_KEYS if k in row) + by_kind(row), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def by_kind(row: dict) -> str:
+    """' (strict 0.41; sum 0.62, max 0.05, difference 0.55)': an evaluation row's strict and
+    per-kind accuracy, '' for a row without them."""
+    if "eval_strict_accuracy" not in row:
+        return ""
+    kinds = ", ".join(f"{kind} {row[f'eval/accuracy/{kind}']:.3g}" for kind in kind_names([row]))
+    return f" (strict {row['eval_strict_accuracy']:.3g}" + (f"; {kinds})" if kinds else ")")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -179,6 +190,9 @@ def summary_table(rows: list[dict]) -> str:
         listed = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
         lines.append(f"{kind:<6} {len(span):>5} {seconds:>8.1f} {_fmt(before[-1] if before else None):>10} "
                      f"{_fmt(evals[-1] if evals else None):>9} {rate:>11.0f} {failures:>8} {timeouts:>8}  {listed or '-'}")
+        last_eval = next((r for r in reversed(span) if "eval_accuracy" in r), None)
+        if last_eval is not None and by_kind(last_eval):
+            lines.append(f"{'':<6} eval end{by_kind(last_eval)}")
     return "\n".join(lines)
 
 

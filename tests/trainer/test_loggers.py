@@ -136,6 +136,21 @@ def test_progress_on_a_terminal_is_a_bar_with_the_stage_numbers():
     assert "grpo step 1: eval accuracy 0.75" in text
 
 
+KINDS_ROW = {"stage": "grpo", "step": 40, "step_seconds": 5.0, "eval_accuracy": 0.5, "eval_strict_accuracy": 0.25,
+             "eval/accuracy/sum": 0.75, "eval/accuracy/max": 0.25, "eval/accuracy/max/larger=left": 0.5}
+
+
+def test_evaluation_lines_show_strict_and_per_kind_accuracy():
+    stream = io.StringIO()
+    Progress(stream).row(KINDS_ROW)
+    assert stream.getvalue().rstrip().endswith("eval_accuracy=0.5 step_seconds=5 (strict 0.25; max 0.25, sum 0.75)")
+    table = summary_table([ROWS[0], KINDS_ROW]).splitlines()
+    assert table[2].split() == ["eval", "end", "(strict", "0.25;", "max", "0.25,", "sum", "0.75)"]
+    assert metric_name("eval/accuracy/max") == "eval/accuracy/max" and metric_name("eval_strict_accuracy") == \
+        "eval/strict_accuracy"
+    assert len(summary_table(ROWS).splitlines()) == 3  # rows without kinds: no extra line
+
+
 def test_run_summary_per_stage():
     table = summary_table(ROWS).splitlines()
     assert table[0].split()[:2] == ["stage", "steps"]

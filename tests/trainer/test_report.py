@@ -65,6 +65,7 @@ def test_the_report_page_is_self_contained(run_dir):
     assert page.count("<tr data-reward=") == 12
     assert "data:image/png;base64," in page and 'src="images/' not in page  # images inline, no side files
     assert "held-out accuracy" in page and "grpo (2 steps)" in page
+    assert re.search(r"by kind at the end: difference [\d.]+% \(strict [\d.]+%\), max [\d.]+% \(strict", page)
 
 
 def _dom(url: str) -> str:
