@@ -10,8 +10,11 @@ Context parallelism: megatron splits a sequence of length S into 2*CP chunks and
 chunks r and 2*CP-1-r (load balancing for the causal mask; the rotary embedding is split the same
 way). Here each rank all-gathers K and V over the CP group, restores the natural chunk order, and
 masks with the global positions of its own query chunks. The backward of the gather sums the K/V
-gradients of every rank and keeps this rank's chunks. Memory is O(S) per rank for K/V, which is
-fine for the CPU path; the GPU path uses TE's ring attention.
+gradients of every rank and keeps this rank's chunks. A packed THD sequence under CP is cut the way
+Transformer Engine cuts it: each sample's padded span (a multiple of 2*CP) into 2*CP chunks, rank r
+keeping chunks r and 2*CP-1-r of every sample (`parallel.batching.thd_cp_index`); the gather
+restores the pack's order and each sample's queries see that sample's keys only. Memory is O(S)
+per rank for K/V, which is fine for the CPU path; the GPU path uses TE's ring attention.
 """
 from __future__ import annotations
 
@@ -21,43 +24,37 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
-
-def cp_chunk_order(cp_size: int) -> list[int]:
-    """Chunk ids in the order an all-gather over CP ranks returns them (rank r: r, 2cp-1-r)."""
-    return [c for r in range(cp_size) for c in (r, 2 * cp_size - 1 - r)]
+from megatron_vlm.parallel.batching import thd_cp_index
 
 
 def cp_local_positions(seq_len_local: int, cp_size: int, cp_rank: int, device) -> torch.Tensor:
-    """Global token positions of this CP rank's local tokens (two chunks)."""
+    """Global token positions of this CP rank's local tokens of one unpacked sequence (two chunks)."""
     chunk = seq_len_local // 2
     first = torch.arange(chunk, device=device) + cp_rank * chunk
     second = torch.arange(chunk, device=device) + (2 * cp_size - 1 - cp_rank) * chunk
     return torch.cat([first, second])
 
 
-class _GatherSequenceOverCP(torch.autograd.Function):
-    """[s_local, ...] on each CP rank -> [s_global, ...] in natural order; backward sums grads."""
+class _GatherOverCP(torch.autograd.Function):
+    """[s_local, ...] on each CP rank -> [s_global, ...] in natural order, where `positions[r]` are
+    the global positions of rank r's local tokens; the backward sums the gradients of every rank
+    and keeps this rank's positions."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        cp_size = group.size()
-        ctx.group, ctx.cp_size, ctx.rank = group, cp_size, group.rank()
-        pieces = [torch.empty_like(local) for _ in range(cp_size)]
+    def forward(ctx, local: torch.Tensor, group, positions: list) -> torch.Tensor:
+        ctx.group, ctx.mine = group, positions[group.rank()]
+        pieces = [torch.empty_like(local) for _ in range(group.size())]
         torch.distributed.all_gather(pieces, local.contiguous(), group=group)
-        chunks = [c for piece in pieces for c in piece.chunk(2, dim=0)]  # in cp_chunk_order
-        order = cp_chunk_order(cp_size)
-        natural = [None] * (2 * cp_size)
-        for chunk_id, chunk in zip(order, chunks):
-            natural[chunk_id] = chunk
-        return torch.cat(natural, dim=0)
+        full = local.new_empty((sum(len(p) for p in positions), *local.shape[1:]))
+        for piece, where in zip(pieces, positions):
+            full[where] = piece
+        return full
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         torch.distributed.all_reduce(grad, group=ctx.group)
-        chunks = grad.chunk(2 * ctx.cp_size, dim=0)
-        r = ctx.rank
-        return torch.cat([chunks[r], chunks[2 * ctx.cp_size - 1 - r]], dim=0), None
+        return grad[ctx.mine], None, None
 
 
 class CoreAttention(MegatronModule):
@@ -81,14 +78,18 @@ class CoreAttention(MegatronModule):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
         sq = query.shape[0]
-        if packed_seq_params is not None and cp_size == 1 and attention_mask is None and query.shape[1] == 1:
-            return self._packed(query, key, value, packed_seq_params.cu_seqlens_q)
+        if packed_seq_params is not None and attention_mask is None and query.shape[1] == 1:
+            if cp_size == 1:
+                return self._packed(query, key, value, packed_seq_params.cu_seqlens_q)
+            return self._packed_cp(query, key, value, packed_seq_params)
         if cp_size > 1:
             if packed_seq_params is not None or attention_mask is not None:
-                raise ValueError("CoreAttention: CP on CPU supports unpacked causal sequences only")
-            key = _GatherSequenceOverCP.apply(key, self.cp_group)
-            value = _GatherSequenceOverCP.apply(value, self.cp_group)
-            q_pos = cp_local_positions(sq, cp_size, self.cp_group.rank(), query.device)
+                raise ValueError("CoreAttention: CP on CPU takes unpacked causal sequences or one "
+                                 "packed THD sequence")
+            positions = [cp_local_positions(sq, cp_size, r, query.device) for r in range(cp_size)]
+            key = _GatherOverCP.apply(key, self.cp_group, positions)
+            value = _GatherOverCP.apply(value, self.cp_group, positions)
+            q_pos = positions[self.cp_group.rank()]
         else:
             q_pos = torch.arange(sq, device=query.device)
         k_pos = torch.arange(key.shape[0], device=query.device)
@@ -133,6 +134,45 @@ class CoreAttention(MegatronModule):
             scale=self.softmax_scale)                                       # [n, np, L, hn]
         out = out.permute(0, 2, 1, 3)[valid]                                # [T, np, hn] in order
         return out.reshape(total, 1, -1)
+
+
+    def _packed_cp(self, query, key, value, params):
+        """THD attention under CP: this rank holds chunks r and 2cp-1-r of every sample
+        (`parallel.batching.thd_cp_index` on cu_seqlens_q_padded); K and V are gathered over the
+        CP group into the pack's natural order, and each sample's local queries attend causally
+        to that sample's keys by global position, one batched call over the samples as in
+        `_packed`. Padding inside a sample's padded span sits after its real tokens, so a real
+        query never sees it."""
+        device, cp_size, cp_rank = query.device, self.cp_group.size(), self.cp_group.rank()
+        cu = packed_seq_params_padded(params)
+        positions = [thd_cp_index(cu, cp_size, r).to(device) for r in range(cp_size)]
+        key = _GatherOverCP.apply(key[:, 0], self.cp_group, positions)      # [T, ng, hn]
+        value = _GatherOverCP.apply(value[:, 0], self.cp_group, positions)
+        cu = cu.to(device=device, dtype=torch.long)
+        spans = cu[1:] - cu[:-1]                                            # padded sample lengths
+        width_k, width_q = int(spans.max()), int(spans.max()) // cp_size
+        offsets_k, offsets_q = torch.arange(width_k, device=device), torch.arange(width_q, device=device)
+        valid_k = offsets_k[None, :] < spans[:, None]                       # [n, Lk]
+        valid_q = offsets_q[None, :] < (spans // cp_size)[:, None]          # [n, Lq]
+        k_index = torch.where(valid_k, cu[:-1, None] + offsets_k[None, :], 0)
+        q_index = torch.where(valid_q, cu[:-1, None] // cp_size + offsets_q[None, :], 0)
+        q_pos = torch.where(valid_q, positions[cp_rank][q_index], cu[-1])   # padding rows see all
+        groups = query.shape[2] // key.shape[1]
+        q = query[:, 0][q_index].permute(0, 2, 1, 3)                        # [n, np, Lq, hn]
+        k = key.repeat_interleave(groups, dim=1)[k_index].permute(0, 2, 1, 3)
+        v = value.repeat_interleave(groups, dim=1)[k_index].permute(0, 2, 1, 3)
+        mask = (valid_k[:, None, :] & (k_index[:, None, :] <= q_pos[:, :, None]))[:, None]  # [n,1,Lq,Lk]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale)                                       # [n, np, Lq, hn]
+        out = out.permute(0, 2, 1, 3)[valid_q]                              # [T / cp, np, hn] in order
+        return out.reshape(query.shape[0], 1, -1)
+
+
+def packed_seq_params_padded(params) -> torch.Tensor:
+    """The padded sample boundaries of a PackedSeqParams (the real ones where none are given)."""
+    padded = params.cu_seqlens_q_padded
+    return params.cu_seqlens_q if padded is None else padded
 
 
 def _segment_ids(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:

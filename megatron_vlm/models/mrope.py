@@ -9,11 +9,15 @@ over head_dim / 2):
 megatron-core 0.16.1's `MultimodalRotaryEmbedding` only knows the contiguous layout, so this module
 replaces it inside the GPTModel (same call signature). Position ids are always those of the full
 sequence; under context parallelism the embedding is cut to this rank's chunks afterwards, in
-megatron's load-balanced order, exactly like megatron's own rotary embeddings.
+megatron's load-balanced order, exactly like megatron's own rotary embeddings. A packed THD call
+(`packed_call`) returns the whole pack's embedding instead: megatron's THD rotary path
+(`_apply_rotary_pos_emb_thd`, given a table as long as the pack) cuts it per sample at the padded
+boundaries, as the attention and the tokens are cut (`parallel.batching.thd_cp_index`).
 """
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -47,6 +51,15 @@ class MRotaryEmbedding(nn.Module):
         self.register_buffer("channel_source", mrope_channel_source(mrope_section, interleaved),
                              persistent=False)
         self.cp_group = cp_group
+        self.packed = False  # inside packed_call: leave the CP cut to megatron's THD rotary path
+
+    @contextmanager
+    def packed_call(self, packed: bool):
+        self.packed, before = packed, self.packed
+        try:
+            yield
+        finally:
+            self.packed = before
 
     def forward(self, position_ids: torch.Tensor, mrope_section=None, cp_group=None) -> torch.Tensor:
         if position_ids.dim() == 2:  # text only: the same position on all three axes
@@ -57,7 +70,7 @@ class MRotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [b, s, d] (non-interleaved rotate_half layout)
         emb = emb.transpose(0, 1)[:, :, None, :].contiguous()  # [s, b, 1, d]
         cp_group = cp_group or self.cp_group
-        if cp_group is not None and cp_group.size() > 1:
+        if cp_group is not None and cp_group.size() > 1 and not self.packed:
             from megatron.core.models.common.embeddings import rope_utils
 
             emb = rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, cp_group)

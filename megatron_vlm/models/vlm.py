@@ -41,7 +41,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.models.language import LanguageModelConfig, build_language_model
 from megatron_vlm.models.mrope import MRotaryEmbedding
-from megatron_vlm.parallel.batching import split_for_cp
+from megatron_vlm.models.attention import packed_seq_params_padded
+from megatron_vlm.parallel.batching import split_for_cp, thd_cp_index
 
 
 @dataclass
@@ -120,26 +121,39 @@ class VisionLanguageModel(MegatronModule):
         Image features go where `mm_token_type_ids == 1` when given (so an image-placeholder id that
         a policy happened to generate in its response stays a text token, as in transformers'
         generation), else where input_ids equal the image token id."""
-        cp = parallel_state.get_context_parallel_world_size()
-        cp_rank = parallel_state.get_context_parallel_rank()
+        cut = self._cp_cut(packed_seq_params)
         decoder_input = None
         if self.pre_process:
             image_mask = (mm_token_type_ids == 1 if mm_token_type_ids is not None
                           else input_ids == self.spec.image_token_id)
-            decoder_input = self._embed(input_ids, image_mask, pixel_values, image_grid_thw, cp, cp_rank)
+            decoder_input = self._embed(input_ids, image_mask, pixel_values, image_grid_thw, cut)
         if labels is not None:
-            labels = split_for_cp(labels, cp, cp_rank, seq_dim=1)
-        run = lambda: self.language(split_for_cp(input_ids, cp, cp_rank, seq_dim=1), position_ids,  # noqa: E731
+            labels = cut(labels, 1)
+        run = lambda: self.language(cut(input_ids, 1), position_ids,  # noqa: E731
                                     None, decoder_input=decoder_input, labels=labels,
                                     packed_seq_params=packed_seq_params)
         try:
-            if not (return_hidden and self.post_process):
-                return run()
-            with self._output_layer_passthrough() as head:
-                hidden = run()  # [b, s_local, H]: megatron's [s b h] -> [b s h] transpose of "logits"
-            return hidden, head["weight"]
+            with self.language.rotary_pos_emb.packed_call(packed_seq_params is not None):
+                if not (return_hidden and self.post_process):
+                    return run()
+                with self._output_layer_passthrough() as head:
+                    hidden = run()  # [b, s_local, H]: megatron's [s b h] -> [b s h] transpose of "logits"
+                return hidden, head["weight"]
         finally:
             self._deepstack = None
+
+    @staticmethod
+    def _cp_cut(packed_seq_params):
+        """(tensor, seq_dim) -> this CP rank's tokens: megatron's load-balanced chunks of the whole
+        sequence, or of each sample of a packed THD sequence (at its padded boundaries)."""
+        cp = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+        if cp == 1:
+            return lambda tensor, seq_dim: tensor
+        if packed_seq_params is None:
+            return lambda tensor, seq_dim: split_for_cp(tensor, cp, cp_rank, seq_dim=seq_dim)
+        index = thd_cp_index(packed_seq_params_padded(packed_seq_params), cp, cp_rank)
+        return lambda tensor, seq_dim: tensor.index_select(seq_dim, index.to(tensor.device))
 
     @contextmanager
     def _output_layer_passthrough(self):
@@ -156,7 +170,7 @@ class VisionLanguageModel(MegatronModule):
         finally:
             del layer.forward
 
-    def _embed(self, input_ids, image_mask, pixel_values, image_grid_thw, cp, cp_rank) -> torch.Tensor:
+    def _embed(self, input_ids, image_mask, pixel_values, image_grid_thw, cut) -> torch.Tensor:
         embeds = self.language.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         if pixel_values is not None:
             features, deepstack = self.spec.image_features(self.vision, pixel_values, image_grid_thw)
@@ -166,13 +180,13 @@ class VisionLanguageModel(MegatronModule):
                                  f"{features.shape[0]} features (image_grid_thw "
                                  f"{image_grid_thw.tolist()})")
             embeds = _scatter_batch_major(embeds, image_mask, features)
-            self._deepstack = [self._local(_scatter_batch_major(torch.zeros_like(embeds), image_mask, f),
-                                           cp, cp_rank) for f in deepstack[: self.spec.num_deepstack]]
-        return self._local(embeds, cp, cp_rank)
+            self._deepstack = [self._local(_scatter_batch_major(torch.zeros_like(embeds), image_mask, f), cut)
+                               for f in deepstack[: self.spec.num_deepstack]]
+        return self._local(embeds, cut)
 
-    def _local(self, full: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:
+    def _local(self, full: torch.Tensor, cut) -> torch.Tensor:
         """[s, b, h] full sequence -> this rank's CP chunks, then its sequence-parallel slice."""
-        local = split_for_cp(full, cp, cp_rank, seq_dim=0)
+        local = cut(full, 0)
         if self.config.sequence_parallel:
             local = tensor_parallel.scatter_to_sequence_parallel_region(local)
         return local

@@ -42,3 +42,23 @@ def local_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     return {k: split_for_cp(split_for_dp(v, dp, dp_rank), cp, cp_rank) for k, v in batch.items()}
+
+
+def thd_cp_index(cu_seqlens_padded, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions in a packed THD sequence [T] of CP rank `cp_rank`'s tokens [T / cp], in its order.
+
+    The packed layout of Transformer Engine's THD context parallelism (`thd_get_partitioned_indices`)
+    and megatron's THD rotary embedding (`_apply_rotary_pos_emb_thd`): every sample's padded span
+    (cu_seqlens_padded, each a multiple of 2*cp) is cut into 2*cp chunks and the rank keeps chunks
+    r and 2*cp-1-r of each sample, samples in pack order. Load-balanced per sample, as
+    `split_for_cp` is for one whole sequence."""
+    cu = [int(x) for x in cu_seqlens_padded]
+    pieces = []
+    for start, stop in zip(cu[:-1], cu[1:]):
+        if (stop - start) % (2 * cp_size):
+            raise ValueError(f"a packed sample of {stop - start} padded tokens is not divisible by "
+                             f"2*cp = {2 * cp_size}")
+        chunk = (stop - start) // (2 * cp_size)
+        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            pieces.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)

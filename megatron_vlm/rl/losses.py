@@ -54,6 +54,11 @@ class LossInputs:
     normalizer: float | torch.Tensor | None = None  # replaces the aggregation's divisor (see module doc)
     entropy: torch.Tensor | None = None  # [T] optional, reported as a metric only
     is_weight: torch.Tensor | None = None  # [T] rollout-correction weight on the PG term (no grad); None = 1
+    cp_group: object = None  # context parallelism: the tokens are this rank's share of each sequence
+
+    def layout(self) -> SeqLayout:
+        """Sequence of each token and whole-sequence counts (summed over `cp_group`)."""
+        return SeqLayout.build(self.mask, self.cu_seqlens, self.cp_group)
 
     def __post_init__(self):
         T = int(self.cu_seqlens[-1])
@@ -128,7 +133,7 @@ def _through_kernel(inputs: LossInputs, cfg: LossConfig):
     kcfg = kernel_policy_config(cfg)
     return policy_loss(inputs.logprobs, inputs.old_logprobs, inputs.advantages, inputs.mask, inputs.cu_seqlens,
                        kcfg, ref_logprobs=inputs.ref_logprobs, normalizer=inputs.normalizer,
-                       entropy=inputs.entropy, impl=cfg.impl, is_weight=inputs.is_weight)
+                       entropy=inputs.entropy, impl=cfg.impl, is_weight=inputs.is_weight, cp_group=inputs.cp_group)
 
 
 def _kernel_loss(name: str, build: Callable[[LossConfig], PolicyLossConfig]):
@@ -225,7 +230,7 @@ def intern_s1_loss(inputs: LossInputs, cfg: LossConfig):
                          f"{cfg.eps_low}, {cfg.eps_high}")
     clip_c = cfg.clip_ratio_c if cfg.clip_ratio_c is not None else 3.0
     logp, maskf = inputs.logprobs.float(), inputs.mask.float()
-    weights = aggregation_weights(inputs.mask, SeqLayout.build(inputs.mask, inputs.cu_seqlens),
+    weights = aggregation_weights(inputs.mask, inputs.layout(),
                                   cfg.aggregation or "token-mean", inputs.normalizer)  # [T], no grad
     adv = inputs.advantages.detach().float()  # no gradient to advantages or the old policy
     positive, negative = (adv > 0).float(), (adv < 0).float()
@@ -239,7 +244,7 @@ def intern_s1_loss(inputs: LossInputs, cfg: LossConfig):
     if cfg.kl_type != "none":
         if inputs.ref_logprobs is None:
             raise ValueError(f"kl_type={cfg.kl_type!r} needs ref_logprobs")
-        kl_weights = aggregation_weights(inputs.mask, SeqLayout.build(inputs.mask, inputs.cu_seqlens),
+        kl_weights = aggregation_weights(inputs.mask, inputs.layout(),
                                          cfg.aggregation or "token-mean", inputs.normalizer)
         kl_loss = (kl_weights * kl_penalty_ref(logp, inputs.ref_logprobs.detach().float(), cfg.kl_type)).sum()
         loss = loss + cfg.kl_coef * kl_loss
@@ -278,7 +283,7 @@ def cispo_loss(inputs: LossInputs, cfg: LossConfig):
     eps_high = cfg.eps_high if cfg.eps_high is not None else 0.28
     low = 1 - cfg.eps_low if cfg.eps_low is not None else 0.0
     logp, maskf = inputs.logprobs.float(), inputs.mask.float()
-    weights = aggregation_weights(inputs.mask, SeqLayout.build(inputs.mask, inputs.cu_seqlens),
+    weights = aggregation_weights(inputs.mask, inputs.layout(),
                                   cfg.aggregation or "token-mean", inputs.normalizer)  # [T], no grad
     adv, old = inputs.advantages.detach().float(), inputs.old_logprobs.detach().float()
     ratio = (logp.detach() - old).clamp(*TOKEN_LOG_RATIO_BOUNDS).exp()

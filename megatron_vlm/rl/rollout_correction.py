@@ -62,6 +62,10 @@ class CorrectionInputs:
     engine_logprobs: torch.Tensor  # [T] behaviour policy: what the engine reported for its sample
     mask: torch.Tensor             # [T] 1 on tokens that enter the loss
     cu_seqlens: torch.Tensor       # [S + 1]
+    cp_group: object = None        # context parallelism: sequence sums over the CP group
+
+    def layout(self) -> SeqLayout:
+        return SeqLayout.build(self.mask, self.cu_seqlens, self.cp_group)
 
     def __post_init__(self):
         T = int(self.cu_seqlens[-1])
@@ -118,7 +122,7 @@ def token_tis(inputs: CorrectionInputs, cfg: RolloutCorrectionConfig):
 def seq_tis(inputs: CorrectionInputs, cfg: RolloutCorrectionConfig):
     """Sequence-level truncated IS: one weight per sequence, w_i = min(prod_t rho_t, C) (the product
     in log space, clamped to [-20, 20]); verl rollout_is="sequence", TRL "sequence_truncate"."""
-    layout = SeqLayout.build(inputs.mask, inputs.cu_seqlens)
+    layout = inputs.layout()
     seq = layout.segment_sum(inputs.log_ratio()).clamp(*LOG_RATIO_BOUNDS).exp()  # [S]
     return _truncated(seq[layout.seq_index], inputs.log_ratio().exp(), inputs, cfg)
 
@@ -128,7 +132,7 @@ def seq_tis_geo(inputs: CorrectionInputs, cfg: RolloutCorrectionConfig):
     """Sequence-level truncated IS with the geometric mean over the response tokens,
     w_i = min(exp(mean_t log rho_t), C): length-normalised, so long responses are not all clipped
     (verl rollout_is="geometric"; GSPO's sequence ratio, arXiv 2507.18071, has the same form)."""
-    layout = SeqLayout.build(inputs.mask, inputs.cu_seqlens)
+    layout = inputs.layout()
     seq = (layout.segment_sum(inputs.log_ratio()) / layout.tokens.clamp_min(1)).exp()  # [S]
     return _truncated(seq[layout.seq_index], inputs.log_ratio().exp(), inputs, cfg)
 
@@ -146,7 +150,7 @@ def icepop(inputs: CorrectionInputs, cfg: RolloutCorrectionConfig):
 def seq_mask(inputs: CorrectionInputs, cfg: RolloutCorrectionConfig):
     """Sequence-level masked IS: w_i = R_i if low <= R_i <= high else 0, R_i = prod_t rho_t (log
     clamped to [-20, 20]); TRL "sequence_mask", verl rollout_is="sequence" in mask mode."""
-    layout = SeqLayout.build(inputs.mask, inputs.cu_seqlens)
+    layout = inputs.layout()
     seq = layout.segment_sum(inputs.log_ratio()).clamp(*LOG_RATIO_BOUNDS).exp()  # [S]
     return _masked(seq[layout.seq_index], inputs.log_ratio().exp(), inputs, cfg)
 

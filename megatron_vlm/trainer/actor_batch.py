@@ -12,7 +12,16 @@ by TP under sequence parallelism (the padded boundary goes in `cu_seqlens_padded
 entry is T, as megatron's THD rotary embedding wants). The model runs in `return_hidden` mode:
 log-probs come from the last stage's hidden states and the vocab-parallel head weight through
 `kernels.logprobs.linear_logprobs` (TP vocab shards and the SP slice handled there, no [T, V]
-logits). Context parallelism is refused: the CPU core attention does CP on unpacked sequences only.
+logits).
+
+Context parallelism (`pack_rows(..., cp=(size, rank))`): every sample is padded to a multiple of
+2*CP and sample i occupies cu_seqlens_padded[i]:cu_seqlens_padded[i+1] (real tokens first); each CP
+rank's model sees chunks r and 2*CP-1-r of every sample (`parallel.batching.thd_cp_index`, the cut
+Transformer Engine and megatron's THD rotary path make). The pack keeps the whole sequence (the
+model cuts its inputs itself); `local` gives the loss its rank's share of any per-token tensor and
+`gather_cp` puts the ranks' log-probs back together. Sequence statistics across the cut (a
+sample's token count, GSPO's sequence ratio) are summed over the CP group by the loss
+(`kernels.policy_loss.SeqLayout`, `cp_group`).
 
 With `build_batch(..., with_routes=True)` the batch also carries the engine's MoE routes per token
 (`routed_experts` [B, S, L, k], -1 where there are none) and each pack its share, in pack order:
@@ -25,6 +34,7 @@ the attention's longest sample) reads the pack's Python `lengths`, never the dev
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -32,6 +42,7 @@ import torch
 from kernels.logprobs import linear_logprobs
 from kernels.packing import cu_seqlens_from_lengths, thd_params
 from megatron_vlm.models.mrope import get_rope_index
+from megatron_vlm.parallel.batching import thd_cp_index
 from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutSample
 from megatron_vlm.trainer.megatron_step import host_to_device, model_device
@@ -149,10 +160,35 @@ class PackedMicroBatch:
     cu_seqlens: torch.Tensor       # [n + 1] int32, the samples' boundaries
     cu_seqlens_padded: torch.Tensor  # [n + 1] int32, the same with the tail padding in the last
     routed_experts: torch.Tensor | None = None  # [T, moe_layers, top_k] the engine's routes, -1: none
+    spans: list[int] | None = None  # each sample's padded span (lengths, the last with the tail)
+    cp_size: int = 1
+    cp_index: torch.Tensor | None = None  # [T / cp] positions of this CP rank's tokens (cp > 1)
 
     @property
     def tokens(self) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def local_cu_seqlens(self) -> torch.Tensor:
+        """The samples' boundaries in this CP rank's tokens (each sample keeps 1/cp of its span)."""
+        return self.cu_seqlens_padded // self.cp_size
+
+    def local(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        """[T, ...] per-token values of the whole pack -> this CP rank's [T / cp, ...]."""
+        if values is None or self.cp_index is None:
+            return values
+        return values.index_select(0, self.cp_index.to(values.device))
+
+    def gather_cp(self, local: torch.Tensor, group) -> torch.Tensor:
+        """Every CP rank's [T / cp] values -> the whole pack's [T] (a collective over `group`)."""
+        if self.cp_index is None:
+            return local
+        pieces = [torch.empty_like(local) for _ in range(self.cp_size)]
+        torch.distributed.all_gather(pieces, local.contiguous(), group=group)
+        full = local.new_zeros(self.tokens)
+        for rank, piece in enumerate(pieces):
+            full[thd_cp_index(self.boundaries(), self.cp_size, rank).to(full.device)] = piece
+        return full
 
     def to(self, device) -> "PackedMicroBatch":
         """This pack with every tensor field on `device` (pinned, non-blocking copies from the host to
@@ -166,49 +202,67 @@ class PackedMicroBatch:
         return PackedSeqParams(**thd_params(self.cu_seqlens, self.cu_seqlens_padded, max_seqlen=max(self.lengths)))
 
     def take(self, per_row: torch.Tensor | None) -> torch.Tensor | None:
-        """[B, S] per-token values -> [T] in pack order (0 on the tail padding)."""
+        """[B, S] per-token values -> [T] in pack order (0 on the padding)."""
         if per_row is None:
             return None
-        return _concat_rows(per_row, self.rows, self.lengths, self.tokens - sum(self.lengths))
+        return _concat_rows(per_row, self.rows, self.lengths, self.spans)
+
+    def boundaries(self) -> list[int]:
+        """cu_seqlens_padded as a host list (no device read)."""
+        out = [0]
+        for span in self.spans:
+            out.append(out[-1] + span)
+        return out
 
     def put(self, packed: torch.Tensor, out: torch.Tensor) -> None:
         """Write [T] values back into their rows of `out` [B, S]."""
-        start = 0
-        for r, n in zip(self.rows, self.lengths):
+        for r, n, start in zip(self.rows, self.lengths, self.boundaries()):
             out[r, :n] = packed[start:start + n]
-            start += n
 
 
 def pack_rows(batch: SequenceBatch, rows: list[int], images_per_row: list[int] | None = None,
               patches_per_image: list[int] | None = None, pad_to_multiple: int = 1,
-              length: int | None = None) -> PackedMicroBatch:
+              length: int | None = None, cp: tuple[int, int] = (1, 0)) -> PackedMicroBatch:
     """One packed micro-batch of `rows` (their real tokens; images with them). images_per_row /
     patches_per_image locate each row's images; without them `rows` must be every row in order.
-    The pack is padded to `length` if given, else to a multiple of `pad_to_multiple`."""
+    The pack is padded to `length` if given, else to a multiple of `pad_to_multiple` (the tail goes
+    into the last sample's padded span). cp = (CP size, this rank): with CP > 1 every sample is
+    padded to a multiple of 2*CP first, and the pack records this rank's token positions."""
+    cp_size, cp_rank = cp
     lengths = [batch.row_lengths()[r] for r in rows]
+    spans = sample_spans(lengths, cp_size)
     cu_seqlens, _ = cu_seqlens_from_lengths(lengths)
-    real = int(cu_seqlens[-1])
+    real = sum(spans)
     total = length if length is not None else real + (-real) % pad_to_multiple
-    if total < real or total % pad_to_multiple:
+    if total < real or total % pad_to_multiple or (total - real) % (2 * cp_size if cp_size > 1 else 1):
         raise ValueError(f"a pack of {real} tokens cannot be padded to {total} (multiple of {pad_to_multiple})")
-    padded = cu_seqlens.clone()
-    padded[-1] = total
-    tail = total - real
-    cat = lambda per_row: _concat_rows(per_row, rows, lengths, tail)  # noqa: E731
-    positions = torch.cat([batch.position_ids[:, r, :n] for r, n in zip(rows, lengths)]
-                          + [batch.position_ids.new_zeros(3, tail)], dim=1)
+    spans[-1] += total - real
+    padded = torch.tensor([0, *spans], dtype=torch.int64).cumsum(0).to(torch.int32)
+    cat = lambda per_row: _concat_rows(per_row, rows, lengths, spans)  # noqa: E731
+    positions = torch.cat([torch.cat([batch.position_ids[:, r, :n], batch.position_ids.new_zeros(3, span - n)], 1)
+                           for r, n, span in zip(rows, lengths, spans)], dim=1)
     pixels, grid = _row_images(batch, rows, images_per_row, patches_per_image)
-    routes = None if batch.routed_experts is None else torch.cat(
-        [batch.routed_experts[r, :n] for r, n in zip(rows, lengths)]
-        + [batch.routed_experts.new_full((tail, *batch.routed_experts.shape[2:]), -1)])
+    routes = None
+    if batch.routed_experts is not None:
+        none = lambda k: batch.routed_experts.new_full((k, *batch.routed_experts.shape[2:]), -1)  # noqa: E731
+        routes = torch.cat([torch.cat([batch.routed_experts[r, :n], none(span - n)])
+                            for r, n, span in zip(rows, lengths, spans)])
+    index = thd_cp_index(padded.tolist(), cp_size, cp_rank) if cp_size > 1 else None
     return PackedMicroBatch(list(rows), lengths, cat(batch.input_ids)[None], cat(batch.labels),
                             cat(batch.loss_mask), positions[:, None], cat(batch.mm_token_type_ids)[None],
-                            pixels, grid, cu_seqlens, padded, routes)
+                            pixels, grid, cu_seqlens, padded, routes, spans, cp_size, index)
 
 
-def _concat_rows(per_row: torch.Tensor, rows, lengths, tail: int) -> torch.Tensor:
-    """[B, S] -> [sum(lengths) + tail]: each row's first n values, end to end, then zeros."""
-    return torch.cat([per_row[r, :n] for r, n in zip(rows, lengths)] + [per_row.new_zeros(tail)])
+def sample_spans(lengths: list[int], cp_size: int = 1) -> list[int]:
+    """Each sample's span in a pack: its length, padded to a multiple of 2*CP under CP."""
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    return [n + (-n) % multiple for n in lengths]
+
+
+def _concat_rows(per_row: torch.Tensor, rows, lengths, spans) -> torch.Tensor:
+    """[B, S] -> [sum(spans)]: each row's first n values, then zeros to its span, end to end."""
+    return torch.cat([torch.cat([per_row[r, :n], per_row.new_zeros(span - n)])
+                      for r, n, span in zip(rows, lengths, spans)])
 
 
 def _row_images(batch: SequenceBatch, rows, images_per_row, patches_per_image):
@@ -225,21 +279,30 @@ def _row_images(batch: SequenceBatch, rows, images_per_row, patches_per_image):
 
 
 def pack_padding(config) -> int:
-    """The multiple a pack's length must be for this model config: TP under sequence parallelism.
-    Refuses context parallelism (the CPU core attention does CP on unpacked sequences only)."""
-    if config.context_parallel_size > 1:
-        raise ValueError("packed micro-batches need parallel.cp = 1: models/attention.py CoreAttention "
-                         "supports context parallelism on unpacked sequences only")
-    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+    """The multiple a pack's length must be for this model config: TP under sequence parallelism
+    (of each CP rank's share), 2*CP (every sample's span is one) under context parallelism."""
+    cp = config.context_parallel_size
+    per_rank = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    return math.lcm(2 * cp if cp > 1 else 1, cp * per_rank)
 
 
-def fixed_pack_length(config, pack_tokens) -> int | None:
+def cp_coordinates(config) -> tuple[int, int]:
+    """(CP size, this rank's CP rank) for pack_rows."""
+    from megatron.core import parallel_state as ps
+
+    if config.context_parallel_size == 1:
+        return 1, 0
+    return config.context_parallel_size, ps.get_context_parallel_rank()
+
+
+def fixed_pack_length(config, pack_spans) -> int | None:
     """One padded length for every pack of every rank when shapes must agree across ranks (no
     variable_seq_lengths): the pipeline's p2p shapes (PP > 1) and megatron's allgather token
-    dispatcher (a plain all-gather over TP x EP), from each pack's real token count; None otherwise."""
+    dispatcher (a plain all-gather over TP x EP), from each pack's padded sample spans
+    (`sample_spans` summed); None otherwise."""
     if config.variable_seq_lengths:
         return None
-    longest = max(pack_tokens)
+    longest = max(pack_spans)
     return longest + (-longest) % pack_padding(config)
 
 
@@ -247,7 +310,7 @@ def forward_hidden(model, mb: PackedMicroBatch):
     """The model on one pack, already on the model's device (`PackedMicroBatch.to`): (hidden
     [1, T(/tp), H], head weight [V/tp, H]) on the last pipeline stage, the activations to pass on
     elsewhere. With the engine's routes in the pack, the MoE layers replay them (routing_replay.py)."""
-    with replay_routes(model, mb.routed_experts):
+    with replay_routes(model, mb.local(mb.routed_experts)):
         return model(mb.input_ids, mb.position_ids, pixel_values=mb.pixel_values,
                      image_grid_thw=mb.image_grid_thw, mm_token_type_ids=mb.mm_token_type_ids,
                      packed_seq_params=mb.packed_seq_params(), return_hidden=True)
@@ -273,9 +336,13 @@ def score(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
     """Log-probs [B, S] of every row (0 off the real tokens) as one pack, on every rank (a single
     pipeline stage; `rl_step.score_rows` is the micro-batched, pipeline-aware version). On the
     batch's device."""
-    mb = pack_rows(batch, list(range(batch.input_ids.shape[0])), pad_to_multiple=pack_padding(model.config))
+    from megatron.core import parallel_state as ps
+
+    mb = pack_rows(batch, list(range(batch.input_ids.shape[0])), pad_to_multiple=pack_padding(model.config),
+                   cp=cp_coordinates(model.config))
     mb = mb.to(model_device(model))
-    logprobs, _ = packed_logprobs(forward_hidden(model, mb), mb.labels, temperature, head_parallelism(model))
+    logprobs, _ = packed_logprobs(forward_hidden(model, mb), mb.local(mb.labels), temperature, head_parallelism(model))
+    logprobs = mb.gather_cp(logprobs, ps.get_context_parallel_group())
     out = torch.zeros(batch.loss_mask.shape, dtype=batch.loss_mask.dtype, device=logprobs.device)
     mb.put(logprobs, out)
     return out.to(batch.loss_mask.device)

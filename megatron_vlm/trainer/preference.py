@@ -21,8 +21,8 @@ count leaves it divided by the chosen-token count. Both counts come from the ful
 rank holds. A micro-batch left without pairs (fewer pairs than micro-batches on a rank) packs pair 0
 with its loss zeroed and 0 units, so that every rank joins the reductions.
 
-Sequence log-probs are sums over the whole response, a non-linear input to the loss; packs refuse
-context parallelism anyway (actor_batch.pack_padding).
+Sequence log-probs are sums over the whole response, a non-linear input to the loss; these packs
+refuse context parallelism (the RL and SFT packs take it).
 """
 from __future__ import annotations
 
@@ -86,6 +86,10 @@ def pair_microbatches(batch: SequenceBatch, images_per_row: list[int], patches: 
     pair_images = [int(batch.mm_token_type_ids[2 * p: 2 * p + 2].sum()) for p in range(len(pair_lengths))]
     plan = plan_packs(pair_lengths, max(token_budget, max(pair_lengths)), ps.get_data_parallel_world_size(),
                       pair_images, PackCost())
+    if config.context_parallel_size > 1:
+        raise ValueError("preference stages (dpo, mpo) need parallel.cp = 1: their sequence log-probs "
+                         "are sums over whole responses, which the packed path does not yet add up "
+                         "across CP ranks (the RL and SFT stages do run under CP)")
     multiple = pack_padding(config)
     length = fixed_pack_length(config, (sum(pair_lengths[p] for p in pack)
                                         for rank in plan.microbatches for pack in rank))

@@ -43,8 +43,9 @@ from megatron_vlm.rl.advantages import AdvantageConfig, AdvantageInputs, compute
 from megatron_vlm.rl.config import UpdateConfig
 from megatron_vlm.rl.losses import LossInputs, kernel_policy_config, policy_loss_fn
 from megatron_vlm.rl.rollout_correction import CorrectionInputs, ratio_quantiles, rollout_correction_fn
-from megatron_vlm.trainer.actor_batch import (SequenceBatch, fixed_pack_length, forward_hidden, head_parallelism,
-                                              pack_padding, pack_rows, packed_logprobs)
+from megatron_vlm.trainer.actor_batch import (SequenceBatch, cp_coordinates, fixed_pack_length, forward_hidden,
+                                              head_parallelism, pack_padding, pack_rows, packed_logprobs,
+                                              sample_spans)
 from megatron_vlm.trainer.megatron_step import collective_device, model_device, on_device
 from megatron_vlm.trainer.routing_replay import route_match_metrics
 
@@ -64,15 +65,21 @@ def sequence_advantages(rewards: torch.Tensor, group_ids: list, loss_mask: torch
 
 
 def aggregation_units(mask: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, sequences: int | None = None,
-                      max_response_len: int | None = None) -> torch.Tensor:
+                      max_response_len: int | None = None, cp_group=None) -> torch.Tensor:
     """How many units the aggregation divides by, for packed [T] tokens: tokens (token-mean),
     non-empty sequences (seq-mean-token-sum / -mean), or sequences x max_response_len
     (seq-mean-token-sum-norm: every sequence, masked or not, as Dr. GRPO's G; `sequences` defaults
     to those in cu_seqlens and max_response_len to the longest of them, the kernel's own default).
+
+    Under context parallelism (`cp_group`; the tokens are this rank's share of each sequence) the
+    units are summed over the CP group with the gradients, so tokens count where they are and a
+    sequence counts once: on CP rank 0, 0 on the others.
     """
     if mode == "token-mean":
         return mask.sum()
-    layout = SeqLayout.build(mask, cu_seqlens)
+    layout = SeqLayout.build(mask, cu_seqlens, cp_group)
+    if cp_group is not None and cp_group.size() > 1 and cp_group.rank() != 0:
+        return torch.zeros((), dtype=torch.long, device=mask.device)
     if mode == "seq-mean-token-sum-norm":
         count = len(layout.tokens) if sequences is None else sequences
         return torch.tensor(count * (layout.max_len if max_response_len is None else max_response_len))
@@ -92,27 +99,37 @@ def unit_report(loss: torch.Tensor, metrics: dict, units: torch.Tensor, mask: to
 
 
 def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, max_response_len: int | None, head: dict, output):
-    packed = mb["batch"]
-    cu, mask, kcfg = packed.cu_seqlens_padded, packed.loss_mask, kernel_policy_config(cfg.loss)
+    """This micro-batch's loss from the last stage's output: over this CP rank's tokens (all of
+    them without CP), sequence statistics summed over the CP group."""
+    packed, kcfg, cp_group = mb["batch"], kernel_policy_config(cfg.loss), loss_cp_group(mb["batch"])
+    cu, mask, labels = packed.local_cu_seqlens, packed.local(packed.loss_mask), packed.local(packed.labels)
     is_weight, correction = None, {}
     if cfg.rollout_correction is not None:
         is_weight, correction = rollout_correction_fn(
-            CorrectionInputs(mb["old_logprobs"], mb["engine_logprobs"], mask, cu), cfg.rollout_correction)
+            CorrectionInputs(mb["old_logprobs"], mb["engine_logprobs"], mask, cu, cp_group), cfg.rollout_correction)
     if kcfg is not None:
         hidden, weight = output
         loss, metrics = fused_linear_policy_loss(
-            hidden.reshape(-1, hidden.shape[-1]), weight, packed.labels, mb["old_logprobs"], mb["advantages"],
+            hidden.reshape(-1, hidden.shape[-1]), weight, labels, mb["old_logprobs"], mb["advantages"],
             mask, cu, kcfg, ref_logprobs=mb["ref_logprobs"], normalizer=1.0, temperature=cfg.temperature,
-            compute_entropy=True, impl=cfg.loss.impl, is_weight=is_weight, **head)
+            compute_entropy=True, impl=cfg.loss.impl, is_weight=is_weight, cp_group=cp_group, **head)
         metrics.pop("logprobs")
     else:
-        logprobs, entropy = packed_logprobs(output, packed.labels, cfg.temperature, head, with_entropy=True,
+        logprobs, entropy = packed_logprobs(output, labels, cfg.temperature, head, with_entropy=True,
                                             impl=cfg.loss.impl)
         loss, metrics = policy_loss_fn(LossInputs(
             logprobs, mb["old_logprobs"], mb["advantages"], mask, cu, ref_logprobs=mb["ref_logprobs"],
-            normalizer=1.0, entropy=entropy.detach(), is_weight=is_weight), cfg.loss)
-    units = aggregation_units(mask, cu, mode, sequences=len(mb["rows"]), max_response_len=max_response_len)
+            normalizer=1.0, entropy=entropy.detach(), is_weight=is_weight, cp_group=cp_group), cfg.loss)
+    units = aggregation_units(mask, cu, mode, sequences=len(mb["rows"]), max_response_len=max_response_len,
+                              cp_group=cp_group)
     return loss, units.to(torch.int), unit_report(loss, {**metrics, **correction}, units, mask)
+
+
+def loss_cp_group(packed):
+    """The CP group a pack's loss sums its sequence statistics over; None without CP."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group() if packed.cp_size > 1 else None
 
 
 def _rl_forward_step(cfg: UpdateConfig, mode: str, max_response_len: int | None, data_iterator, model):
@@ -192,19 +209,21 @@ def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[
     dp_size = ps.get_data_parallel_world_size() if dp_size is None else dp_size
     dp_rank = ps.get_data_parallel_rank() if dp_rank is None else dp_rank
     plan = _plan(batch, rows, token_budget, dp_size)
-    multiple = pack_padding(config)
+    multiple, cp = pack_padding(config), cp_coordinates(config)
     lengths = batch.row_lengths()
-    length = fixed_pack_length(config, (sum(lengths[r] for r in pack) for rank in plan for pack in rank))
+    length = fixed_pack_length(config, (sum(sample_spans([lengths[r] for r in pack], cp[0]))
+                                        for rank in plan for pack in rank))
     out = []
     for chosen in plan[dp_rank]:
-        packed = pack_rows(batch, chosen or rows[:1] or [0], images_per_row, patches, multiple, length)
+        packed = pack_rows(batch, chosen or rows[:1] or [0], images_per_row, patches, multiple, length, cp)
         if not chosen:  # no sample here: a fully masked row keeps this rank in the reductions
             packed.loss_mask = torch.zeros_like(packed.loss_mask)
             if packed.routed_experts is not None:  # filler routes, left out of the match share
                 packed.routed_experts = torch.full_like(packed.routed_experts, -1)
-        out.append({"batch": packed, "rows": chosen, "old_logprobs": packed.take(old), "advantages": packed.take(adv),
-                    "ref_logprobs": packed.take(ref),  # rows: [] for the masked stand-in
-                    "engine_logprobs": packed.take(engine)})
+        local = lambda per_row: packed.local(packed.take(per_row))  # noqa: E731 (this CP rank's tokens)
+        out.append({"batch": packed, "rows": chosen, "old_logprobs": local(old), "advantages": local(adv),
+                    "ref_logprobs": local(ref),  # rows: [] for the masked stand-in
+                    "engine_logprobs": local(engine)})
     return out
 
 
@@ -315,7 +334,8 @@ def _score_forward_step(temperature: float, data_iterator, model):
     packed = next(data_iterator)["batch"]
 
     def keep_logprobs(output):
-        logprobs, _ = packed_logprobs(output, packed.labels, temperature, head_parallelism(model))
+        logprobs, _ = packed_logprobs(output, packed.local(packed.labels), temperature, head_parallelism(model))
+        logprobs = packed.gather_cp(logprobs, loss_cp_group(packed))  # the whole pack's, on every CP rank
         return logprobs.new_zeros(()), logprobs.new_zeros((), dtype=torch.int), {"logprobs": logprobs}
 
     return forward_hidden(model, packed), keep_logprobs

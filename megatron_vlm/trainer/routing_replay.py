@@ -16,8 +16,9 @@ routes [T, L, k] to what its routers see:
 - TP with sequence parallelism: megatron's router runs on the MoE layer's input, which is this TP
   rank's SP slice [T/tp] (the scatter happens at the embedding), so rank r takes tokens
   [r T/tp, (r + 1) T/tp).
-- CP (refused in the packed path today): the cut would go here, before the SP cut: the same
-  per-sequence load-balanced chunks `parallel.batching.split_for_cp` makes of the tokens.
+- CP: the pack cuts its routes for this CP rank as it cuts the tokens (`PackedMicroBatch.local`:
+  chunks r and 2*CP-1-r of every sample, `parallel.batching.thd_cp_index`), before the SP cut here;
+  `replay_routes` receives [T / cp, L, k].
 - EP (alltoall and allgather dispatchers): nothing to cut: routing happens before the dispatch, on
   this rank's own tokens, with global expert ids; both dispatchers read the router's routing map.
 - Vision tokens: their positions in the sequence carry the routes the engine used for them.
@@ -66,12 +67,10 @@ def moe_layer_slots(routers, config) -> list[int]:
 
 
 def local_routes(routes: torch.Tensor, routers, config) -> torch.Tensor:
-    """A pack's routes [T, L, k] -> what this rank's routers see [T_local, L_local, k]."""
+    """A pack's routes for this CP rank [T / cp, L, k] (all T without CP) -> what this rank's
+    routers see [T_local, L_local, k]."""
     from megatron.core import parallel_state as ps
 
-    if config.context_parallel_size > 1:
-        raise ValueError("routing replay with parallel.cp > 1: the routes would need the CP chunk cut "
-                         "(split_for_cp) before the SP cut; packed micro-batches refuse CP today")
     if config.sequence_parallel:
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         size = routes.shape[0] // tp

@@ -24,9 +24,12 @@ def labelled_sample(request_id: str, prompt_ids: list[int], answer_ids: list[int
 
 
 def _nll_loss(packed, head: dict, output):
-    logprobs, _ = packed_logprobs(output, packed.labels, 1.0, head)
-    loss = -(logprobs * packed.loss_mask).sum()
-    tokens = packed.loss_mask.sum()
+    """Summed NLL of this CP rank's tokens (all of them without CP) and their count: megatron sums
+    both over DP x CP, so the step's loss is the token mean of the whole batch."""
+    mask = packed.local(packed.loss_mask)
+    logprobs, _ = packed_logprobs(output, packed.local(packed.labels), 1.0, head)
+    loss = -(logprobs * mask).sum()
+    tokens = mask.sum()
     return loss, tokens.to(torch.int), {"lm loss": torch.stack([loss.detach(), tokens])}
 
 

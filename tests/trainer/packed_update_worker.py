@@ -24,6 +24,7 @@ from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.parallel.runtime import init_runtime, set_layout
 from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config, policy_loss_fn
+from megatron_vlm.rl.rollout_correction import CorrectionInputs, RolloutCorrectionConfig, rollout_correction_fn
 from megatron_vlm.rollout.protocol import RolloutSample
 from megatron_vlm.trainer.actor_batch import build_batch
 from megatron_vlm.trainer.megatron_step import wrap_ddp
@@ -36,7 +37,11 @@ from tests.rollout.test_embedded import fixture_requests
 # layout -> its parallel config and the cases it runs (PP=2 only one of each head path, for time)
 ALL_CASES = ("dapo_k3", "gspo", "intern_s1", "sft", "sft_one_row")
 LAYOUTS = {"tp2_sp": (dict(tp=2), ALL_CASES), "ep2_dp2": (dict(ep=2, etp=1), ALL_CASES),
-           "pp2": (dict(pp=2), ("dapo_k3", "intern_s1", "sft"))}
+           "pp2": (dict(pp=2), ("dapo_k3", "intern_s1", "sft")),
+           # context parallelism: every sample cut into 2*CP chunks, sequence sums over the CP group
+           "cp2": (dict(cp=2), ALL_CASES + ("dapo_seq_mean", "dapo_seq_tis")),
+           "cp2_tp2": (dict(cp=2, tp=2), ("dapo_k3", "gspo", "intern_s1", "sft")),    # 4 ranks
+           "cp2_ep2": (dict(cp=2, ep=2, etp=1), ("dapo_k3", "gspo", "sft"))}          # 4 ranks
 TEMPERATURE = 0.9
 LR = 100.0       # SGD: after = before - LR * grad; a large rate keeps (before - after) / LR precise in fp32
 PACK_TOKENS = 64  # samples are 10-35 tokens: several packs per rank, several samples per pack
@@ -44,7 +49,12 @@ CASES = {
     "dapo_k3": LossConfig(name="dapo", kl_type="k3", kl_coef=0.1),
     "gspo": LossConfig(name="gspo", eps_low=0.2, eps_high=0.28),  # paper's 3e-4 would clip everything
     "intern_s1": LossConfig(name="intern_s1"),
+    # a sequence-level aggregation and a sequence-level rollout correction: under CP both need
+    # whole-sequence sums across the ranks' chunks
+    "dapo_seq_mean": LossConfig(name="dapo", aggregation="seq-mean-token-mean"),
+    "dapo_seq_tis": LossConfig(name="dapo"),
 }
+CORRECTIONS = {"dapo_seq_tis": RolloutCorrectionConfig(name="seq_tis", clip=1.5)}
 
 
 def make_batch():
@@ -79,7 +89,7 @@ def packed(batch, per_row):
     return torch.cat([per_row[r, :n] for r, n in enumerate(batch.row_lengths())])
 
 
-def reference(hf, batch, images, patches, case, old, adv, ref):
+def reference(hf, batch, images, patches, case, old, adv, ref, engine=None):
     """(loss, entropy token mean, {hf name: grad}) of the full batch."""
     hf.zero_grad()
     lengths = batch.row_lengths()
@@ -95,8 +105,13 @@ def reference(hf, batch, images, patches, case, old, adv, ref):
         kcfg = kernel_policy_config(cfg)
         mode = kcfg.aggregation if kcfg is not None else "token-mean"
         units = aggregation_units(mask, cu, mode)
+        is_weight = None
+        if case in CORRECTIONS:
+            is_weight, _ = rollout_correction_fn(CorrectionInputs(packed(batch, old), packed(batch, engine), mask, cu),
+                                                 CORRECTIONS[case])
         loss, _ = policy_loss_fn(LossInputs(logprobs, packed(batch, old), packed(batch, adv), mask, cu,
-                                            ref_logprobs=packed(batch, ref), normalizer=units), cfg)
+                                            ref_logprobs=packed(batch, ref), normalizer=units,
+                                            is_weight=is_weight), cfg)
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in hf.named_parameters() if p.grad is not None}
     return float(loss.detach()), float((entropy * mask).sum() / mask.sum()), grads
@@ -154,14 +169,17 @@ def main():
     old = expected_lp * batch.loss_mask + noise(0.3)   # ratios spread around 1: some tokens clip
     ref = expected_lp * batch.loss_mask + noise(0.2)
     adv = torch.randn(batch.loss_mask.shape[0], 1, generator=g) * batch.loss_mask
-    references = {case: reference(hf, batch, images, patches, case, old, adv, ref) for case in [*CASES, "sft"]}
+    engine = old + noise(0.1)  # the rollout engine's log-probs, off the trainer's
+    references = {case: reference(hf, batch, images, patches, case, old, adv, ref, engine) for case in [*CASES, "sft"]}
     one_row = batch.select(slice(1, 2), images, patches)
     one_images = images[1:2]
     one_patches = patches[images[0]:images[0] + images[1]]
     references["sft_one_row"] = reference(hf, one_row, one_images, one_patches, "sft", None, None, None)
 
     report = {"tokens": int(sum(batch.row_lengths())), "loss_tokens": int(batch.loss_mask.sum())}
-    for name, (layout, cases) in LAYOUTS.items():
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["tp2_sp", "ep2_dp2", "pp2"]
+    for name in names:
+        layout, cases = LAYOUTS[name]
         parallel = ParallelConfig(**layout)
         figures = report[name] = {}
         for case in cases:
@@ -179,9 +197,10 @@ def main():
                     real[r, :n] = True
                 figures["logprobs_max_abs"] = float((trainer_lp - expected_lp)[real].abs().max())
             if case in CASES:
-                cfg = UpdateConfig(temperature=TEMPERATURE, loss=CASES[case], pack_tokens=PACK_TOKENS)
+                cfg = UpdateConfig(temperature=TEMPERATURE, loss=CASES[case], pack_tokens=PACK_TOKENS,
+                                   rollout_correction=CORRECTIONS.get(case))
                 metrics = update([ddp], optimizer, scheduler, batch, images, patches, old, adv, cfg,
-                                 ref_logprobs=ref)
+                                 ref_logprobs=ref, engine_logprobs=engine)
             elif case == "sft":
                 metrics = sft_step([ddp], optimizer, scheduler, batch, images, patches, 1, pack_tokens=PACK_TOKENS)
             else:

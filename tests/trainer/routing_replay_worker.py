@@ -39,7 +39,8 @@ TEMPERATURE = 0.9
 FLIP = 0.02  # std of the noise on the flipped engine's router weights (theirs: ~0.02)
 OPTIM = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
 LAYOUTS = {"ep2": ParallelConfig(ep=2, etp=1), "ep2_allgather": ParallelConfig(ep=2, etp=1, token_dispatcher="allgather"),
-           "pp2": ParallelConfig(pp=2), "tp2_sp": ParallelConfig(tp=2)}
+           "pp2": ParallelConfig(pp=2), "tp2_sp": ParallelConfig(tp=2),
+           "cp2": ParallelConfig(cp=2)}  # each CP rank replays its chunks of every sample
 
 
 def perturb_routers(engine, scale: float, seed: int) -> None:

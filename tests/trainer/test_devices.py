@@ -51,10 +51,11 @@ def test_packed_microbatch_to_moves_every_tensor_field():
     batch, images, patches = _batch()
     rows, width = batch.input_ids.shape
     batch.routed_experts = torch.zeros(rows, width, 2, 2, dtype=torch.int16)  # routing replay's routes
-    packed = pack_rows(batch, [2, 0, 1], images, patches, pad_to_multiple=8)  # images, text, tail padding
+    # images, text, tail padding; CP rank 1 of 2 (its token positions are a tensor field too)
+    packed = pack_rows(batch, [2, 0, 1], images, patches, pad_to_multiple=8, cp=(2, 1))
     tensor_fields = [f.name for f in fields(PackedMicroBatch) if torch.is_tensor(getattr(packed, f.name))]
-    # every field but the Python lists is a tensor in this pack: none can be left out below
-    assert set(tensor_fields) == {f.name for f in fields(PackedMicroBatch)} - {"rows", "lengths"}
+    # every field but the Python lists and the CP size is a tensor in this pack: none can be left out below
+    assert set(tensor_fields) == {f.name for f in fields(PackedMicroBatch)} - {"rows", "lengths", "spans", "cp_size"}
     moved = packed.to(META)
     for name in tensor_fields:
         before, after = getattr(packed, name), getattr(moved, name)
