@@ -34,6 +34,13 @@ def test_no_demonstration_of_an_excluded_kind_reaches_the_sft_data(processor):
     assert len(data.sft) == sum(r.metadata["kind"] == "sum" for r in every.sft) == SMALL["num_sft"] // 3
 
 
+def test_the_main_job_demonstrates_sum_and_difference_only():
+    cfg = load_config(DEMO, [])
+    assert cfg.vlm.kinds == KindsConfig(sft=["sum", "difference"])
+    assert set(QUESTIONS) - set(cfg.vlm.kinds.sft) == {"max"}  # the headline kind: no demonstration
+    assert {s.kind for s in cfg.stages} == {"sft", "grpo"} and cfg.eval.samples == DigitsConfig().num_eval
+
+
 def test_filter_counts_what_it_drops(processor):
     path = demo_assets()["sft"]
     loaded = load_sft_requests(path, processor)

@@ -29,10 +29,16 @@ def test_sft_then_grpo_then_export(tmp_path):
     mpo = [r for r in rows if r["stage"] == "mpo"]
     assert all(k in r for r in mpo for k in ("loss", "reward_accuracy", "bco_loss", "sft_loss"))
     assert all("eval_accuracy" in r for r in rows if r["stage"] == "init" or r["step"] in (2, 3))
+    for row in (r for r in rows if "eval_accuracy" in r):  # every evaluation, per kind and strict
+        assert {f"eval/{what}/{kind}" for what in ("accuracy", "strict_accuracy", "samples")
+                for kind in ("sum", "max", "difference")} | {"eval_strict_accuracy"} <= set(row)
+        assert sum(row[f"eval/samples/{kind}"] for kind in ("sum", "max", "difference")) == row["eval_samples"] == 8
+        assert any(k.startswith("eval/accuracy/max/larger=") for k in row)  # eval.slice_by: [larger]
     grpo = [r for r in rows if r["stage"] == "grpo"]
     for key in ("reward", "mixed_group_share", "response_length", "sync_seconds", "time_rollout",
                 "time_reward", "rollout_tokens_per_s"):
         assert all(key in r for r in grpo), key
+    assert all(any(k.startswith("reward/by_kind/") for k in r) for r in grpo)  # the kinds the step drew
     trained = [r for r in grpo if "loss" in r]  # a step whose groups all tie trains on nothing
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in trained)
     assert all(r["kl_loss"] >= 0 and "time_ref_logprobs" in r for r in trained)  # reference = MPO's end
