@@ -1,0 +1,197 @@
+"""The main job against its equal-time SFT-only baseline, over seeds: runs both, writes the table
+and the plot the README shows.
+
+    python launch/compare_sft_rl.py --seeds 1234 1 2                 # runs 2 x 3 jobs, then writes docs/
+    python launch/compare_sft_rl.py --seeds 1234 1 2 --reuse         # train only the runs not finished
+
+Arms: `configs/digits_demo.yaml` (SFT on demonstrations of some kinds, then GRPO on prompts of
+every kind) and `configs/digits_demo_sft_baseline.yaml` (SFT only, on the same demonstrations, for
+about the same training seconds). Each seed is the run's `runtime.seed`: the demo's data (images,
+questions, the held-out split), the initial weights and every draw; both arms of a seed share the
+assets (`OUT/seed_<s>/assets`). Runs go to `OUT/seed_<s>/<arm>`, one at a time (2 ranks each).
+
+Written (`--docs`, default docs/): `digits_kinds.md`, the table: final held-out accuracy overall,
+per kind and strict (correct and well formed), max's accuracy when the left / right digit is the
+larger one, the training seconds (sum of step times, evaluations excluded) and the wall time of
+each run, as mean +/- sample standard deviation over the seeds with every seed's value;
+`digits_kinds.png`, per-kind held-out accuracy against training seconds, both arms on one figure
+(one thin line per seed, the mean over seeds bold); `digits_kinds.json`, the same numbers.
+The headline kinds are those the main job has no demonstrations of (eval kinds - vlm.kinds.sft).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {"sft_grpo": "configs/digits_demo.yaml", "sft_only": "configs/digits_demo_sft_baseline.yaml"}
+LABELS = {"sft_grpo": "SFT then GRPO (main job)", "sft_only": "SFT only, equal time (baseline)"}
+SLICE = "larger"  # eval.slice_by of the demo: which digit is larger
+
+
+def run_arm(config: str, seed: int, out: Path, timeout: float) -> float:
+    """Train one arm at one seed into `out`; its wall seconds."""
+    command = [sys.executable, "-m", "megatron_vlm.cli", "train", "--config", config, f"runtime.seed={seed}",
+               f"vlm.assets={out.parent / 'assets'}", f"train.out_dir={out}", "--overwrite",
+               "--timeout", str(timeout)]
+    print("+ " + " ".join(command), flush=True)
+    start = time.monotonic()
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return time.monotonic() - start
+
+
+def read_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def curve(rows: list[dict]) -> list[dict]:
+    """Every evaluation with the training seconds before it (the sum of the step times so far)."""
+    seconds, points = 0.0, []
+    for row in rows:
+        seconds += row.get("step_seconds", 0.0)
+        if "eval_accuracy" in row:
+            points.append({"seconds": seconds, "stage": row["stage"], "step": row["step"],
+                           **{k: v for k, v in row.items() if k.startswith("eval")}})
+    return points
+
+
+def final_figures(rows: list[dict], kinds: list[str]) -> dict[str, float]:
+    """The last evaluation's figures: overall, strict, per kind (and strict), max left / right."""
+    points = curve(rows)
+    last = points[-1]
+    figures = {"overall": last["eval_accuracy"], "overall strict": last["eval_strict_accuracy"]}
+    for kind in kinds:
+        figures[kind] = last[f"eval/accuracy/{kind}"]
+        figures[f"{kind} strict"] = last[f"eval/strict_accuracy/{kind}"]
+    for side in ("left", "right"):
+        key = f"eval/accuracy/max/{SLICE}={side}"
+        if key in last:
+            figures[f"max, {side} digit larger"] = last[key]
+    figures["training seconds"] = last["seconds"]
+    return figures
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(results: dict, kinds: list[str], unseen: list[str], seeds: list[int], commit: str) -> str:
+    """The markdown table: one row per figure, one column per arm (mean +/- sd, then each seed)."""
+    arms = list(results)
+    names = list(next(iter(results.values()))[seeds[0]]["final"])
+    head = "| held-out (last evaluation) | " + " | ".join(LABELS[a] for a in arms) + " |"
+    lines = [head, "|---|" + "---:|" * len(arms)]
+    for name in names + ["wall seconds"]:
+        cells = []
+        for arm in arms:
+            values = [results[arm][s]["wall" if name == "wall seconds" else "final"] for s in seeds]
+            values = values if name == "wall seconds" else [v[name] for v in values]
+            mean, spread = mean_spread(values)
+            pct = "seconds" not in name
+            fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.0f}")
+            cells.append(f"{fmt(mean)} ± {fmt(spread).rstrip('%')}" + (" pts" if pct else "")
+                         + f" ({' / '.join(fmt(v) for v in values)})")
+        label = f"**{name}** (no demonstrations)" if name in unseen else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    note = (f"\nSeeds {', '.join(map(str, seeds))} (runtime.seed: data, initial weights, draws); mean ± sample "
+            f"standard deviation over seeds, each seed's value in brackets in seed order. Held-out accuracy is "
+            f"greedy decoding on every held-out row ({', '.join(kinds)}), scored by the verifier; strict also needs "
+            f"a well-formed response (think block opened and closed, reasoning in it, an answer after it). "
+            f"Training seconds: the sum of the step times (evaluations excluded); wall seconds: the whole run. "
+            f"Commit {commit}.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot(results: dict, kinds: list[str], seeds: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("all kinds", "eval_accuracy")] + [(kind, f"eval/accuracy/{kind}") for kind in kinds]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True)
+    colors = {"sft_grpo": "tab:red", "sft_only": "tab:blue"}
+    for ax, (title, key) in zip(axes, panels):
+        for arm, by_seed in results.items():
+            curves = [[(p["seconds"], p[key]) for p in by_seed[s]["curve"]] for s in seeds]
+            for points in curves:
+                ax.plot(*zip(*points), color=colors[arm], alpha=0.3, linewidth=0.8)
+            if len({len(c) for c in curves}) == 1:  # same evaluation steps at every seed: mean over seeds
+                mean = [(statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves))
+                        for i in range(len(curves[0]))]
+                ax.plot(*zip(*mean), color=colors[arm], marker="o", markersize=3, label=LABELS[arm])
+        ax.set_title(f"held-out accuracy: {title}")
+        ax.set_xlabel("training seconds (evaluations excluded)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def commit_of(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    return sha + (" (with uncommitted changes)" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs (those with a .wall file) and train only the others")
+    parser.add_argument("--commit", help="the commit the runs ran at (default: this checkout's HEAD)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    args = parser.parse_args(argv)
+    from megatron_vlm.config import load_config
+
+    main_cfg = load_config(ROOT / ARMS["sft_grpo"], [])
+    results: dict = {arm: {} for arm in ARMS}
+    for seed in args.seeds:
+        for arm, config in ARMS.items():
+            out = args.out / f"seed_{seed}" / arm
+            out.parent.mkdir(parents=True, exist_ok=True)
+            wall_file = out.parent / f"{arm}.wall"
+            if not (args.reuse and wall_file.exists()):
+                wall_file.write_text(f"{run_arm(config, seed, out, args.timeout):.1f}\n")
+            rows = read_rows(out)
+            results[arm][seed] = {"rows": rows, "wall": float(wall_file.read_text()) if wall_file.exists()
+                                  else float("nan")}
+    last = results["sft_grpo"][args.seeds[0]]["rows"]
+    kinds = sorted(k.split("/")[-1] for k in next(r for r in reversed(last) if "eval_accuracy" in r)
+                   if k.startswith("eval/samples/") and "=" not in k)
+    unseen = [k for k in kinds if k not in (main_cfg.vlm.kinds.sft or kinds)]
+    kinds = unseen + [k for k in kinds if k not in unseen]  # the headline kinds first
+    for arm in results:
+        for seed, run in results[arm].items():
+            run["curve"], run["final"] = curve(run["rows"]), final_figures(run["rows"], kinds)
+    commit = args.commit or commit_of(ROOT)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    text = table(results, kinds, unseen, args.seeds, commit)
+    (args.docs / "digits_kinds.md").write_text(text)
+    plot(results, kinds, args.seeds, args.docs / "digits_kinds.png")
+    (args.docs / "digits_kinds.json").write_text(json.dumps(
+        {"commit": commit, "seeds": args.seeds, "kinds": kinds, "no_demonstrations": unseen,
+         "runs": {arm: {seed: {"final": run["final"], "wall_seconds": run["wall"], "curve": run["curve"]}
+                        for seed, run in by_seed.items()} for arm, by_seed in results.items()}}, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
