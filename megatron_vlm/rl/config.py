@@ -50,6 +50,10 @@ class RolloutConfig:
 class RLConfig:
     """Engine choice and the rollout-shaping options of the recipes (`rl:` in a config)."""
     engine: str = "embedded"          # embedded (CPU, transformers) | vllm (GPU)
+    # the embedded engine's weights and compute: bfloat16 gives the CPU demo the train / inference
+    # mismatch a bf16 vLLM engine brings to an fp32 trainer (what routing replay and rollout
+    # correction are for)
+    embedded_dtype: str = "float32"   # float32 | bfloat16
     vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
     # replay the engine's MoE routing in the trainer (trainer/routing_replay.py): the embedded engine
     # records its routes; vLLM needs rl.vllm.return_routed_experts
@@ -63,15 +67,14 @@ class RLConfig:
     def __post_init__(self):
         if self.engine not in ("embedded", "vllm"):
             raise ValueError(f"rl.engine must be embedded or vllm, got {self.engine!r}")
+        if self.embedded_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"rl.embedded_dtype must be float32 or bfloat16, got {self.embedded_dtype!r}")
 
     def check(self, rollout: RolloutConfig) -> None:
         """Cross-section checks, and refusal of what the stage runner does not apply yet."""
         if self.routing_replay and self.engine == "vllm" and not self.vllm.return_routed_experts:
             raise ValueError("rl.routing_replay with rl.engine=vllm needs rl.vllm.return_routed_experts=true "
                              "(vLLM returns the experts each token used only when asked)")
-        if self.routing_replay and self.forced_answer is not None:
-            raise ValueError("rl.routing_replay with rl.forced_answer: the forced continuation's routes are "
-                             "not merged into the sample's yet, so its tokens would replay filler experts")
         if self.overlong is not None and self.overlong.max_response_len != rollout.max_new_tokens:
             raise ValueError(f"rl.overlong.max_response_len ({self.overlong.max_response_len}) must "
                              f"equal rollout.max_new_tokens ({rollout.max_new_tokens})")

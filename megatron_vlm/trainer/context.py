@@ -280,7 +280,8 @@ def build_engine(cfg, assets: Path, hf_config, cache: PromptCache, pad: int, dev
                             device_type)
         engine.sleep()
         return engine
-    return EmbeddedEngine(hf_config, prepare=cache, pad_token_id=pad, return_routed_experts=cfg.rl.routing_replay)
+    return EmbeddedEngine(hf_config, prepare=cache, pad_token_id=pad, return_routed_experts=cfg.rl.routing_replay,
+                          dtype=getattr(torch, cfg.rl.embedded_dtype))
 
 
 def needs_reference(cfg) -> bool:

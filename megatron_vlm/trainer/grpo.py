@@ -27,6 +27,7 @@ from megatron_vlm.rollout.protocol import RolloutRequest, RolloutSample, Samplin
 from megatron_vlm.rollout.weight_sync import check_logprobs, precision, sync_weights
 from megatron_vlm.trainer.actor_batch import build_batch, response_logprobs
 from megatron_vlm.trainer.rl_step import score_rows, sequence_advantages, update
+from megatron_vlm.trainer.routing_replay import merge_forced_routes
 
 
 @dataclass
@@ -188,10 +189,14 @@ def force_answers(actor: Actor, engine, requests: list[RolloutRequest], samples:
     for plan, answer in zip(plans, answers):
         sample = samples[plan.index]
         ids, mask = merge_forced_answer(sample.response_ids, plan, answer.response_ids)
+        metadata = {**sample.metadata, "forced_answer": True}
+        if "routed_experts" in sample.metadata:  # routing replay: the continuation's routes after the first's
+            metadata["routed_experts"] = merge_forced_routes(
+                sample.metadata["routed_experts"], answer.metadata["routed_experts"], len(sample.prompt_ids) + len(ids))
         out[plan.index] = replace(
             sample, response_ids=ids, response_mask=mask, finish_reason=answer.finish_reason,
             logprobs=sample.logprobs + [0.0] * len(plan.inserted_ids) + answer.logprobs,
-            seconds=sample.seconds + answer.seconds, metadata={**sample.metadata, "forced_answer": True})
+            seconds=sample.seconds + answer.seconds, metadata=metadata)
     return out, len(plans)
 
 

@@ -147,3 +147,20 @@ def route_match_metrics(models, any_routes: bool) -> dict[str, float]:
     torch.distributed.all_reduce(total)
     matched, routed = total.tolist()
     return {"routing_replay_match": matched / routed} if routed else {}
+
+
+def merge_forced_routes(first: torch.Tensor, continued: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The routes of a forced-answer sample ([tokens or tokens - 1, L, k]).
+
+    GLM-4.5V's forced answer (trainer/grpo.py `force_answers`) re-submits prompt + response + the
+    inserted delimiter and lets the engine continue: `continued` covers that whole sequence plus the
+    answer (`tokens` in all, less its final token), `first` the original generation (prompt +
+    response, less the last response token). The original tokens keep the routes of the pass that
+    sampled them, the rest (the last response token, the inserted ids, the answer) take the
+    continuation's: the routes the engine used for every token whose log-prob it reported."""
+    first, continued = torch.as_tensor(first), torch.as_tensor(continued)
+    if continued.shape[0] not in (tokens - 1, tokens) or first.shape[0] > continued.shape[0] \
+            or first.shape[1:] != continued.shape[1:]:
+        raise ValueError(f"forced answer routes: first {list(first.shape)} and continuation "
+                         f"{list(continued.shape)} do not cover one sequence of {tokens} tokens")
+    return torch.cat([first, continued[first.shape[0]:]])

@@ -4,8 +4,8 @@ import json
 import os
 
 import pytest
-import yaml
 
+from megatron_vlm.config import load_config
 from megatron_vlm.parallel.launch import launch_local
 
 WORKER = os.path.join(os.path.dirname(__file__), "recipes_worker.py")
@@ -22,8 +22,7 @@ def test_every_recipe_runs_its_stages(tmp_path):
     names = sorted(f[:-5] for f in os.listdir(RECIPES) if f.endswith(".yaml"))
     assert sorted(report) == names and len(names) >= 6
     for name, rows in report.items():
-        with open(os.path.join(RECIPES, f"{name}.yaml")) as f:
-            stages = [s["kind"] for s in yaml.safe_load(f)["stages"]]
+        stages = [s.kind for s in load_config(os.path.join(RECIPES, f"{name}.yaml")).stages]  # base: included
         assert [r["stage"] for r in rows] == ["init"] + [k for k in stages for _ in range(2)], name
         assert all("loss" in r or r.get("samples") for r in rows[1:]), name  # every step trained or sampled
         assert (tmp_path / name / "hf_export" / "config.json").is_file(), name
@@ -36,6 +35,12 @@ def test_every_recipe_runs_its_stages(tmp_path):
     # whose inserted delimiter is masked out of the loss and out of the engine/trainer check
     assert sum(r["forced_answers"] for r in glm) > 0
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in glm if "loss" in r)
+    # moe_r3_tis: a bf16 engine with routing replay and token TIS on top of glm45v's forced answers
+    # (here too early in training for an informative group: the merged routes are tested in
+    # tests/rollout/test_embedded.py, replay and TIS in test_routing_replay / test_grpo_stage)
+    drift = [r for r in report["moe_r3_tis"] if r["stage"] == "grpo"]
+    assert sum(r["forced_answers"] for r in drift) > 0
+    assert all(r["routing_replay_match"] == 1.0 for r in drift if "loss" in r)
     assert "reward_accuracy" in by_step["ovis25"] and "bco_loss" in by_step["internvl35"]
     for name in ("intern_s1", "internvl35"):  # text-only and image prompts mixed, scored per task
         tasks = {k for r in report[name] if r["stage"] == "grpo" for k in r if k.endswith("/count")}

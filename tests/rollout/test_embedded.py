@@ -157,6 +157,49 @@ def test_routed_experts_are_the_engines_own_routes(setup, engine):
     assert "routed_experts" not in requests[0].metadata
 
 
+def test_a_forced_answers_merged_routes_are_the_routes_of_its_whole_sequence(setup, engine):
+    """GLM-4.5V's forced answer under routing replay (trainer/grpo.py force_answers): a cut-off
+    sample is re-submitted with the inserted delimiter and continued; merge_forced_routes keeps
+    the first generation's routes and takes the rest from the continuation. The result is one
+    route per token but the last of the merged sequence, equal to a teacher-forced forward's, and
+    the trainer's batch takes it."""
+    from dataclasses import replace
+
+    from megatron_vlm.rollout.embedded import moe_routers
+    from megatron_vlm.trainer.routing_replay import merge_forced_routes
+
+    hf_config, _, _, requests, prepared = setup
+    engine.return_routed_experts = True
+    first = engine.generate(requests[:1], SamplingParams(temperature=1.0, max_new_tokens=4, n=1, seed=4))[0]
+    inserted = [5, 6]  # the delimiter's ids
+    prep = prepared[first.request_id]
+    extra = torch.tensor(first.response_ids + inserted)
+    prepared["r0/forced"] = replace(prep, input_ids=torch.cat([prep.input_ids, extra]),
+                                    mm_token_type_ids=torch.cat([prep.mm_token_type_ids, torch.zeros_like(extra)]))
+    try:
+        continuation = RolloutRequest("r0/forced", requests[0].prompt_ids + first.response_ids + inserted)
+        answer = engine.generate([continuation], SamplingParams(temperature=1.0, max_new_tokens=3, n=1, seed=5))[0]
+    finally:
+        del prepared["r0/forced"]
+    ids = first.response_ids + inserted + answer.response_ids
+    tokens = len(first.prompt_ids) + len(ids)
+    merged = merge_forced_routes(first.metadata["routed_experts"], answer.metadata["routed_experts"], tokens)
+    recorded = []
+    hooks = [g.register_forward_hook(lambda _m, _i, out: recorded.append(out[2])) for g in moe_routers(engine.model)]
+    with torch.no_grad():
+        engine.model(input_ids=torch.tensor([first.prompt_ids + ids]),
+                     mm_token_type_ids=torch.cat([prep.mm_token_type_ids, torch.zeros(len(ids), dtype=torch.long)])[None],
+                     pixel_values=prep.pixel_values, image_grid_thw=prep.image_grid_thw)
+    for hook in hooks:
+        hook.remove()
+    forced = torch.stack(recorded, dim=1)[:tokens - 1]
+    assert merged.shape == forced.shape
+    assert torch.equal(forced.sort(-1).values.to(torch.int16), merged.sort(-1).values)
+    sample = replace(first, response_ids=ids, metadata={**first.metadata, "routed_experts": merged})
+    batch, _, _ = build_batch([sample], prepared, pad_id=0, spatial_merge_size=2, with_routes=True)
+    assert int((batch.routed_experts[0, :tokens - 1] >= 0).all()) == 1
+
+
 def test_routed_experts_need_an_moe_model(single_rank_runtime):
     _, prepared = fixture_requests()
     with pytest.raises(ValueError, match="no MoE routers"):

@@ -12,6 +12,7 @@ from megatron_vlm.rl.overlong import ForcedAnswerConfig
 from megatron_vlm.rollout.protocol import RolloutSample
 from megatron_vlm.rollout.vllm_engine import VllmEngineConfig
 from megatron_vlm.trainer.actor_batch import build_batch, pack_rows
+from megatron_vlm.trainer.routing_replay import merge_forced_routes
 from tests.rollout.test_embedded import fixture_requests
 from tests.utils import run_worker
 
@@ -66,8 +67,21 @@ def test_config_accepts_the_embedded_engine_and_names_what_vllm_needs():
     RLConfig(routing_replay=True, engine="vllm", vllm=VllmEngineConfig(return_routed_experts=True)).check(rollout)
     with pytest.raises(ValueError, match="rl.routing_replay.*rl.vllm.return_routed_experts"):
         RLConfig(routing_replay=True, engine="vllm").check(rollout)
-    with pytest.raises(ValueError, match="rl.routing_replay with rl.forced_answer"):
-        RLConfig(routing_replay=True, forced_answer=ForcedAnswerConfig()).check(rollout)
+    RLConfig(routing_replay=True, forced_answer=ForcedAnswerConfig()).check(rollout)  # routes merged
+
+
+def test_a_forced_answer_keeps_the_first_generations_routes_and_takes_the_rest_from_the_continuation():
+    # prompt 3 + response 2 tokens: the first pass routed 4 (never the last response token); the
+    # continuation re-ran prompt + response + 1 inserted id and answered 2: 8 tokens, 7 routed
+    first = torch.arange(4 * 2 * 1, dtype=torch.int16).reshape(4, 2, 1)
+    continued = 100 + torch.arange(7 * 2 * 1, dtype=torch.int16).reshape(7, 2, 1)
+    merged = merge_forced_routes(first, continued, tokens=8)
+    assert merged.shape == (7, 2, 1)
+    assert torch.equal(merged[:4], first) and torch.equal(merged[4:], continued[4:])
+    with pytest.raises(ValueError, match="do not cover one sequence of 9 tokens"):
+        merge_forced_routes(first, continued, tokens=9)
+    with pytest.raises(ValueError, match="do not cover"):
+        merge_forced_routes(first, continued[:, :1], tokens=8)
 
 
 @pytest.fixture(scope="module")
