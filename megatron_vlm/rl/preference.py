@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.policy_loss import SeqLayout
 from megatron_vlm.rl.registry import Registry
-from megatron_vlm.rl.tokens import sequence_sums
 
 
 @dataclass
@@ -43,13 +43,17 @@ class PreferenceInputs:
                                  f"got {list(getattr(self, name).shape)}")
 
     @classmethod
-    def from_packed(cls, logprobs, ref_logprobs, mask, cu_seqlens, **kwargs) -> "PreferenceInputs":
-        """Sequences alternate chosen, rejected: 2P sequences -> P pairs."""
+    def from_packed(cls, logprobs, ref_logprobs, mask, cu_seqlens, cp_group=None, **kwargs) -> "PreferenceInputs":
+        """Sequences alternate chosen, rejected: 2P sequences -> P pairs. Under context parallelism
+        the tokens are this rank's share of each sequence and `cp_group` sums the sequence sums
+        over the CP ranks (differentiably: every rank then holds the whole pairs' loss)."""
         if (len(cu_seqlens) - 1) % 2:
             raise ValueError(f"packed pairs need an even number of sequences, got {len(cu_seqlens) - 1}")
-        seq = sequence_sums(logprobs, mask, cu_seqlens)                        # [2P], differentiable
-        ref = sequence_sums(ref_logprobs.detach().to(logprobs.dtype), mask, cu_seqlens)
-        tokens = sequence_sums(torch.ones_like(logprobs, requires_grad=False), mask, cu_seqlens).detach()
+        layout = SeqLayout.build(mask, cu_seqlens, cp_group)
+        maskf = mask.to(logprobs.dtype)
+        seq = layout.segment_sum(logprobs * maskf)                              # [2P], differentiable
+        ref = layout.segment_sum(ref_logprobs.detach().to(logprobs.dtype) * maskf)
+        tokens = layout.tokens.to(logprobs.dtype)
         return cls(seq[0::2], seq[1::2], ref[0::2], ref[1::2], tokens[0::2], **kwargs)
 
 

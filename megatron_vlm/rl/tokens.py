@@ -41,9 +41,3 @@ def seq_to_tokens(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tenso
     """Broadcast [S] per-sequence values to their tokens: [T]."""
     return torch.repeat_interleave(values, seq_lengths(cu_seqlens).to(values.device))
 
-
-def sequence_sums(values: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[S] sum over each sequence's unmasked tokens (differentiable w.r.t. values)."""
-    index = seq_index(cu_seqlens).to(values.device)
-    out = values.new_zeros(len(cu_seqlens) - 1)
-    return out.index_add(0, index, values * mask.to(values.dtype))

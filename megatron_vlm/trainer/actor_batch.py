@@ -295,6 +295,13 @@ def cp_coordinates(config) -> tuple[int, int]:
     return config.context_parallel_size, ps.get_context_parallel_rank()
 
 
+def loss_cp_group(packed: PackedMicroBatch):
+    """The CP group a pack's loss sums its sequence statistics over; None without CP."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group() if packed.cp_size > 1 else None
+
+
 def fixed_pack_length(config, pack_spans) -> int | None:
     """One padded length for every pack of every rank when shapes must agree across ranks (no
     variable_seq_lengths): the pipeline's p2p shapes (PP > 1) and megatron's allgather token
@@ -336,13 +343,11 @@ def score(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
     """Log-probs [B, S] of every row (0 off the real tokens) as one pack, on every rank (a single
     pipeline stage; `rl_step.score_rows` is the micro-batched, pipeline-aware version). On the
     batch's device."""
-    from megatron.core import parallel_state as ps
-
     mb = pack_rows(batch, list(range(batch.input_ids.shape[0])), pad_to_multiple=pack_padding(model.config),
                    cp=cp_coordinates(model.config))
     mb = mb.to(model_device(model))
     logprobs, _ = packed_logprobs(forward_hidden(model, mb), mb.local(mb.labels), temperature, head_parallelism(model))
-    logprobs = mb.gather_cp(logprobs, ps.get_context_parallel_group())
+    logprobs = mb.gather_cp(logprobs, loss_cp_group(mb))
     out = torch.zeros(batch.loss_mask.shape, dtype=batch.loss_mask.dtype, device=logprobs.device)
     mb.put(logprobs, out)
     return out.to(batch.loss_mask.device)

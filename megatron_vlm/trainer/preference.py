@@ -21,8 +21,11 @@ count leaves it divided by the chosen-token count. Both counts come from the ful
 rank holds. A micro-batch left without pairs (fewer pairs than micro-batches on a rank) packs pair 0
 with its loss zeroed and 0 units, so that every rank joins the reductions.
 
-Sequence log-probs are sums over the whole response, a non-linear input to the loss; these packs
-refuse context parallelism (the RL and SFT packs take it).
+Sequence log-probs are sums over the whole response, a non-linear input to the loss. Under context
+parallelism each rank holds part of every response, so the sums are all-reduced over the CP group
+(differentiably) and every CP rank computes the whole micro-batch's loss and counts its pairs:
+megatron's sums over DP x CP then carry CP times the gradient and CP times the pairs, and the one
+division by the pair count gives the exact gradient.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ from kernels.packing import PackCost, plan_packs
 from megatron_vlm.rl.preference import PreferenceConfig, PreferenceInputs, RewardShift, preference_loss_fn
 from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutRequest
-from megatron_vlm.trainer.actor_batch import (SequenceBatch, build_batch, fixed_pack_length, forward_hidden,
-                                              head_parallelism, pack_padding, pack_rows, packed_logprobs)
+from megatron_vlm.trainer.actor_batch import (SequenceBatch, build_batch, cp_coordinates, fixed_pack_length,
+                                              forward_hidden, head_parallelism, loss_cp_group, pack_padding,
+                                              pack_rows, packed_logprobs, sample_spans)
 from megatron_vlm.trainer.rl_step import pack_budget, train_step
 from megatron_vlm.trainer.sft import labelled_sample
 
@@ -86,18 +90,14 @@ def pair_microbatches(batch: SequenceBatch, images_per_row: list[int], patches: 
     pair_images = [int(batch.mm_token_type_ids[2 * p: 2 * p + 2].sum()) for p in range(len(pair_lengths))]
     plan = plan_packs(pair_lengths, max(token_budget, max(pair_lengths)), ps.get_data_parallel_world_size(),
                       pair_images, PackCost())
-    if config.context_parallel_size > 1:
-        raise ValueError("preference stages (dpo, mpo) need parallel.cp = 1: their sequence log-probs "
-                         "are sums over whole responses, which the packed path does not yet add up "
-                         "across CP ranks (the RL and SFT stages do run under CP)")
-    multiple = pack_padding(config)
-    length = fixed_pack_length(config, (sum(pair_lengths[p] for p in pack)
+    multiple, cp = pack_padding(config), cp_coordinates(config)
+    length = fixed_pack_length(config, (sum(sample_spans([lengths[r] for p in pack for r in (2 * p, 2 * p + 1)], cp[0]))
                                         for rank in plan.microbatches for pack in rank))
     out = []
     for pairs in plan.microbatches[ps.get_data_parallel_rank()]:
         rows = [row for p in (pairs or [0]) for row in (2 * p, 2 * p + 1)]  # chosen, rejected, ...
-        packed = pack_rows(batch, rows, images_per_row, patches, multiple, length)
-        out.append({"batch": packed, "ref_logprobs": packed.take(ref_logprobs), "silent": not pairs})
+        packed = pack_rows(batch, rows, images_per_row, patches, multiple, length, cp)
+        out.append({"batch": packed, "ref_logprobs": packed.local(packed.take(ref_logprobs)), "silent": not pairs})
     return out
 
 
@@ -109,9 +109,10 @@ class _Norm:
 
 def _pair_loss(mb: dict, cfg: PreferenceConfig, norm: _Norm, head: dict, output):
     packed = mb["batch"]
-    logprobs, _ = packed_logprobs(output, packed.labels, 1.0, head)  # [T]
+    logprobs, _ = packed_logprobs(output, packed.local(packed.labels), 1.0, head)  # [T(/cp)]
     inputs = PreferenceInputs.from_packed(  # mb is on the model's device (megatron_step.on_device)
-        logprobs, mb["ref_logprobs"], packed.loss_mask, packed.cu_seqlens_padded, num_pairs=1.0,
+        logprobs, mb["ref_logprobs"], packed.local(packed.loss_mask), packed.local_cu_seqlens,
+        cp_group=loss_cp_group(packed), num_pairs=1.0,
         num_chosen_tokens=norm.chosen_tokens_per_pair, reward_shift=norm.reward_shift)
     loss, metrics = preference_loss_fn(inputs, cfg)  # the sum over this micro-batch's pairs
     scale = 0.0 if mb["silent"] else 1.0

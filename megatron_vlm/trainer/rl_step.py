@@ -44,8 +44,8 @@ from megatron_vlm.rl.config import UpdateConfig
 from megatron_vlm.rl.losses import LossInputs, kernel_policy_config, policy_loss_fn
 from megatron_vlm.rl.rollout_correction import CorrectionInputs, ratio_quantiles, rollout_correction_fn
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, cp_coordinates, fixed_pack_length, forward_hidden,
-                                              head_parallelism, pack_padding, pack_rows, packed_logprobs,
-                                              sample_spans)
+                                              head_parallelism, loss_cp_group, pack_padding, pack_rows,
+                                              packed_logprobs, sample_spans)
 from megatron_vlm.trainer.megatron_step import collective_device, model_device, on_device
 from megatron_vlm.trainer.routing_replay import route_match_metrics
 
@@ -123,13 +123,6 @@ def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, max_response_len: int | N
     units = aggregation_units(mask, cu, mode, sequences=len(mb["rows"]), max_response_len=max_response_len,
                               cp_group=cp_group)
     return loss, units.to(torch.int), unit_report(loss, {**metrics, **correction}, units, mask)
-
-
-def loss_cp_group(packed):
-    """The CP group a pack's loss sums its sequence statistics over; None without CP."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_context_parallel_group() if packed.cp_size > 1 else None
 
 
 def _rl_forward_step(cfg: UpdateConfig, mode: str, max_response_len: int | None, data_iterator, model):

@@ -1,8 +1,9 @@
 """One rank of the preference-step launch (2 gloo ranks), a tiny Qwen3-VL-MoE:
 
 1. Exactness, for dpo and mpo: from the same weights, one step at TP=2 (DP=1, all pairs in ONE
-   packed micro-batch) and at EP=2 (DP=2, 5 pairs dealt by plan_packs and packed under a two-row
-   budget: several micro-batches per rank) gives the same loss, grad norm and parameters.
+   packed micro-batch), at EP=2 (DP=2, 5 pairs dealt by plan_packs and packed under a two-row
+   budget: several micro-batches per rank) and at CP=2 (every response cut over the two ranks)
+   gives the same loss, grad norm and parameters.
    Responses of different lengths and a reference that differs from the policy per pair make
    every pair weigh differently. The same with a single pair: one DP rank runs a zeroed stand-in.
 2. A few DPO steps (EP=2) against the frozen initial model raise the implicit-reward margin and the
@@ -65,6 +66,11 @@ def exactness(family, hf, full, rules, runtime, pairs, ref, name):
     many = preference_step([ddp], optimizer, scheduler, pairs.batch, pairs.images_per_row, pairs.patches,
                            ref, cfg, micro_batch_size=2, reward_shift=shift)
     after_many = dict(iter_hf_weights(model, rules))
+    # CP=2: each rank holds chunks of every response; the sequence sums go over the CP group
+    model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(cp=2), runtime)
+    cp = preference_step([ddp], optimizer, scheduler, pairs.batch, pairs.images_per_row, pairs.patches,
+                         ref, cfg, micro_batch_size=2, reward_shift=shift)
+    after_cp = dict(iter_hf_weights(model, rules))
     start = hf.state_dict()
     return {"microbatches_many": microbatches, "loss_one": one["loss"], "loss_many": many["loss"],
             "grad_norm_one": one["grad_norm"],
@@ -74,6 +80,9 @@ def exactness(family, hf, full, rules, runtime, pairs, ref, name):
             "param_max_abs_diff": max(float((after_one[k] - after_many[k]).abs().max()) for k in after_one),
             "param_max_update": max(float((after_one[k] - start[k]).abs().max()) for k in after_one
                                     if k in start and start[k].shape == after_one[k].shape),
+            "loss_cp": cp["loss"], "grad_norm_cp": cp["grad_norm"],
+            "metric_max_abs_diff_cp": max(abs(one[k] - cp[k]) for k in one if k not in ("lr",)),
+            "param_max_abs_diff_cp": max(float((after_one[k] - after_cp[k]).abs().max()) for k in after_one),
             "bco_reward_count": one.get("bco_reward_count"), "bco_reward_sum_one": one.get("bco_reward_sum"),
             "bco_reward_sum_many": many.get("bco_reward_sum")}
 

@@ -26,6 +26,10 @@ def test_loss_and_update_do_not_depend_on_the_split(report, name):
     assert r["metric_max_abs_diff"] < 1e-5          # accuracy, margins, log-ratios, loss terms
     assert r["param_max_update"] > 1e-4             # the step moved the weights...
     assert r["param_max_abs_diff"] < 1e-6           # ...identically in both layouts
+    # CP=2: sequence log-probs summed over the ranks' chunks of each response
+    assert abs(r["loss_one"] - r["loss_cp"]) < 1e-6 and r["metric_max_abs_diff_cp"] < 1e-5
+    assert abs(r["grad_norm_one"] - r["grad_norm_cp"]) < 1e-5 * max(1.0, r["grad_norm_one"])
+    assert r["param_max_abs_diff_cp"] < 1e-6
     assert {"loss", "reward_accuracy", "reward_margin", "logratio_chosen", "logratio_rejected",
             "grad_norm", "lr"} <= set(r["metrics"])
     if name == "mpo":
