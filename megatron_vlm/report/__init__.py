@@ -147,11 +147,19 @@ def _time_panel(ax, rows) -> None:
 
 def compare_runs(run_dirs: list[Path], out: Path) -> None:
     """Held-out accuracy and smoothed reward per step, one line per run (labelled by its
-    directory's name), steps counted over all stages of each run."""
+    directory's name), steps counted over all stages of each run; where the runs logged the
+    weight-sync check, a third panel with the engine-vs-trainer KL of the sampled tokens (the
+    train / inference mismatch routing replay and rollout correction are for)."""
     plt = _pyplot()
-    fig, (acc, rew) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for run in run_dirs:
-        rows, label = read_rows(run), Path(run).name
+    all_rows = {Path(run).name: read_rows(run) for run in run_dirs}
+    with_kl = any("sync_logprob_kl" in r for rows in all_rows.values() for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_kl else 2, figsize=(19 if with_kl else 13, 4.5))
+    acc, rew = axes[0], axes[1]
+    for label, rows in all_rows.items():
+        if with_kl:
+            kl = [(i, r["sync_logprob_kl"]) for i, r in enumerate(rows) if "sync_logprob_kl" in r]
+            if kl:
+                axes[2].semilogy(*zip(*kl), marker=".", label=label)
         points = [(i, r["eval_accuracy"]) for i, r in enumerate(rows) if "eval_accuracy" in r]
         if points:
             acc.plot(*zip(*points), marker="o", label=label)
@@ -162,7 +170,9 @@ def compare_runs(run_dirs: list[Path], out: Path) -> None:
             rew.plot(steps[WINDOW - 1:], smooth, label=label)
     acc.set_title("held-out accuracy (greedy)")
     rew.set_title(f"verifier reward, mean of the last {WINDOW} steps' samples")
-    for ax in (acc, rew):
+    if with_kl:
+        axes[2].set_title("engine vs trainer log-probs: k3 KL per step (sync check)")
+    for ax in axes:
         ax.set_xlabel("step (all stages of the run)")
         ax.legend(fontsize=8)
     fig.tight_layout()
