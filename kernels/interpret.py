@@ -16,7 +16,6 @@ this module is deleted once Triton fixes it) and that the kernels' dots really s
 """
 import os
 
-import numpy as np
 import triton.language as tl
 
 PATCHED_FLAG = "_megatron_vlm_bf16_dot"
@@ -29,8 +28,8 @@ def interpreting() -> bool:
 def _widen_bf16(handle):
     """A bf16 TensorHandle (uint16 bits) -> the same values as an fp32 TensorHandle."""
     from triton.runtime.interpreter import TensorHandle
-    bits = handle.data.astype(np.uint32) << 16  # bf16 is the top half of an fp32
-    return TensorHandle(bits.view(np.float32), tl.float32)
+    bits = handle.data.astype("uint32") << 16  # bf16 is the top half of an fp32 (numpy, by dtype name)
+    return TensorHandle(bits.view("float32"), tl.float32)
 
 
 def unpatched_create_dot():
