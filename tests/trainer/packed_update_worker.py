@@ -18,7 +18,6 @@ import sys
 import torch
 
 from megatron_vlm.checkpoint.hf_rules import hf_to_mcore
-from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
 from megatron_vlm.checkpoint.streaming import iter_hf_weights
 from megatron_vlm.models import family_for
 from megatron_vlm.parallel.config import ParallelConfig
@@ -27,12 +26,12 @@ from megatron_vlm.rl.losses import LossConfig, LossInputs, kernel_policy_config,
 from megatron_vlm.rl.rollout_correction import CorrectionInputs, RolloutCorrectionConfig, rollout_correction_fn
 from megatron_vlm.rollout.protocol import RolloutSample
 from megatron_vlm.trainer.actor_batch import build_batch
-from megatron_vlm.trainer.megatron_step import wrap_ddp
 from megatron_vlm.rl.config import UpdateConfig
 from megatron_vlm.trainer.rl_step import aggregation_units, make_microbatches, score_rows, update
 from megatron_vlm.trainer.sft import sft_step
 from tests.models.vlm_fixtures import make_hf_model
 from tests.rollout.test_embedded import fixture_requests
+from tests.trainer.policy_fixtures import build_sgd_policy
 
 # layout -> its parallel config and the cases it runs (PP=2 only one of each head path, for time)
 ALL_CASES = ("dapo_k3", "gspo", "intern_s1", "sft", "sft_one_row")
@@ -118,24 +117,8 @@ def reference(hf, batch, images, patches, case, old, adv, ref, engine=None):
 
 
 def build(family, hf, full, parallel, runtime):
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     set_layout(runtime, parallel, seed=5)
-    model = family.build(hf.config, parallel, "cpu", calculate_per_token_loss=True)
-    load_full_state_dict(model, full, RankLayout.current(model.config))
-    ddp = wrap_ddp(model, distributed_optimizer=False)  # megatron's distributed optimizer is Adam only
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e30,  # never clips, reports the norm
-        use_distributed_optimizer=False, params_dtype=torch.float32), [ddp])
-    model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.grad_scale_func = optimizer.scale_loss
-    model.config.no_sync_func = ddp.no_sync
-    scheduler = OptimizerParamScheduler(optimizer, init_lr=LR, max_lr=LR, min_lr=LR, lr_warmup_steps=0,
-                                        lr_decay_steps=1, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,
-                                        wd_incr_steps=1, wd_incr_style="constant")
-    return model, ddp, optimizer, scheduler
+    return build_sgd_policy(family, hf, full, parallel, LR)
 
 
 def grad_error(model, rules, before, expected):

@@ -18,7 +18,7 @@ from megatron_vlm.rl.losses import LossConfig
 from megatron_vlm.rl.rollout_correction import RolloutCorrectionConfig
 from megatron_vlm.trainer.rl_step import score_rows, update
 from tests.trainer.packed_update_worker import make_batch
-from tests.trainer.policy_fixtures import tiny_policy_weights
+from tests.trainer.policy_fixtures import build_sgd_policy, tiny_policy_weights
 
 LR = 100.0
 PACK_TOKENS = 40  # samples of 10-35 tokens: several packs, some of several samples
@@ -40,28 +40,10 @@ def setup(single_rank_runtime):
 
 
 def _build(family, hf, full):
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
-    from megatron_vlm.trainer.megatron_step import wrap_ddp
-
     MoEAuxLossAutoScaler.main_loss_backward_scale = None  # process-wide: see test_optimizer_reset.py
-    model = family.build(hf.config, ParallelConfig(), "cpu", calculate_per_token_loss=True)
-    load_full_state_dict(model, full, RankLayout.current(model.config))
-    ddp = wrap_ddp(model, distributed_optimizer=False)
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e30,
-        use_distributed_optimizer=False, params_dtype=torch.float32), [ddp])
-    model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.grad_scale_func = optimizer.scale_loss
-    model.config.no_sync_func = ddp.no_sync
-    scheduler = OptimizerParamScheduler(optimizer, init_lr=LR, max_lr=LR, min_lr=LR, lr_warmup_steps=0,
-                                        lr_decay_steps=1, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,
-                                        wd_incr_steps=1, wd_incr_style="constant")
-    return model, ddp, optimizer, scheduler
+    return build_sgd_policy(family, hf, full, ParallelConfig(), LR)
 
 
 def _update(s, loss: LossConfig, adv=None, correction=None, engine=None, max_response_len=None):
