@@ -51,6 +51,25 @@ def check_logprobs(impl, sequence_parallel, group, rank, world):
     assert_close(w.grad, w_ref.grad.chunk(world)[rank], **TOL, name="d_weight shard")
 
 
+def check_logprobs_bf16(group, rank, world):
+    """Triton bf16 at TP=2 against the fp32 reference on the same bf16 values: the forward keeps fp32
+    accuracy (fp32 accumulation of exact products, fp32 statistics all-reduced); the gradients carry
+    bf16 d logits and a bf16 all-reduce of d hidden (3% of the largest entry, as in test_logprobs)."""
+    hidden, weight, labels, (g_logp, g_ent), _ = inputs()
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    h, w = local_leaves(hidden, weight, rank, world, False)
+    logp, ent = linear_logprobs(h, w, labels, 0.9, tp_group=group, impl="triton")
+    (logp * g_logp + ent * g_ent).sum().backward()
+    h_ref, w_ref = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    logp_ref, ent_ref = linear_logprobs_ref(h_ref, w_ref, labels, 0.9)
+    (logp_ref * g_logp + ent_ref * g_ent).sum().backward()
+    assert_close(logp, logp_ref, **TOL, name="logprobs bf16")
+    assert_close(ent, ent_ref, **TOL, name="entropy bf16")
+    for name, grad, ref in [("d_hidden bf16", h.grad, h_ref.grad), ("d_weight shard bf16", w.grad, w_ref.grad.chunk(world)[rank])]:
+        assert grad.dtype == torch.bfloat16
+        assert_close(grad.float(), ref, atol=0.03 * ref.abs().max().item(), rtol=0.03, name=name)
+
+
 def check_fused_loss(impl, sequence_parallel, ratio_level, group, rank, world):
     hidden, weight, labels, _, noise = inputs()
     cfg = PolicyLossConfig(ratio_level=ratio_level, kl_type="k3", kl_coef=0.1, aggregation="seq-mean-token-mean")
@@ -106,6 +125,8 @@ def main():
                     impl, sequence_parallel, level, group, rank, world)))
             if impl == "triton":
                 cases += [(f"{name}, small tiles", with_small_tiles(case)) for name, case in cases]
+                if not sequence_parallel:
+                    cases.append(("logprobs bf16", lambda: check_logprobs_bf16(group, rank, world)))
             for name, case in cases:
                 try:
                     case()
