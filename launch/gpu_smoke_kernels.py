@@ -65,10 +65,31 @@ def checks(dtype: torch.dtype, device: torch.device) -> list[tuple[str, callable
         out.append(("fused policy loss bf16 vs fp32 reference",
                     lambda: policy_loss.test_fused_bf16_against_fp32_reference("triton")))
         packing_dtypes = (torch.bfloat16,)
+    out += chunked_backward_checks(dtype)
     for packing_dtype in packing_dtypes:
         out.append((f"pack / unpack {str(packing_dtype).replace('torch.', '')}",
                     lambda d=packing_dtype: pack_round_trip(d, device)))
     return out
+
+
+def chunked_backward_checks(dtype: torch.dtype) -> list[tuple[str, callable]]:
+    """tests/kernels/test_triton_head.py's several-chunk backward (forced small chunks: the path a
+    long pack takes; in bf16 the fp32 d weight accumulator across chunks). That module builds its
+    inputs on the GPU itself when not interpreted; its monkeypatch fixture becomes a context here."""
+    import pytest
+
+    from tests.kernels import test_triton_head as head
+
+    def patched(test, *args):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            test(*args, monkeypatch)
+
+    if dtype == torch.float32:
+        return [(f"chunked head backward fp32 T={T} V={V} H={H}", lambda a=(T, V, H): patched(
+                 head.test_several_backward_chunks_and_forward_splits_match_the_reference_fp32, *a))
+                for T, V, H in head.SHAPES]
+    return [("chunked head backward bf16, fp32 d weight accumulation",
+             lambda: patched(head.test_several_backward_chunks_bf16_accumulate_d_weight_in_fp32))]
 
 
 def pack_round_trip(dtype: torch.dtype, device: torch.device) -> None:
