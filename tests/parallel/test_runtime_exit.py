@@ -2,6 +2,7 @@
 the interpreter is torn down: gloo's threads outliving it abort the process in finalisation
 ("terminate called without an active exception", SIGABRT), which failed a finished equivalence
 launch in CI (rank 0 exit -6 after the last collective)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,11 @@ print("world", runtime.world_size, "sum", t.tolist(), flush=True)
 
 
 def test_process_group_is_destroyed_at_exit():
+    # a fresh single process: not this pytest process's rendezvous (its store holds MASTER_PORT)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK")}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120)
+                         timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "world 1 sum [1.0, 1.0, 1.0, 1.0]" in out.stdout
     assert "group alive at exit: False" in out.stdout, out.stdout
