@@ -52,7 +52,7 @@ def thd_cp_index(cu_seqlens_padded, cp_size: int, cp_rank: int) -> torch.Tensor:
     (cu_seqlens_padded, each a multiple of 2*cp) is cut into 2*cp chunks and the rank keeps chunks
     r and 2*cp-1-r of each sample, samples in pack order. Load-balanced per sample, as
     `split_for_cp` is for one whole sequence."""
-    cu = [int(x) for x in cu_seqlens_padded]
+    cu = torch.as_tensor(cu_seqlens_padded).tolist()  # one host read, not one per sample on a GPU
     pieces = []
     for start, stop in zip(cu[:-1], cu[1:]):
         if (stop - start) % (2 * cp_size):

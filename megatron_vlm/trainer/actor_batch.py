@@ -234,7 +234,7 @@ def pack_rows(batch: SequenceBatch, rows: list[int], images_per_row: list[int] |
     cu_seqlens, _ = cu_seqlens_from_lengths(lengths)
     real = sum(spans)
     total = length if length is not None else real + (-real) % pad_to_multiple
-    if total < real or total % pad_to_multiple or (total - real) % (2 * cp_size if cp_size > 1 else 1):
+    if total < real or total % pad_to_multiple or (total - real) % span_multiple(cp_size):
         raise ValueError(f"a pack of {real} tokens cannot be padded to {total} (multiple of {pad_to_multiple})")
     spans[-1] += total - real
     padded = torch.tensor([0, *spans], dtype=torch.int64).cumsum(0).to(torch.int32)
@@ -253,9 +253,14 @@ def pack_rows(batch: SequenceBatch, rows: list[int], images_per_row: list[int] |
                             pixels, grid, cu_seqlens, padded, routes, spans, cp_size, index)
 
 
+def span_multiple(cp_size: int) -> int:
+    """What every sample's span in a pack is a multiple of: 2*CP under CP (its chunks), else 1."""
+    return 2 * cp_size if cp_size > 1 else 1
+
+
 def sample_spans(lengths: list[int], cp_size: int = 1) -> list[int]:
     """Each sample's span in a pack: its length, padded to a multiple of 2*CP under CP."""
-    multiple = 2 * cp_size if cp_size > 1 else 1
+    multiple = span_multiple(cp_size)
     return [n + (-n) % multiple for n in lengths]
 
 
@@ -283,7 +288,7 @@ def pack_padding(config) -> int:
     (of each CP rank's share), 2*CP (every sample's span is one) under context parallelism."""
     cp = config.context_parallel_size
     per_rank = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    return math.lcm(2 * cp if cp > 1 else 1, cp * per_rank)
+    return math.lcm(span_multiple(cp), cp * per_rank)
 
 
 def cp_coordinates(config) -> tuple[int, int]:
@@ -302,14 +307,14 @@ def loss_cp_group(packed: PackedMicroBatch):
     return ps.get_context_parallel_group() if packed.cp_size > 1 else None
 
 
-def fixed_pack_length(config, pack_spans) -> int | None:
+def fixed_pack_length(config, pack_lengths) -> int | None:
     """One padded length for every pack of every rank when shapes must agree across ranks (no
     variable_seq_lengths): the pipeline's p2p shapes (PP > 1) and megatron's allgather token
-    dispatcher (a plain all-gather over TP x EP), from each pack's padded sample spans
-    (`sample_spans` summed); None otherwise."""
+    dispatcher (a plain all-gather over TP x EP), from each pack's sample lengths (a list per
+    pack, each sample padded as pack_rows pads it under CP); None otherwise."""
     if config.variable_seq_lengths:
         return None
-    longest = max(pack_spans)
+    longest = max(sum(sample_spans(lengths, config.context_parallel_size)) for lengths in pack_lengths)
     return longest + (-longest) % pack_padding(config)
 
 

@@ -41,7 +41,7 @@ from megatron_vlm.rollout.embedded import Prepared
 from megatron_vlm.rollout.protocol import RolloutRequest
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, build_batch, cp_coordinates, fixed_pack_length,
                                               forward_hidden, head_parallelism, loss_cp_group, pack_padding,
-                                              pack_rows, packed_logprobs, sample_spans)
+                                              pack_rows, packed_logprobs)
 from megatron_vlm.trainer.rl_step import pack_budget, train_step
 from megatron_vlm.trainer.sft import labelled_sample
 
@@ -91,7 +91,7 @@ def pair_microbatches(batch: SequenceBatch, images_per_row: list[int], patches: 
     plan = plan_packs(pair_lengths, max(token_budget, max(pair_lengths)), ps.get_data_parallel_world_size(),
                       pair_images, PackCost())
     multiple, cp = pack_padding(config), cp_coordinates(config)
-    length = fixed_pack_length(config, (sum(sample_spans([lengths[r] for p in pack for r in (2 * p, 2 * p + 1)], cp[0]))
+    length = fixed_pack_length(config, ([lengths[r] for p in pack for r in (2 * p, 2 * p + 1)]
                                         for rank in plan.microbatches for pack in rank))
     out = []
     for pairs in plan.microbatches[ps.get_data_parallel_rank()]:

@@ -45,7 +45,7 @@ from megatron_vlm.rl.losses import LossInputs, kernel_policy_config, policy_loss
 from megatron_vlm.rl.rollout_correction import CorrectionInputs, ratio_quantiles, rollout_correction_fn
 from megatron_vlm.trainer.actor_batch import (SequenceBatch, cp_coordinates, fixed_pack_length, forward_hidden,
                                               head_parallelism, loss_cp_group, pack_padding, pack_rows,
-                                              packed_logprobs, sample_spans)
+                                              packed_logprobs)
 from megatron_vlm.trainer.megatron_step import collective_device, model_device, on_device
 from megatron_vlm.trainer.routing_replay import route_match_metrics
 
@@ -204,8 +204,7 @@ def make_microbatches(batch: SequenceBatch, images_per_row, patches, rows: list[
     plan = _plan(batch, rows, token_budget, dp_size)
     multiple, cp = pack_padding(config), cp_coordinates(config)
     lengths = batch.row_lengths()
-    length = fixed_pack_length(config, (sum(sample_spans([lengths[r] for r in pack], cp[0]))
-                                        for rank in plan for pack in rank))
+    length = fixed_pack_length(config, ([lengths[r] for r in pack] for rank in plan for pack in rank))
     out = []
     for chosen in plan[dp_rank]:
         packed = pack_rows(batch, chosen or rows[:1] or [0], images_per_row, patches, multiple, length, cp)

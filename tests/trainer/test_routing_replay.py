@@ -148,7 +148,8 @@ def test_context_parallelism_is_accepted_with_routing_replay():
 
     cfg = load_config("configs/qwen3_vl_30b_a3b_grpo.yaml", ["rl.routing_replay=true", "parallel.cp=2",
                                                             "rl.vllm.return_routed_experts=true"])
-    cfg.check(cfg.world_size())
+    cfg.check(cfg.world_size())  # raised "rl.routing_replay with parallel.cp > 1" before
+    assert cfg.rl.routing_replay and cfg.parallel.cp == 2  # both kept, nothing switched off
 
 
 @pytest.mark.slow
