@@ -9,6 +9,14 @@ verifier is `"reward_model"` are scored in this process by the reward model give
 `result.failures` with its id, and is counted in the metrics; the batch always completes. A call
 in which more than `max_failure_rate` of the samples fail raises RewardFailureRateError instead:
 a verifier that fails on most samples is broken, and training on its failure scores would hide it.
+
+Format rules, per task, on top of the verdict (`extract.format_problem` decides what is well
+formed): `strict_format` pays a malformed response 0 whatever its verdict; `format_reward` adds a
+bonus to a well-formed one, DeepSeek-R1's format reward (arXiv:2501.12948, 2.2.2). With both, a
+malformed answer earns 0, a well-formed wrong one the bonus, a well-formed right one 1 + bonus: the
+policy is paid to keep the template on prompts it never saw demonstrated, and paid more for the
+answer. `result.verdicts` keeps the verifier's scores before these rules (accuracy is read from
+them); `result.raw` is after them (the training signal).
 """
 from __future__ import annotations
 
@@ -47,6 +55,9 @@ class RewardConfig:
     # missing, unclosed, junk; see extract.format_problem) scores 0 without being verified. The
     # well-formed share is logged for every task whatever this says (reward/<task>/well_formed).
     strict_format: dict[str, bool] = field(default_factory=dict)
+    # task -> bonus in [0, 1) added to a well-formed response's reward (a failed one gets none);
+    # below 1 so that a verdict of 1 still marks the correct answers (raw >= 1)
+    format_reward: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.verifiers:
@@ -79,6 +90,11 @@ class RewardConfig:
             if task not in self.verifiers or not isinstance(strict, bool):
                 raise ValueError(f"reward.strict_format[{task!r}] must be true or false for a task with a verifier "
                                  f"(tasks: {sorted(self.verifiers)}), got {strict!r}")
+        for task, bonus in self.format_reward.items():
+            if (task not in self.verifiers or isinstance(bonus, bool) or not isinstance(bonus, (int, float))
+                    or not 0 <= bonus < 1):
+                raise ValueError(f"reward.format_reward[{task!r}] must be a number in [0, 1) for a task with a "
+                                 f"verifier (tasks: {sorted(self.verifiers)}), got {bonus!r}")
         for task, defaults in self.task_metadata.items():
             if task not in self.verifiers or not isinstance(defaults, Mapping):
                 raise ValueError(f"reward.task_metadata[{task!r}] must be a mapping for a task with a verifier "
@@ -108,11 +124,16 @@ class RewardFailure:
 
 @dataclass
 class RewardResult:
-    raw: list[float]       # each sample's reward before normalisation (failure_score on failure)
+    raw: list[float]       # each sample's reward before normalisation, after the format rules (failure_score on failure)
     rewards: list[float]   # normalised per task and weighted: the input to group advantages
     metrics: dict[str, float]
     failures: list[RewardFailure]
     hacking: HackingReport | None = None  # when monitor_tasks are configured
+    verdicts: list[float] = field(default_factory=list)     # the verifier's / RM's score, before the format rules
+    well_formed: list[bool] = field(default_factory=list)   # extract.format_problem found nothing wrong
+
+    def __post_init__(self):
+        self.verdicts = self.verdicts or list(self.raw)  # a result built without format rules
 
 
 class RewardFailureRateError(ValueError):
@@ -163,25 +184,27 @@ class RewardScorer:
         unknown = sorted({s.task for s in samples} - set(self.cfg.verifiers))
         if unknown:
             raise KeyError(f"samples have tasks {unknown} without a verifier; configured: {sorted(self.cfg.verifiers)}")
-        raw: list[float] = [self.cfg.failure_score] * len(samples)
+        verdicts: list[float] = [self.cfg.failure_score] * len(samples)
         rejected = {i: f for i, f in ((i, self._reject(s)) for i, s in enumerate(samples)) if f is not None}
         well_formed = [isinstance(s.response, str) and format_problem(s.response) is None for s in samples]
-        refused = {i for i, s in enumerate(samples)
-                   if self.cfg.strict_format.get(s.task) and not well_formed[i] and i not in rejected}
-        for i in refused:
-            raw[i] = 0.0
-        kept = [i for i in range(len(samples)) if i not in refused and i not in rejected]
-        failures = (list(rejected.values()) + self._score_with_pool(samples, raw, kept)
-                    + self._score_with_reward_model(samples, raw, kept) + self._score_with_judge(samples, raw, kept))
+        kept = [i for i in range(len(samples)) if i not in rejected]
+        failed = dict(rejected)
+        for scorer in (self._score_with_pool, self._score_with_reward_model, self._score_with_judge):
+            failed.update(scorer(samples, verdicts, kept))
+        failures = list(rejected.values()) + [f for i, f in failed.items() if i not in rejected]
         if samples and len(failures) > self.cfg.max_failure_rate * len(samples):
             raise RewardFailureRateError(failures, samples, self.cfg.max_failure_rate)
+        refused = {i for i in kept if self.cfg.strict_format.get(samples[i].task) and not well_formed[i]}
+        raw = [0.0 if i in refused else verdict + (self.cfg.format_reward.get(samples[i].task, 0.0)
+                                                   if well_formed[i] and i not in failed else 0.0)
+               for i, verdict in enumerate(verdicts)]
         rewards, self.stats = normalize_by_task(raw, [s.task for s in samples], self.cfg.normalization,
                                                 self.cfg.weights, self.stats)
-        metrics = task_metrics(samples, raw, rewards, failures, well_formed, refused)
+        metrics = task_metrics(samples, raw, rewards, failures, well_formed, refused, verdicts)
         hacking = self._monitor(samples, raw, failures)
         if hacking is not None:
             metrics.update(hacking.metrics)
-        return RewardResult(raw, rewards, metrics, failures, hacking)
+        return RewardResult(raw, rewards, metrics, failures, hacking, verdicts, well_formed)
 
     def _monitor(self, samples: Sequence[RewardSample], raw: Sequence[float],
                  failures: Sequence[RewardFailure]) -> HackingReport | None:
@@ -200,11 +223,11 @@ class RewardScorer:
         return self.monitor.update([samples[i].sample_id for i in indices], rm_scores, [raw[i] for i in indices])
 
     def _score_with_pool(self, samples: Sequence[RewardSample], raw: list[float],
-                         kept: Sequence[int]) -> list[RewardFailure]:
+                         kept: Sequence[int]) -> dict[int, RewardFailure]:
         indices = [i for i in kept if self.cfg.verifiers[samples[i].task] not in IN_PROCESS]
         jobs = [Job(self.cfg.verifiers[samples[i].task],
                     (samples[i].response, samples[i].reference, self.metadata(samples[i]))) for i in indices]
-        failures = []
+        failures = {}
         for i, result in zip(indices, self.pool.run(jobs, self.cfg.timeout_s)):
             if result.value is not None:
                 raw[i] = result.value
@@ -212,7 +235,7 @@ class RewardScorer:
                 error = result.error or ""
                 kind = ("timeout" if result.timed_out else
                         "bad_reference" if error.startswith(f"{BadReference.__name__}:") else "error")
-                failures.append(RewardFailure(samples[i].sample_id, samples[i].task, kind, error, result.elapsed_s))
+                failures[i] = RewardFailure(samples[i].sample_id, samples[i].task, kind, error, result.elapsed_s)
         return failures
 
     def _reject(self, sample: RewardSample) -> RewardFailure | None:
@@ -236,40 +259,40 @@ class RewardScorer:
         return {**self.cfg.task_metadata.get(sample.task, {}), **sample.metadata}
 
     def _score_with_reward_model(self, samples: Sequence[RewardSample], raw: list[float],
-                                 kept: Sequence[int]) -> list[RewardFailure]:
+                                 kept: Sequence[int]) -> dict[int, RewardFailure]:
         indices = [i for i in kept if self.cfg.verifiers[samples[i].task] == REWARD_MODEL]
         if not indices:
-            return []
+            return {}
         try:
             scores = self.reward_model.score([samples[i].prompt for i in indices],
                                              [samples[i].response for i in indices],
                                              [samples[i].reference for i in indices])
         except Exception as e:  # the run goes on; every sample of the call is reported
             message = f"reward model failed: {type(e).__name__}: {e}"
-            return [RewardFailure(samples[i].sample_id, samples[i].task, "error", message) for i in indices]
+            return {i: RewardFailure(samples[i].sample_id, samples[i].task, "error", message) for i in indices}
         for i, value in zip(indices, scores):
             raw[i] = float(value)
-        return []
+        return {}
 
     def _score_with_judge(self, samples: Sequence[RewardSample], raw: list[float],
-                          kept: Sequence[int]) -> list[RewardFailure]:
+                          kept: Sequence[int]) -> dict[int, RewardFailure]:
         indices = [i for i in kept if self.cfg.verifiers[samples[i].task] == JUDGE]
         if not indices:
-            return []
+            return {}
         try:
             verdicts = self.judge.judge([samples[i].prompt for i in indices], [samples[i].reference for i in indices],
                                         [samples[i].response for i in indices])
         except Exception as e:  # the run goes on; every sample of the call is reported
             message = f"judge failed: {type(e).__name__}: {e}"
-            return [RewardFailure(samples[i].sample_id, samples[i].task, "error", message) for i in indices]
-        failures = []
+            return {i: RewardFailure(samples[i].sample_id, samples[i].task, "error", message) for i in indices}
+        failures = {}
         for i, verdict in zip(indices, verdicts):
             if verdict.score is not None:
                 raw[i] = verdict.score
             else:
-                failures.append(RewardFailure(samples[i].sample_id, samples[i].task,
-                                              "timeout" if verdict.timed_out else "error", verdict.error or "",
-                                              verdict.elapsed_s))
+                failures[i] = RewardFailure(samples[i].sample_id, samples[i].task,
+                                            "timeout" if verdict.timed_out else "error", verdict.error or "",
+                                            verdict.elapsed_s)
         return failures
 
     def state_dict(self) -> dict[str, Any]:
@@ -313,10 +336,12 @@ def validate_samples(cfg: RewardConfig, samples: Sequence[RewardSample]) -> None
 
 def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards: Sequence[float],
                  failures: Sequence[RewardFailure], well_formed: Sequence[bool] | None = None,
-                 refused: set[int] = frozenset()) -> dict[str, float]:
+                 refused: set[int] = frozenset(), verdicts: Sequence[float] | None = None) -> dict[str, float]:
     """Per task: raw mean, normalised mean, share of non-zero rewards (sparsity), failures, share
-    of well-formed responses and the number refused for their format (strict_format)."""
+    of well-formed responses, the number refused for their format (strict_format) and the mean
+    verdict before the format rules."""
     well_formed = [True] * len(samples) if well_formed is None else well_formed
+    verdicts = raw if verdicts is None else verdicts
     metrics: dict[str, float] = {"reward/failures": float(len(failures)),
                                  "reward/timeouts": float(sum(f.kind == "timeout" for f in failures)),
                                  "reward/bad_references": float(sum(f.kind == "bad_reference" for f in failures))}
@@ -335,4 +360,5 @@ def task_metrics(samples: Sequence[RewardSample], raw: Sequence[float], rewards:
             sum(f.task == task and f.kind == "bad_reference" for f in failures))
         metrics[f"reward/{task}/well_formed"] = sum(well_formed[i] for i in indices) / n
         metrics[f"reward/{task}/format_refused"] = float(sum(i in refused for i in indices))
+        metrics[f"reward/{task}/verdict_mean"] = sum(verdicts[i] for i in indices) / n
     return metrics

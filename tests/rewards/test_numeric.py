@@ -28,6 +28,19 @@ CASES = [
     ("\\boxed{5}\\boxed{6}", "6", {}, 0.0, "boxing two numbers"),
     ("<think>42</think>", "42", {}, 0.0, "answer only in the think block"),
     ("1 2 3 4 5 6 7 8 9 10 ... 42", "7", {}, 0.0, "listing numbers: only the last counts"),
+    ("</think>\n\n1, 9", "9", {}, 0.0, "a bare list of numbers is a hedge, not its last number"),
+    ("</think>\n\n1, 9", "1", {}, 0.0, "... nor its first"),
+    ("</think>4 or 7.", "7", {}, 0.0, "a bare list with 'or'"),
+    ("</think>3 and 8", "8", {}, 0.0, "a bare list with 'and'"),
+    ("</think>6 7", "7", {}, 0.0, "a bare list with spaces"),
+    ("</think>12 cm; 3 cm", "3 cm", {}, 0.0, "a list of quantities"),
+    # not hedges: one value, or a worked line that ends in the answer
+    ("</think>7, 7", "7", {}, 1.0, "one number repeated is no hedge"),
+    ("</think>3 + 4 = 7", "7", {}, 1.0, "an equation's result is its last number"),
+    ("</think>So 9 apples.", "9", {}, 1.0, "one number in words"),
+    ("</think>3,5", "3.5", {}, 1.0, "a decimal comma is one number"),
+    ("</think>1 234", "1234", {}, 1.0, "space-grouped thousands are one number"),
+    ("We compare 1 and 9.\nThe larger is 9", "9", {}, 1.0, "a list earlier in the answer is not the last line"),
 ]
 
 

@@ -12,9 +12,11 @@ from megatron_vlm.rewards.extract import format_problem
 @pytest.fixture(scope="module")
 def scorer():
     cfg = RewardConfig(verifiers={"trivia": "short_answer", "trivia_strict": "short_answer",
-                                  "gsm": "numeric", "gsm_strict": "numeric"},
+                                  "gsm": "numeric", "gsm_strict": "numeric", "gsm_bonus": "numeric",
+                                  "gsm_lax_bonus": "numeric"},
                        task_metadata={"trivia_strict": {"match": "exact"}},
-                       strict_format={"gsm_strict": True, "gsm": False},
+                       strict_format={"gsm_strict": True, "gsm": False, "gsm_bonus": True},
+                       format_reward={"gsm_bonus": 0.25, "gsm_lax_bonus": 0.5},
                        num_workers=1, max_failure_rate=1.0)
     with RewardScorer(cfg) as s:
         yield s
@@ -82,3 +84,30 @@ def test_strict_format_is_validated():
         RewardConfig(verifiers={"gsm": "numeric"}, strict_format={"gsm": "yes"})
     with pytest.raises(ValueError, match=r"reward.strict_format\['other'\]"):
         RewardConfig(verifiers={"gsm": "numeric"}, strict_format={"other": True})
+
+
+def test_format_reward_pays_the_template_and_verdicts_keep_the_verifiers_score(scorer):
+    """DeepSeek-R1's accuracy + format reward: with strict format a malformed answer earns 0, a
+    well-formed wrong one the bonus, a well-formed right one 1 + bonus; without strict format a
+    malformed right answer keeps its 1. A sample that fails to score gets no bonus."""
+    responses = [(f"{REASONING}The answer is 42.", "42"), (f"{REASONING}The answer is 41.", "42"),
+                 ("The answer is 42.", "42"), ("<think></think>41", "42"), (f"{REASONING}42", "forty-two")]
+    batch = ([sample(f"b-{i}", "gsm_bonus", r, ref) for i, (r, ref) in enumerate(responses)]
+             + [sample(f"l-{i}", "gsm_lax_bonus", r, ref) for i, (r, ref) in enumerate(responses)])
+    result = scorer.score(batch)
+    assert result.raw == [1.25, 0.25, 0.0, 0.0, 0.0,
+                          1.5, 0.5, 1.0, 0.0, 0.0], result.failures
+    assert result.verdicts == [1.0, 0.0, 1.0, 0.0, 0.0] * 2
+    assert result.well_formed == [True, True, False, False, True] * 2
+    assert [f.sample_id for f in result.failures] == ["b-4", "l-4"]  # a reference with no number
+    assert result.metrics["reward/gsm_bonus/verdict_mean"] == pytest.approx(2 / 5)
+    assert result.metrics["reward/gsm_bonus/raw_mean"] == pytest.approx(1.5 / 5)
+    assert result.metrics["reward/gsm_bonus/format_refused"] == 2.0
+
+
+@pytest.mark.parametrize("bonus", [1.0, -0.1, True, "0.2"])
+def test_format_reward_is_validated(bonus):
+    with pytest.raises(ValueError, match=r"reward.format_reward\['gsm'\] must be a number in \[0, 1\)"):
+        RewardConfig(verifiers={"gsm": "numeric"}, format_reward={"gsm": bonus})
+    with pytest.raises(ValueError, match=r"reward.format_reward\['other'\]"):
+        RewardConfig(verifiers={"gsm": "numeric"}, format_reward={"other": 0.1})

@@ -11,7 +11,10 @@ converted (an answer in an unknown unit is compared as a bare number).
 
 Reading order: the boxed answer, else the last 'answer is ...' line (up to its first sentence
 end), else the last number of the last line. Two different numbers in an anchored answer ('5 or
-6') and several distinct boxed answers are hedges and score 0.
+6'), several distinct boxed answers, and a last line that is nothing but a list of different
+numbers ('1, 9', '4 or 7', '3 8') are hedges and score 0: the last number of a bare list is a
+guess among them (math-verify reads '1, 9' as a set, which equals no single number). A worked
+last line ('3 + 4 = 7', 'so 7 apples') is read as before, for its last number.
 """
 from __future__ import annotations
 
@@ -92,13 +95,33 @@ def parse_numbers(text: str) -> list[tuple[float, bool, str | None]]:
     return numbers
 
 
+_LIST_SEPARATOR = re.compile(r"\s*(?:[,;&]|\band\b|\bor\b)?\s*", re.IGNORECASE)
+
+
+def bare_list(line: str) -> bool:
+    """Whether `line` holds two or more different numbers and nothing else but separators
+    (commas, semicolons, 'and', 'or', spaces): '1, 9', '4 or 7', '3 8'; not '3 + 4 = 7'."""
+    text = _normalise(line)
+    matches = list(_TOKEN.finditer(text))
+    values = {round(float(m["num"]) / (float(m["den"]) if m["den"] else 1.0), 12) for m in matches
+              if m["den"] is None or float(m["den"]) != 0}
+    if len(values) < 2:
+        return False
+    gaps = [text[:matches[0].start()], text[matches[-1].end():]]
+    gaps += [text[a.end():b.start()] for a, b in zip(matches, matches[1:])]
+    return not gaps[0].strip() and not gaps[1].strip(" .") and all(_LIST_SEPARATOR.fullmatch(g) for g in gaps[2:])
+
+
 def extract_number(response: str) -> tuple[float, bool, str | None] | None:
     answer = final_answer(response)
     span, hedge = answer_span(answer)
     if hedge:
         return None
     if span is None:
-        numbers = parse_numbers(last_line(answer))
+        line = last_line(answer)
+        if bare_list(line):
+            return None
+        numbers = parse_numbers(line)
         return numbers[-1] if numbers else None
     end = _SENTENCE_END.search(span)
     numbers = parse_numbers(span[:end.start()] if end else span)
