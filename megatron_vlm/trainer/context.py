@@ -168,8 +168,7 @@ class RunContext:
         self.scorer.load_state_dict(running)
         column = self.cfg.vlm.kinds.column
         kinds = [sample_kind(s.metadata, column) for s in samples]
-        metrics = accuracy_metrics(kinds, [raw >= 1.0 for raw in result.raw],
-                                   [isinstance(b.response, str) and format_problem(b.response) is None for b in batch],
+        metrics = accuracy_metrics(kinds, [verdict >= 1.0 for verdict in result.verdicts], result.well_formed,
                                    {c: [s.metadata.get(c) for s in samples] for c in self.cfg.eval.slice_by},
                                    per_kind=any(column in s.metadata for s in samples) or None)
         return {**metrics, "eval_seconds": time.perf_counter() - start}  # not in step_seconds

@@ -48,7 +48,8 @@ def write_samples(out_dir: Path, step: int, samples, result, requests: dict, tex
                 "prompt": s.metadata.get("question", ""), "images": _images(root, requests[s.request_id]),
                 "response": text(s.response_ids), "reference": _plain(s.metadata.get("reference")),
                 "reward": result.raw[i], "reward_normalised": result.rewards[i], "advantage": advantages[i],
-                "verdict": "failed" if failure else ("correct" if result.raw[i] >= 1.0 else "wrong"),
+                "verdict": "failed" if failure else ("correct" if result.verdicts[i] >= 1.0 else "wrong"),
+                "well_formed": result.well_formed[i] if result.well_formed else None, "kind": s.metadata.get("kind"),
                 "failure": f"{failure.kind}: {failure.message[:500]}" if failure else None,
                 "response_length": len(s.response_ids), "truncated": s.finish_reason == "length",
             }) + "\n")

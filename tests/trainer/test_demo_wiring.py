@@ -39,6 +39,9 @@ def test_sft_then_grpo_then_export(tmp_path):
                 "time_reward", "rollout_tokens_per_s"):
         assert all(key in r for r in grpo), key
     assert all(any(k.startswith("reward/by_kind/") for k in r) for r in grpo)  # the kinds the step drew
+    assert all(0 <= v <= 1 for r in grpo for k, v in r.items() if k.endswith("/well_formed"))
+    assert all(any(k.startswith("reward/by_kind/") and k.endswith("/well_formed") for k in r) for r in grpo)
+    assert all("reward/digits/verdict_mean" in r for r in grpo)  # the verifier's mean beside the format-shaped reward
     trained = [r for r in grpo if "loss" in r]  # a step whose groups all tie trains on nothing
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in trained)
     assert all(r["kl_loss"] >= 0 and "time_ref_logprobs" in r for r in trained)  # reference = MPO's end

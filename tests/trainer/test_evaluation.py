@@ -63,3 +63,6 @@ def test_the_grpo_stage_reports_the_mean_reward_of_each_kind():
     assert reward_by_kind(one_task, "kind") == {}
     two_tasks = [(Request(task="digits"), 1.0), (Request(task="arith"), 0.0)]
     assert reward_by_kind(two_tasks, "kind") == {"reward/by_kind/digits": 1.0, "reward/by_kind/arith": 0.0}
+    formed = reward_by_kind(scored, "kind", [True, False, True, False])  # the share of each kind's well-formed ones
+    assert formed["reward/by_kind/sum/well_formed"] == 1.0 and formed["reward/by_kind/max/well_formed"] == pytest.approx(1 / 3)
+    assert formed["reward/by_kind/max"] == pytest.approx(2 / 3)
