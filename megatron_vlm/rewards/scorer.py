@@ -191,7 +191,7 @@ class RewardScorer:
         failed = dict(rejected)
         for scorer in (self._score_with_pool, self._score_with_reward_model, self._score_with_judge):
             failed.update(scorer(samples, verdicts, kept))
-        failures = list(rejected.values()) + [f for i, f in failed.items() if i not in rejected]
+        failures = list(failed.values())  # the rejected first, then each scorer's
         if samples and len(failures) > self.cfg.max_failure_rate * len(samples):
             raise RewardFailureRateError(failures, samples, self.cfg.max_failure_rate)
         refused = {i for i in kept if self.cfg.strict_format.get(samples[i].task) and not well_formed[i]}

@@ -36,7 +36,6 @@ from megatron_vlm.data.processor import MultimodalProcessor
 from megatron_vlm.models import family_for
 from megatron_vlm.models.source import resolve_hf_config
 from megatron_vlm.parallel.runtime import init_runtime
-from megatron_vlm.rewards.extract import format_problem
 from megatron_vlm.rewards.judge import load_judge
 from megatron_vlm.rewards.reward_model import load_reward_model
 from megatron_vlm.rewards.scorer import RewardConfig, RewardSample, RewardScorer
@@ -164,7 +163,7 @@ class RunContext:
                                 stop_token_ids=self.actor.stop_token_ids)
         samples = self.sample(self.data.evals, greedy)
         running = self.scorer.state_dict()  # evaluation must not move the normalisation statistics
-        batch, result = self.score(samples, log_failures=False)
+        _, result = self.score(samples, log_failures=False)
         self.scorer.load_state_dict(running)
         column = self.cfg.vlm.kinds.column
         kinds = [sample_kind(s.metadata, column) for s in samples]
