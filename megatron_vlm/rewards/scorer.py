@@ -86,19 +86,20 @@ class RewardConfig:
                                  f"other than the reward model")
         if self.start_method not in START_METHODS:
             raise ValueError(f"reward.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        for name in ("strict_format", "format_reward", "task_metadata"):  # per-task settings name real tasks
+            for task in getattr(self, name):
+                if task not in self.verifiers:
+                    raise ValueError(f"reward.{name} names task {task!r}, which has no verifier in "
+                                     f"reward.verifiers (tasks: {sorted(self.verifiers)})")
         for task, strict in self.strict_format.items():
-            if task not in self.verifiers or not isinstance(strict, bool):
-                raise ValueError(f"reward.strict_format[{task!r}] must be true or false for a task with a verifier "
-                                 f"(tasks: {sorted(self.verifiers)}), got {strict!r}")
+            if not isinstance(strict, bool):
+                raise ValueError(f"reward.strict_format[{task!r}] must be true or false, got {strict!r}")
         for task, bonus in self.format_reward.items():
-            if (task not in self.verifiers or isinstance(bonus, bool) or not isinstance(bonus, (int, float))
-                    or not 0 <= bonus < 1):
-                raise ValueError(f"reward.format_reward[{task!r}] must be a number in [0, 1) for a task with a "
-                                 f"verifier (tasks: {sorted(self.verifiers)}), got {bonus!r}")
+            if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not 0 <= bonus < 1:
+                raise ValueError(f"reward.format_reward[{task!r}] must be a number in [0, 1), got {bonus!r}")
         for task, defaults in self.task_metadata.items():
-            if task not in self.verifiers or not isinstance(defaults, Mapping):
-                raise ValueError(f"reward.task_metadata[{task!r}] must be a mapping for a task with a verifier "
-                                 f"(tasks: {sorted(self.verifiers)}), got {defaults!r}")
+            if not isinstance(defaults, Mapping):
+                raise ValueError(f"reward.task_metadata[{task!r}] must be a mapping, got {defaults!r}")
         if not 0 <= self.max_failure_rate <= 1:
             raise ValueError(f"reward.max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
 
