@@ -40,16 +40,17 @@ def final_answer(response: str, max_chars: int | None = MAX_ANSWER_CHARS) -> str
     return (text if max_chars is None else text[-max_chars:]).strip()
 
 
-MIN_THINK_TOKENS = 3  # distinct words (a Chinese character counts as one) below which reasoning is junk
-_THINK_TOKEN = re.compile(r"[\u4e00-\u9fff]|[^\W\d_]{2,}")
+MIN_THINK_TOKENS = 3  # distinct words or numbers (a Chinese character counts as one) below which
+                      # reasoning is junk: "Left 3, right 7. 3+7=10" has 5, "7" or "ok ok ok" 1
+_THINK_TOKEN = re.compile(r"[\u4e00-\u9fff]|[^\W\d_]{2,}|\d+(?:\.\d+)?")
 
 
 def format_problem(response: str) -> str | None:
     """Why `response` does not follow the chat template's think-then-answer form, or None.
 
     Well formed: an optional `<think>` at the very start (templates that open the block in the
-    prompt leave it out), one `</think>`, reasoning of at least `MIN_THINK_TOKENS` distinct words,
-    then a non-empty final answer with no think tags in it.
+    prompt leave it out), one `</think>`, reasoning of at least `MIN_THINK_TOKENS` distinct words
+    or numbers (the tag itself is not one), then a non-empty final answer with no think tags in it.
     """
     closes = response.count(THINK_CLOSE)
     if closes == 0:
@@ -62,7 +63,8 @@ def format_problem(response: str) -> str | None:
         return "<think> not at the start"
     if THINK_OPEN in answer:
         return "<think> after </think>"
-    if len(set(_THINK_TOKEN.findall(reasoning.lower()))) < MIN_THINK_TOKENS:
+    thought = reasoning.replace(THINK_OPEN, "")  # the tag is not reasoning (a prompt may have opened it)
+    if len(set(_THINK_TOKEN.findall(thought.lower()))) < MIN_THINK_TOKENS:
         return "empty or junk reasoning"
     if not answer.strip():
         return "no final answer"

@@ -51,6 +51,10 @@ FORMATS = [
     ("<think></think>42", "empty or junk reasoning"),
     ("<think>...!!! 42 42 42</think>42", "empty or junk reasoning"),
     ("<think>ok ok ok ok</think>42", "empty or junk reasoning"),
+    ("<think>\nLeft 3, right 7. 3+7=10\n</think>\n\n10", None),  # the digits demo's trace
+    ("Left 3, right 7. 3+7=10\n</think>\n\n10", None),           # the same, opened by the prompt
+    ("<think>\n1, 9\n</think>\n\n9", "empty or junk reasoning"),
+    ("<think>think think</think>42", "empty or junk reasoning"),
     (f"{REASONING}", "no final answer"),
     (f"{REASONING}</think>42", "several </think>"),
     (f"42 {REASONING}42", "<think> not at the start"),
@@ -62,6 +66,14 @@ FORMATS = [
 @pytest.mark.parametrize("response, problem", FORMATS, ids=[f[0][:30] for f in FORMATS])
 def test_format_problem(response, problem):
     assert format_problem(response) == problem
+
+
+@pytest.mark.parametrize("response, problem", [f for f in FORMATS if f[0].startswith("<think>") and "</think>" in f[0]],
+                         ids=lambda f: str(f)[:30])
+def test_an_opening_tag_left_to_the_prompt_changes_no_verdict(response, problem):
+    """A template that opens the think block in the prompt: the response without `<think>` is
+    judged exactly as with it (the tag used to count as a word of reasoning)."""
+    assert format_problem(response[len("<think>"):]) == problem
 
 
 def test_strict_format_refuses_malformed_responses_and_both_modes_log_the_share(scorer):
