@@ -747,25 +747,31 @@ def full_state(path: Path, group: str = f"model/{POLICY}") -> dict[str, torch.Te
 
 
 def load_checkpoint(path: Path, *, model_chunks, optimizer, scheduler,
-                    extra_models: dict[str, list] | None = None) -> tuple[object, dict | None]:
+                    extra_models: dict[str, list] | None = None,
+                    optional_models: frozenset[str] = frozenset()) -> tuple[object, dict | None]:
     """Collective: restore weights (the policy and each extra model), optimizer, scheduler and, at
     the saved layout, this rank's RNG. Returns (run_state, this rank's rank_state); rank_state is
     None on another layout (see the module docstring). Every file's presence and size is checked,
-    and the sha256 of each file this rank reads; a failure on any rank raises on every rank."""
+    and the sha256 of each file this rank reads; a failure on any rank raises on every rank. An
+    extra model named in `optional_models` that the checkpoint lacks is left as it is, and listed
+    in run_state["models_not_saved"] (the caller decides whether it can do without)."""
     path, error, result = Path(path), None, (None, None)
     try:
-        result = _load_local(path, model_chunks, optimizer, scheduler, extra_models or {})
+        result = _load_local(path, model_chunks, optimizer, scheduler, extra_models or {}, optional_models)
     except Exception as e:  # noqa: BLE001  reported on every rank
         error = e
     _all_ranks_ok(error, f"loading {path}")
     return result
 
 
-def _load_local(path: Path, model_chunks, optimizer, scheduler, extra_models: dict):
+def _load_local(path: Path, model_chunks, optimizer, scheduler, extra_models: dict, optional_models=frozenset()):
     manifest = verify_checkpoint(path, check_hashes=False)
     same_layout = (manifest["world_size"] == torch.distributed.get_world_size()
                    and manifest["layout"] == _world_layout())
     models = {POLICY: model_chunks, **extra_models}
+    not_saved = [kind for kind in extra_models
+                 if kind in optional_models and f"model/{kind}" not in manifest["tensors"]]
+    models = {kind: chunks for kind, chunks in models.items() if kind not in not_saved}
     missing = [kind for kind in models if f"model/{kind}" not in manifest["tensors"]]
     if missing:
         raise CheckpointError(f"{path}: no {missing[0]!r} model saved (saved: "
@@ -778,7 +784,7 @@ def _load_local(path: Path, model_chunks, optimizer, scheduler, extra_models: di
         _load_hyper(reader, optimizer)
         for key, value in json.loads(reader.read_bytes("scheduler.json")).items():
             setattr(scheduler, key, value)
-        run_state = reader.torch_load("run_state.pt")
+        run_state = {**reader.torch_load("run_state.pt"), "models_not_saved": not_saved}
         rank_state = None
         if same_layout:
             state = reader.torch_load(_rank_file("rank", torch.distributed.get_rank()))

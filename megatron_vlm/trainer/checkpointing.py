@@ -80,8 +80,10 @@ class RunCheckpointer:
     def restore(self, path: Path) -> Position:
         """Load `path` into the model, optimizer and run state; where to continue."""
         ctx, actor = self.ctx, self.ctx.actor
+        extra = self._extra_models()  # (the reference policy may be missing: see below)
         run_state, rank_state = load_checkpoint(path, model_chunks=[actor.ddp], optimizer=actor.optimizer,
-                                                scheduler=actor.scheduler, extra_models=self._extra_models())
+                                                scheduler=actor.scheduler, extra_models=extra,
+                                                optional_models=frozenset(extra))
         if rank_state is None and ctx.runtime.rank == 0:
             print(f"resume: {path} was saved on another layout; weights, optimizer, schedule and run state "
                   f"carry over, each rank's RNG does not (this run's seeds are used)", flush=True)
@@ -90,6 +92,14 @@ class RunCheckpointer:
         if index >= len(self.stages) or self.stages[index].cfg.kind != run_state["stage_kind"]:
             raise ValueError(f"checkpoint {path} was written in stage {index} ({run_state['stage_kind']}), "
                              f"which this config's stages do not have at that place")
+        if run_state["models_not_saved"]:  # a KL term added since the checkpoint's run
+            if step < self.stages[index].cfg.steps:
+                raise CheckpointError(f"{path} was saved inside stage {index} ({run_state['stage_kind']}) without "
+                                      f"the {run_state['models_not_saved'][0]!r} model this config's loss needs "
+                                      f"(a KL term added since?): resume from a stage's end, or without it")
+            if ctx.runtime.rank == 0:  # at a stage's end: the next stage takes pi_ref from the policy
+                print(f"resume: {path} has no {run_state['models_not_saved'][0]!r} model; stage {index + 1} "
+                      f"takes it from the policy as it enters", flush=True)
         ctx.load_state_dict(run_state["context"])
         if step < self.stages[index].cfg.steps:  # mid-stage: the stage continues with its state
             self.stages[index].load_state_dict(run_state["stage_state"])

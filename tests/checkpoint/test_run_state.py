@@ -195,6 +195,14 @@ def test_a_missing_model_is_named_on_load(two_saved, run):
                            scheduler=scheduler, extra_models={"critic": [reference]})
 
 
+def test_an_optional_model_the_checkpoint_lacks_is_listed_not_required(two_saved, run):
+    _, ddp, optimizer, scheduler, reference = run
+    extra = {"critic": [reference], "reference": [reference]}
+    run_state, _ = rs.load_checkpoint(two_saved / "step-2", model_chunks=[ddp], optimizer=optimizer,
+                                      scheduler=scheduler, extra_models=extra, optional_models=frozenset(extra))
+    assert run_state["models_not_saved"] == ["critic"]  # the reference was saved, so it loaded
+
+
 def test_load_checks_the_sha256_of_what_it_reads(two_saved, run):
     _, ddp, optimizer, scheduler, reference = run
     corrupt(two_saved / "step-2" / "model" / "reference-rank00000.safetensors", "sha")
