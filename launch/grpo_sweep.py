@@ -63,9 +63,10 @@ def first_stage_override(config: Path, common: list[str], variants: dict[str, li
     return "stages=" + json.dumps([dataclasses.asdict(first)])
 
 
-def fork(sft_run: Path, out: Path) -> str:
-    """Copy the SFT run's last checkpoint and its metrics into `out`, marked latest; the tag."""
-    tag = (sft_run / "checkpoints" / "latest").read_text().strip()
+def fork(sft_run: Path, out: Path, tag: str | None = None) -> str:
+    """Copy the SFT run's checkpoint `tag` (default: its last) and its metrics into `out`, marked
+    latest; the tag."""
+    tag = tag or (sft_run / "checkpoints" / "latest").read_text().strip()
     if out.exists():
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True)

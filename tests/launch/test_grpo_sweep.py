@@ -5,7 +5,6 @@ end (its reference is the policy entering GRPO) while one resumed inside the sta
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,11 +80,7 @@ def test_variants_resume_from_the_shared_sft(tmp_path):
 
     # inside the SFT stage (its step-1 checkpoint) a missing reference cannot be made up: refused
     inside = tmp_path / "inside"
-    (inside / "checkpoints").mkdir(parents=True)
-    tag = "step0000001-sft0"
-    shutil.copytree(out / "seed_0" / "sft" / "checkpoints" / tag, inside / "checkpoints" / tag)
-    (inside / "checkpoints" / "latest").write_text(tag + "\n")
-    shutil.copy2(out / "seed_0" / "sft" / "metrics.jsonl", inside / "metrics.jsonl")
+    tag = sweep.fork(out / "seed_0" / "sft", inside, tag="step0000001-sft0")
     refused = subprocess.run([sys.executable, "-m", "megatron_vlm.cli", "train", "--config", "configs/digits_demo.yaml",
                               "runtime.seed=0", f"vlm.assets={out / 'seed_0' / 'assets'}", f"train.out_dir={inside}",
                               *SMALL, KL, "--resume", "auto", "--timeout", "600"],
