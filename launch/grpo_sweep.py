@@ -1,7 +1,7 @@
 """GRPO settings compared from one SFT checkpoint: the main job's SFT stage runs once per seed, then
 every variant resumes from its end with its own overrides, so the variants differ only in GRPO.
 
-    python launch/grpo_sweep.py --seeds 1234 --variants configs/sweeps/main_job_grpo.yaml --out runs/sweep
+    python launch/grpo_sweep.py --seeds 1234 --variants launch/main_job_grpo_variants.yaml --out runs/sweep
 
 The variants file maps a name to a list of `key=value` overrides of the config (default
 configs/digits_demo.yaml; an empty list is the config as committed). Per seed, `OUT/seed_<s>/sft`
