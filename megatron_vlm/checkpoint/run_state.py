@@ -768,10 +768,9 @@ def _load_local(path: Path, model_chunks, optimizer, scheduler, extra_models: di
     manifest = verify_checkpoint(path, check_hashes=False)
     same_layout = (manifest["world_size"] == torch.distributed.get_world_size()
                    and manifest["layout"] == _world_layout())
-    models = {POLICY: model_chunks, **extra_models}
     not_saved = [kind for kind in extra_models
                  if kind in optional_models and f"model/{kind}" not in manifest["tensors"]]
-    models = {kind: chunks for kind, chunks in models.items() if kind not in not_saved}
+    models = {POLICY: model_chunks, **{kind: chunks for kind, chunks in extra_models.items() if kind not in not_saved}}
     missing = [kind for kind in models if f"model/{kind}" not in manifest["tensors"]]
     if missing:
         raise CheckpointError(f"{path}: no {missing[0]!r} model saved (saved: "
