@@ -14,7 +14,8 @@ stage takes its reference policy from the policy as it enters, as an uninterrupt
 Written: `OUT/sweep.md`, one row per seed and variant: the headline kind's held-out accuracy (with
 the left / right / weaker side of `eval.slice_by: [larger]`), overall and strict accuracy, each
 kind, and the GRPO part's training seconds (step times, evaluations excluded); `OUT/sweep.json`,
-the same figures. Runs go one at a time (2 ranks each); `--reuse` keeps finished ones.
+the same figures. Runs go one at a time (2 ranks each); `--reuse` keeps finished ones; `--only`
+runs some of the file's variants.
 """
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def read_variants(path: Path) -> dict[str, list[str]]:
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise ValueError(f"{path}: variant {name!r} must be a list of key=value strings, got {overrides!r}")
     return data
+
+
+def select(variants: dict[str, list[str]], only: list[str] | None, path: Path) -> dict[str, list[str]]:
+    """The variants named in `only` (all when None), in the file's order; an unknown name is refused."""
+    if only is None:
+        return variants
+    unknown = sorted(set(only) - set(variants))
+    if unknown:
+        raise ValueError(f"--only names {unknown}, not in {path} (it has {sorted(variants)})")
+    return {name: o for name, o in variants.items() if name in only}
 
 
 def first_stage_override(config: Path, common: list[str], variants: dict[str, list[str]]) -> str:
@@ -114,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sweep")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs (those with a .done file)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these variants of the file, not all")
     args = parser.parse_args(argv)
-    variants = read_variants(args.variants)
+    variants = select(read_variants(args.variants), args.only, args.variants)
     shared_sft = first_stage_override(args.config, args.set, variants)
     results: dict[int, dict] = {}
     for seed in args.seeds:

@@ -39,6 +39,14 @@ def test_a_bad_variants_file_is_named(tmp_path, text, message):
         sweep.read_variants(path)
 
 
+def test_only_keeps_the_named_variants_in_the_files_order():
+    variants = {"a": [], "b": ["lr=1"], "c": ["lr=2"]}
+    assert list(sweep.select(variants, ["c", "a"], Path("v.yaml"))) == ["a", "c"]
+    assert sweep.select(variants, None, Path("v.yaml")) == variants
+    with pytest.raises(ValueError, match=r"--only names \['d'\], not in v.yaml"):
+        sweep.select(variants, ["a", "d"], Path("v.yaml"))
+
+
 def test_a_variant_that_changes_the_shared_sft_is_refused():
     config = ROOT / "configs" / "digits_demo.yaml"
     same_sft = "stages=[{kind: sft, steps: 400, batch_size: 32}, {kind: grpo, steps: 8, lr: 0.001}]"
