@@ -253,6 +253,15 @@ class RunConfig:
                                                                             # set by the stage kind)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)  # rft stages: best-of-N filter
 
+    def __post_init__(self):
+        sampled = self.rollout.temperature
+        if sampled > 0 and self.update.temperature != sampled:
+            raise ValueError(
+                f"update.temperature ({self.update.temperature}) must equal rollout.temperature ({sampled}): "
+                f"the trainer scores the sampled tokens at update.temperature, and only at the engine's "
+                f"temperature is that the distribution they were drawn from (the weight-sync check and "
+                f"the policy ratio compare the two); set update.temperature={sampled}")
+
     @property
     def is_vlm(self) -> bool:
         return self.vlm.assets is not None

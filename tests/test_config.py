@@ -30,10 +30,18 @@ def test_recipe_then_overrides(tmp_path):
     (["parallel.ep=1", "parallel.etp=2"], "parallel.etp"),
     (["model=3"], "config section model must be a mapping"),
     (["vlm.load.max_prompt_length=64"], "set vlm.max_prompt_length, not vlm.load.max_prompt_length"),
+    # the trainer would score the engine's samples under another distribution (the sync check fails)
+    (["rollout.temperature=1.2"], "update.temperature (1.0) must equal rollout.temperature (1.2)"),
+    (["rollout.temperature=0.7", "update.temperature=0.6"], "set update.temperature=0.7"),
 ])
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, overrides)
+
+
+def test_update_temperature_follows_a_sampling_rollout_only():
+    assert load_config(None, ["rollout.temperature=1.2", "update.temperature=1.2"]).update.temperature == 1.2
+    assert load_config(None, ["rollout.temperature=0", "update.temperature=1.0"]).rollout.temperature == 0  # greedy
 
 
 def test_missing_and_broken_files(tmp_path):

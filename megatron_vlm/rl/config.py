@@ -86,7 +86,7 @@ class RLConfig:
 
 @dataclass(kw_only=True)
 class UpdateConfig:
-    temperature: float = 1.0
+    temperature: float = 1.0          # must equal rollout.temperature (RunConfig checks)
     micro_batch_size: int = 8
     # tokens per packed micro-batch; None = micro_batch_size x the batch's padded width (the
     # padded path's bound). A longer sample is a micro-batch of its own.

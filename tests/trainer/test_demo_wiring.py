@@ -1,6 +1,7 @@
 """The main job's stages wired end to end on two gloo ranks (EP=2), with a few steps each:
-assets, SFT, MPO against the reference policy, GRPO with the embedded engine, the verifier and a
-k3 KL term, evaluation, metrics, plot, HF export.
+assets, SFT, MPO against the reference policy, GRPO with the embedded engine, a text-shaped reward
+(varied for a 3-step policy) with the demo's format reward and a k3 KL term, evaluation, metrics,
+plot, HF export.
 (The full demo is `megatron-vlm train --config configs/digits_demo.yaml`, a script, not a test.)"""
 import json
 import os
@@ -21,6 +22,10 @@ def test_sft_then_grpo_then_export(tmp_path):
            "stages=[{kind: sft, steps: 3, batch_size: 8}, {kind: mpo, steps: 2, batch_size: 4}, "
            "{kind: grpo, steps: 2}]", "update.loss={name: dapo, kl_type: k3, kl_coef: 0.01}",
            "rollout.prompts_per_step=4", "rollout.n=4", "eval.samples=8", "eval.every=2",
+           # a reward that varies for a 3-step policy, so GRPO's groups do not all tie and the KL and
+           # sync checks below see trained steps (the numeric verifier under the demo's strict format
+           # scores such a policy 0 everywhere)
+           "reward.verifiers={digits: 'tests.trainer.resume_rewards:shaped'}", "reward.strict_format={digits: false}",
            f"train.out_dir={out}", f"vlm.assets={tmp_path / 'assets'}", "--timeout", "600"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -43,6 +48,7 @@ def test_sft_then_grpo_then_export(tmp_path):
     assert all(any(k.startswith("reward/by_kind/") and k.endswith("/well_formed") for k in r) for r in grpo)
     assert all("reward/digits/verdict_mean" in r for r in grpo)  # the verifier's mean beside the format-shaped reward
     trained = [r for r in grpo if "loss" in r]  # a step whose groups all tie trains on nothing
+    assert trained, "no GRPO step trained: every group tied"
     assert all(r["sync_logprob_max_abs"] < 1e-4 for r in trained)
     assert all(r["kl_loss"] >= 0 and "time_ref_logprobs" in r for r in trained)  # reference = MPO's end
     assert (out / "curves.png").stat().st_size > 0
