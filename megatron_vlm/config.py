@@ -260,7 +260,7 @@ class RunConfig:
                 f"update.temperature ({self.update.temperature}) must equal rollout.temperature ({sampled}): "
                 f"the trainer scores the sampled tokens at update.temperature, and only at the engine's "
                 f"temperature is that the distribution they were drawn from (the weight-sync check and "
-                f"the policy ratio compare the two); set update.temperature={sampled}")
+                f"the policy ratio compare the two); set update.temperature={sampled} or leave it unset")
 
     @property
     def is_vlm(self) -> bool:
@@ -473,7 +473,20 @@ def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     data = read_recipe(Path(path)) if path is not None else {}
     data = merge(data, parse_overrides(overrides or []))
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, follow_rollout_temperature(data))
+
+
+def follow_rollout_temperature(data: dict) -> dict:
+    """An `update:` without a temperature scores at the rollout's sampling temperature (verl's
+    actor does the same); one that names another is refused by RunConfig."""
+    rollout, update = data.get("rollout"), data.get("update")
+    if not isinstance(rollout, dict) or "temperature" not in rollout or (
+            isinstance(update, dict) and "temperature" in update) or not (
+            isinstance(rollout["temperature"], (int, float)) and rollout["temperature"] > 0):
+        return data
+    if update is not None and not isinstance(update, dict):
+        return data  # from_dict names the broken section
+    return {**data, "update": {**(update or {}), "temperature": rollout["temperature"]}}
 
 
 def to_dict(cfg) -> dict:

@@ -6,6 +6,7 @@ import pytest
 from megatron_vlm.cli import main
 from megatron_vlm.config import RunConfig, load_config, parse_overrides
 from megatron_vlm.parallel.config import ParallelConfig
+from megatron_vlm.rl.config import RolloutConfig
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -31,8 +32,8 @@ def test_recipe_then_overrides(tmp_path):
     (["model=3"], "config section model must be a mapping"),
     (["vlm.load.max_prompt_length=64"], "set vlm.max_prompt_length, not vlm.load.max_prompt_length"),
     # the trainer would score the engine's samples under another distribution (the sync check fails)
-    (["rollout.temperature=1.2"], "update.temperature (1.0) must equal rollout.temperature (1.2)"),
-    (["rollout.temperature=0.7", "update.temperature=0.6"], "set update.temperature=0.7"),
+    (["rollout.temperature=1.2", "update.temperature=1.0"], "update.temperature (1.0) must equal rollout.temperature (1.2)"),
+    (["rollout.temperature=0.7", "update.temperature=0.6"], "set update.temperature=0.7 or leave it unset"),
 ])
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -41,6 +42,11 @@ def test_bad_config_names_the_field(overrides, message):
 
 def test_update_temperature_follows_a_sampling_rollout_only():
     assert load_config(None, ["rollout.temperature=1.2", "update.temperature=1.2"]).update.temperature == 1.2
+    assert load_config(None, ["rollout.temperature=1.2"]).update.temperature == 1.2  # unset: follows
+    assert load_config(None, ["rollout.temperature=1.2", "update.micro_batch_size=4"]).update.temperature == 1.2
+    assert load_config(None, ["rollout.temperature=0"]).update.temperature == 1.0  # greedy: the default
+    with pytest.raises(ValueError, match="update.temperature"):
+        RunConfig(rollout=RolloutConfig(temperature=0.7))  # built directly, nothing to follow
     assert load_config(None, ["rollout.temperature=0", "update.temperature=1.0"]).rollout.temperature == 0  # greedy
 
 
