@@ -480,13 +480,13 @@ def follow_rollout_temperature(data: dict) -> dict:
     """An `update:` without a temperature scores at the rollout's sampling temperature (verl's
     actor does the same); one that names another is refused by RunConfig."""
     rollout, update = data.get("rollout"), data.get("update")
-    if not isinstance(rollout, dict) or "temperature" not in rollout or (
-            isinstance(update, dict) and "temperature" in update) or not (
-            isinstance(rollout["temperature"], (int, float)) and rollout["temperature"] > 0):
-        return data
-    if update is not None and not isinstance(update, dict):
-        return data  # from_dict names the broken section
-    return {**data, "update": {**(update or {}), "temperature": rollout["temperature"]}}
+    update = {} if update is None else update
+    if not isinstance(rollout, dict) or not isinstance(update, dict) or "temperature" in update:
+        return data  # nothing to follow, or a broken section from_dict names
+    sampled = rollout.get("temperature")
+    if isinstance(sampled, bool) or not isinstance(sampled, (int, float)) or sampled <= 0:
+        return data  # greedy (or a bad value from_dict names): update keeps its default
+    return {**data, "update": {**update, "temperature": sampled}}
 
 
 def to_dict(cfg) -> dict:

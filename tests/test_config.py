@@ -45,9 +45,9 @@ def test_update_temperature_follows_a_sampling_rollout_only():
     assert load_config(None, ["rollout.temperature=1.2"]).update.temperature == 1.2  # unset: follows
     assert load_config(None, ["rollout.temperature=1.2", "update.micro_batch_size=4"]).update.temperature == 1.2
     assert load_config(None, ["rollout.temperature=0"]).update.temperature == 1.0  # greedy: the default
+    assert load_config(None, ["rollout.temperature=0", "update.temperature=1.0"]).rollout.temperature == 0  # greedy
     with pytest.raises(ValueError, match="update.temperature"):
         RunConfig(rollout=RolloutConfig(temperature=0.7))  # built directly, nothing to follow
-    assert load_config(None, ["rollout.temperature=0", "update.temperature=1.0"]).rollout.temperature == 0  # greedy
 
 
 def test_missing_and_broken_files(tmp_path):

@@ -86,7 +86,8 @@ class RLConfig:
 
 @dataclass(kw_only=True)
 class UpdateConfig:
-    temperature: float = 1.0          # must equal rollout.temperature (RunConfig checks)
+    temperature: float = 1.0          # = rollout.temperature: a config that leaves it unset follows it,
+                                      # another value is refused (RunConfig)
     micro_batch_size: int = 8
     # tokens per packed micro-batch; None = micro_batch_size x the batch's padded width (the
     # padded path's bound). A longer sample is a micro-batch of its own.
