@@ -107,6 +107,12 @@ def test_optional_and_list_sections():
     assert cfg.rl.dynamic_sampling.batch_groups == 4 and cfg.rl.dynamic_sampling.max_draws == 10
     assert cfg.stages[0].kind == "sft" and cfg.stages[0].steps == 2
     assert load_config(None, ["rl.dynamic_sampling=null"]).rl.dynamic_sampling is None
+    unset = load_config(None, ["rl.dynamic_sampling={max_draws: 2}", "rollout.prompts_per_step=3"])
+    assert unset.rl.dynamic_sampling.batch_groups is None  # the batch follows the prompts per step
+    unset.rl.check(unset.rollout)
+    full = load_config(None, ["rl.dynamic_sampling={batch_groups: 7, max_draws: 2}", "rollout.prompts_per_step=3"])
+    with pytest.raises(ValueError, match=r"batch_groups \(7\) can never be filled"):
+        full.rl.check(full.rollout)
     with pytest.raises(ValueError, match=r"unknown config key 'stages\[0\].stepz'"):
         load_config(None, ["stages=[{kind: sft, stepz: 2}]"])
     with pytest.raises(ValueError, match="dynamic_sampling.batch_groups must be >= 1"):

@@ -78,8 +78,9 @@ class RLConfig:
         if self.overlong is not None and self.overlong.max_response_len != rollout.max_new_tokens:
             raise ValueError(f"rl.overlong.max_response_len ({self.overlong.max_response_len}) must "
                              f"equal rollout.max_new_tokens ({rollout.max_new_tokens})")
-        if self.dynamic_sampling is not None and self.dynamic_sampling.batch_groups > rollout.prompts_per_step \
-                * self.dynamic_sampling.max_draws:
+        dynamic = self.dynamic_sampling
+        if dynamic is not None and dynamic.batch_groups is not None \
+                and dynamic.batch_groups > rollout.prompts_per_step * dynamic.max_draws:
             raise ValueError(f"rl.dynamic_sampling.batch_groups ({self.dynamic_sampling.batch_groups}) "
                              f"can never be filled by max_draws x rollout.prompts_per_step")
 

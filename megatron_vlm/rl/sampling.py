@@ -32,13 +32,15 @@ class RolloutGroup:
 
 @dataclass(kw_only=True)
 class DynamicSamplingConfig:
-    batch_groups: int          # informative groups (prompts) per training batch
+    # informative groups (prompts) per training batch; None: rollout.prompts_per_step, so one draw
+    # fills the batch when every group is informative and the batch size follows the prompts
+    batch_groups: int | None = None
     max_draws: int = 10        # generation rounds per batch at most (verl's max_num_gen_batches)
     on_cap: str = "partial"    # partial | error, when max_draws rounds did not fill the batch
     reward_atol: float = 0.0   # rewards closer than this count as equal
 
     def __post_init__(self):
-        if not self.batch_groups >= 1:
+        if self.batch_groups is not None and not self.batch_groups >= 1:
             raise ValueError(f"dynamic_sampling.batch_groups must be >= 1, got {self.batch_groups}")
         if not self.max_draws >= 1:
             raise ValueError(f"dynamic_sampling.max_draws must be >= 1, got {self.max_draws}")
@@ -71,6 +73,9 @@ def fill_dynamic_batch(draw: Callable[[], Sequence[RolloutGroup]],
     groups_dropped (all-equal), groups_kept, capped (1.0 when max_draws stopped it short),
     informative_frac (kept-before-truncation / seen: the signal that entropy is collapsing).
     """
+    if cfg.batch_groups is None:
+        raise ValueError("dynamic_sampling.batch_groups is unset: the caller fills it (the GRPO stage "
+                         "uses rollout.prompts_per_step)")
     kept: list[RolloutGroup] = []
     seen = draws = 0
     while len(kept) < cfg.batch_groups and draws < cfg.max_draws:

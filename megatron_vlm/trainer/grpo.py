@@ -131,7 +131,10 @@ def grpo_step(actor: Actor, engine, draw: Callable[[], list[RolloutRequest]], re
         return _groups(samples, rewards)
 
     if rl.dynamic_sampling is not None:
-        groups, stats = fill_dynamic_batch(draw_groups, rl.dynamic_sampling)
+        dynamic = rl.dynamic_sampling
+        if dynamic.batch_groups is None:  # the batch the prompts make, refilled with informative groups
+            dynamic = replace(dynamic, batch_groups=rollout.prompts_per_step)
+        groups, stats = fill_dynamic_batch(draw_groups, dynamic)
         metrics.update({f"dynamic_{k}": v for k, v in stats.items()})
     else:
         groups = draw_groups()

@@ -57,6 +57,11 @@ def test_dynamic_sampling_config_validation():
         DynamicSamplingConfig(batch_groups=4, on_cap="skip")
     with pytest.raises(ValueError, match="dynamic_sampling.batch_groups must be >= 1, got 0"):
         DynamicSamplingConfig(batch_groups=0)
+    # unset, the GRPO stage fills it from rollout.prompts_per_step; the bare function refuses to guess
+    draw, calls = _drawer(ROUNDS)
+    with pytest.raises(ValueError, match="batch_groups is unset"):
+        fill_dynamic_batch(draw, DynamicSamplingConfig(max_draws=3))
+    assert calls == []
 
 
 def test_allocate_largest_remainder():
