@@ -31,6 +31,12 @@ def test_sft_then_grpo_then_export(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["init", "sft", "sft", "sft", "mpo", "mpo", "grpo", "grpo"]
+    # the demo's dynamic sampling leaves batch_groups unset: the batch is the 4 prompts a step
+    # draws, refilled from at most 3 draws of 4 prompts x 4 answers
+    for row in (r for r in rows if r["stage"] == "grpo"):
+        assert 1 <= row["dynamic_draws"] <= 3 and row["samples"] == 16 * row["dynamic_draws"]
+        assert row["dynamic_groups_kept"] <= 4 and row["dynamic_groups_seen"] == 4 * row["dynamic_draws"]
+        assert (row["dynamic_draws"] == 3) or row["dynamic_groups_kept"] == 4  # stopped early only when full
     mpo = [r for r in rows if r["stage"] == "mpo"]
     assert all(k in r for r in mpo for k in ("loss", "reward_accuracy", "bco_loss", "sft_loss"))
     assert all("eval_accuracy" in r for r in rows if r["stage"] == "init" or r["step"] in (2, 3))
