@@ -3,12 +3,20 @@ and the plot the README shows.
 
     python launch/compare_sft_rl.py --seeds 1234 1 2                 # runs 2 x 3 jobs, then writes docs/
     python launch/compare_sft_rl.py --seeds 1234 1 2 --reuse         # train only the runs not finished
+    python launch/compare_sft_rl.py --seeds 1 --main-run 1=runs/sweep/seed_1/dyn   # a main job already run
 
 Arms: `configs/digits_demo.yaml` (SFT on demonstrations of some kinds, then GRPO on prompts of
-every kind) and `configs/digits_demo_sft_baseline.yaml` (SFT only, on the same demonstrations, for
-about the same training seconds). Each seed is the run's `runtime.seed`: the demo's data (images,
-questions, the held-out split), the initial weights and every draw; both arms of a seed share the
-assets (`OUT/seed_<s>/assets`). Runs go to `OUT/seed_<s>/<arm>`, one at a time (2 ranks each).
+every kind) and `configs/digits_demo_sft_baseline.yaml` (SFT only, on the same demonstrations).
+Equal time is measured, not assumed: at each seed the main job runs first, and the baseline's SFT
+stage gets as many steps as the main job's training seconds buy at the main job's own SFT seconds
+per step (`equal_time_steps`), with the baseline config's number of evaluations; a GRPO step's
+cost depends on the machine and, with dynamic sampling, on the run. Each seed is the run's
+`runtime.seed`: the demo's data (images, questions, the held-out split), the initial weights and
+every draw; both arms of a seed share the assets (`OUT/seed_<s>/assets`). Runs go to
+`OUT/seed_<s>/<arm>`, one at a time (2 ranks each). `--main-run SEED=DIR` takes a finished run of
+the main config instead (a `launch/grpo_sweep.py` variant equal to it: the SFT stage then a
+resume from its end): the run's saved config must be the main config at that seed, paths aside
+(`check_main_run`), and its wall time is not known (one run in two processes).
 
 Written (`--docs`, default docs/): `digits_kinds.md`, the table: final held-out accuracy overall,
 per kind and strict (correct and well formed), max's accuracy when the left / right digit is the
@@ -22,6 +30,7 @@ The headline kinds are those the main job has no demonstrations of (eval kinds -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -37,17 +46,67 @@ LABELS = {"sft_grpo": "SFT then GRPO (main job)", "sft_only": "SFT only, equal t
 SLICE = "larger"  # eval.slice_by of the demo: which digit is larger
 
 
-def run_arm(config: str, seed: int, out: Path, timeout: float) -> float:
+def run_arm(config: str, seed: int, out: Path, timeout: float, assets: Path, extra: list[str]) -> float:
     """Train one arm at one seed into `out`; its wall seconds."""
     command = [sys.executable, "-m", "megatron_vlm.cli", "train", "--config", config, f"runtime.seed={seed}",
-               f"vlm.assets={out.parent / 'assets'}", f"train.out_dir={out}", "--overwrite",
-               "--timeout", str(timeout)]
+               f"vlm.assets={assets}", f"train.out_dir={out}", *extra, "--overwrite", "--timeout", str(timeout)]
     print("+ " + " ".join(command), flush=True)
     start = time.monotonic()
     with open(out.parent / f"{out.name}.log", "w") as log:
         subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return time.monotonic() - start
+
+
+def equal_time_steps(main_rows: list[dict]) -> int:
+    """SFT steps costing the main job's training seconds: their sum over its SFT seconds per step
+    (the mean step time of its first stage, an SFT stage on the baseline's batches)."""
+    first = next(r["stage"] for r in main_rows if r["stage"] != "init")
+    sft = [r["step_seconds"] for r in main_rows if r["stage"] == first and "step_seconds" in r]
+    if not sft:
+        raise ValueError(f"the main job's metrics have no timed step of its first stage ({first!r})")
+    total = sum(r.get("step_seconds", 0.0) for r in main_rows)
+    return max(1, round(total / statistics.fmean(sft)))
+
+
+def baseline_overrides(baseline, steps: int) -> list[str]:
+    """The baseline config's single SFT stage at `steps`, with as many evaluations as it has now."""
+    if len(baseline.stages) != 1 or baseline.stages[0].kind != "sft":
+        raise ValueError(f"{ARMS['sft_only']}: the baseline must be one SFT stage, got "
+                         f"{[s.kind for s in baseline.stages]}")
+    evaluations = max(1, baseline.stages[0].steps // baseline.eval.every)
+    stage = {**dataclasses.asdict(baseline.stages[0]), "steps": steps}
+    return ["stages=" + json.dumps([stage]), f"eval.every={max(1, round(steps / evaluations))}"]
+
+
+def check_main_run(run: Path, seed: int) -> Path:
+    """A finished run of the main config at `seed` (its last checkpoint's config.json equal to it,
+    vlm.assets and train.out_dir aside, and a metrics row for every step); its assets."""
+    from megatron_vlm.config import load_config, to_dict
+
+    latest = run / "checkpoints" / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"--main-run {seed}={run}: no checkpoints/latest (not a finished run)")
+    saved = json.loads((run / "checkpoints" / latest.read_text().strip() / "config.json").read_text())
+    paths = [f"vlm.assets={saved['vlm']['assets']}", f"train.out_dir={saved['train']['out_dir']}"]
+    cfg = load_config(ROOT / ARMS["sft_grpo"], [f"runtime.seed={seed}", *paths])
+    expected = json.loads(json.dumps(to_dict(cfg), default=str))
+    differ = sorted(differences(expected, saved))
+    if differ:
+        raise ValueError(f"--main-run {seed}={run}: its config differs from {ARMS['sft_grpo']} at seed {seed} "
+                         f"in {differ}")
+    steps = sum(1 for r in read_rows(run) if r["stage"] != "init")
+    if steps != sum(stage.steps for stage in cfg.stages):
+        raise ValueError(f"--main-run {seed}={run}: {steps} step rows in metrics.jsonl, the config has "
+                         f"{sum(stage.steps for stage in cfg.stages)} steps (unfinished?)")
+    return Path(saved["vlm"]["assets"])
+
+
+def differences(a, b, prefix: str = ""):
+    """The dotted keys where two nested dicts differ (a list or a value compared whole)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix.rstrip(".")] if a != b else []
+    return [d for key in a.keys() | b.keys() for d in differences(a.get(key), b.get(key), f"{prefix}{key}.")]
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -166,21 +225,33 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep finished runs (those with a .wall file) and train only the others")
     parser.add_argument("--commit", help="the commit the runs ran at (default: this checkout's HEAD)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--main-run", action="append", default=[], metavar="SEED=DIR",
+                        help="a finished run of the main config at SEED to use as that seed's main job")
     args = parser.parse_args(argv)
     from megatron_vlm.config import load_config
 
-    main_cfg = load_config(ROOT / ARMS["sft_grpo"], [])
+    main_cfg, baseline_cfg = (load_config(ROOT / ARMS[arm], []) for arm in ("sft_grpo", "sft_only"))
+    commit = args.commit or commit_of(ROOT)  # before the runs: the checkout may change while they train
+    given = {}
+    for item in args.main_run:
+        seed, _, run = item.partition("=")
+        if not seed.lstrip("-").isdigit() or not run or int(seed) not in args.seeds:
+            raise ValueError(f"--main-run {item!r}: expected SEED=DIR with SEED one of --seeds {args.seeds}")
+        given[int(seed)] = Path(run)
     results: dict = {arm: {} for arm in ARMS}
     for seed in args.seeds:
-        for arm, config in ARMS.items():
-            out = args.out / f"seed_{seed}" / arm
-            out.parent.mkdir(parents=True, exist_ok=True)
-            wall_file = out.parent / f"{arm}.wall"
-            if not (args.reuse and wall_file.exists()):
-                wall_file.write_text(f"{run_arm(config, seed, out, args.timeout):.1f}\n")
+        assets = check_main_run(given[seed], seed) if seed in given else args.out / f"seed_{seed}" / "assets"
+        for arm, config in ARMS.items():  # the main job first: the baseline's steps come from its seconds
+            out = given[seed] if arm == "sft_grpo" and seed in given else args.out / f"seed_{seed}" / arm
+            wall_file = args.out / f"seed_{seed}" / f"{arm}.wall"
+            wall_file.parent.mkdir(parents=True, exist_ok=True)
+            if not (args.reuse and wall_file.exists()) and out != given.get(seed):
+                extra = [] if arm == "sft_grpo" else baseline_overrides(
+                    baseline_cfg, equal_time_steps(results["sft_grpo"][seed]["rows"]))
+                wall_file.write_text(f"{run_arm(config, seed, out, args.timeout, assets, extra):.1f}\n")
             rows = read_rows(out)
-            results[arm][seed] = {"rows": rows, "wall": float(wall_file.read_text()) if wall_file.exists()
-                                  else float("nan")}
+            results[arm][seed] = {"rows": rows, "wall": float(wall_file.read_text())
+                                  if wall_file.exists() and out != given.get(seed) else float("nan")}
     last = results["sft_grpo"][args.seeds[0]]["rows"]
     kinds = sorted(k.split("/")[-1] for k in next(r for r in reversed(last) if "eval_accuracy" in r)
                    if k.startswith("eval/samples/") and "=" not in k)
@@ -191,13 +262,15 @@ def main(argv: list[str] | None = None) -> None:
             run["curve"], run["final"] = curve(run["rows"]), final_figures(run["rows"], kinds)
     start = {"after_sft": {seed: {"final": final_figures(run["rows"], kinds, stage="sft"), "wall": float("nan")}
                            for seed, run in results["sft_grpo"].items()}}
-    commit = args.commit or commit_of(ROOT)
     args.docs.mkdir(parents=True, exist_ok=True)
+    steps = {arm: [sum(r["stage"] != "init" for r in results[arm][s]["rows"]) for s in args.seeds] for arm in results}
     text = table({**results, **start}, kinds, unseen, args.seeds, commit)
+    text += (f"Training steps per seed: {LABELS['sft_grpo']} {' / '.join(map(str, steps['sft_grpo']))}, "
+             f"{LABELS['sft_only']} {' / '.join(map(str, steps['sft_only']))} (`equal_time_steps`).\n")
     (args.docs / "digits_kinds.md").write_text(text)
     plot(results, kinds, args.seeds, args.docs / "digits_kinds.png")
     (args.docs / "digits_kinds.json").write_text(json.dumps(
-        {"commit": commit, "seeds": args.seeds, "kinds": kinds, "no_demonstrations": unseen,
+        {"commit": commit, "seeds": args.seeds, "kinds": kinds, "no_demonstrations": unseen, "steps": steps,
          "runs": {arm: {seed: {"final": run["final"], "wall_seconds": run["wall"], "curve": run["curve"]}
                         for seed, run in by_seed.items()} for arm, by_seed in results.items()},
          "main_job_after_sft": {seed: run["final"] for seed, run in start["after_sft"].items()}}, indent=1) + "\n")

@@ -64,3 +64,57 @@ def test_the_table_and_plot_from_finished_runs(tmp_path):
 def test_mean_and_spread():
     assert compare.mean_spread([0.5, 0.3]) == (pytest.approx(0.4), pytest.approx(0.1414, abs=1e-4))
     assert compare.mean_spread([0.5]) == (0.5, 0.0)
+
+
+def test_equal_time_steps_buys_the_main_jobs_seconds_at_its_sft_step_time():
+    main_rows = ([{"stage": "init", "step": 0}] + [{"stage": "sft", "step": i, "step_seconds": s}
+                                                    for i, s in enumerate([0.5, 0.7, 0.6], 1)]
+                 + [{"stage": "grpo", "step": i, "step_seconds": 6.0} for i in (1, 2)])
+    assert compare.equal_time_steps(main_rows) == 23  # (1.8 + 12) s / 0.6 s = 23
+    with pytest.raises(ValueError, match="no timed step of its first stage \\('sft'\\)"):
+        compare.equal_time_steps([{"stage": "init", "step": 0}, {"stage": "sft", "step": 1}])
+
+
+def test_the_baseline_gets_the_steps_and_keeps_its_number_of_evaluations():
+    from megatron_vlm.config import load_config
+
+    baseline = load_config(ROOT / compare.ARMS["sft_only"], [])
+    evaluations = baseline.stages[0].steps // baseline.eval.every
+    overrides = compare.baseline_overrides(baseline, 1302)
+    cfg = load_config(ROOT / compare.ARMS["sft_only"], overrides)
+    assert [(s.kind, s.steps, s.batch_size) for s in cfg.stages] == [("sft", 1302, baseline.stages[0].batch_size)]
+    assert cfg.eval.every == round(1302 / evaluations)
+    with pytest.raises(ValueError, match="the baseline must be one SFT stage, got \\['sft', 'grpo'\\]"):
+        compare.baseline_overrides(load_config(ROOT / compare.ARMS["sft_grpo"], []), 10)
+
+
+def finished_main_run(tmp_path, seed, extra=(), steps=None):
+    """A run directory as `train` leaves it: the last checkpoint's config.json and a metrics row per step."""
+    from megatron_vlm.config import load_config, to_dict
+
+    run = tmp_path / f"main_{seed}"
+    paths = [f"vlm.assets={tmp_path / 'assets'}", f"train.out_dir={run}"]
+    cfg = load_config(ROOT / compare.ARMS["sft_grpo"], [f"runtime.seed={seed}", *paths, *extra])
+    tag = "step0000480-grpo1"
+    (run / "checkpoints" / tag).mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text(tag + "\n")
+    (run / "checkpoints" / tag / "config.json").write_text(json.dumps(to_dict(cfg), default=str))
+    total = sum(s.steps for s in cfg.stages) if steps is None else steps
+    write_run_rows = [{"stage": "init", "step": 0}] + [{"stage": "sft", "step": i} for i in range(1, total + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in write_run_rows))
+    return run
+
+
+def test_a_given_main_run_must_be_the_main_config_at_that_seed(tmp_path):
+    run = finished_main_run(tmp_path, 7)
+    assert compare.check_main_run(run, 7) == tmp_path / "assets"
+    with pytest.raises(ValueError, match=r"differs from configs/digits_demo.yaml at seed 8 in \['runtime.seed'\]"):
+        compare.check_main_run(run, 8)
+    changed = finished_main_run(tmp_path / "b", 7, ["rl.dynamic_sampling=null", "rollout.n=4"])
+    with pytest.raises(ValueError, match=r"in \['rl.dynamic_sampling', 'rollout.n'\]"):
+        compare.check_main_run(changed, 7)
+    short = finished_main_run(tmp_path / "c", 7, steps=100)
+    with pytest.raises(ValueError, match="100 step rows in metrics.jsonl, the config has 480 steps"):
+        compare.check_main_run(short, 7)
+    with pytest.raises(FileNotFoundError, match="no checkpoints/latest"):
+        compare.check_main_run(tmp_path / "nothing", 7)
