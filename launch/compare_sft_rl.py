@@ -74,8 +74,9 @@ def baseline_overrides(baseline, steps: int) -> list[str]:
     if len(baseline.stages) != 1 or baseline.stages[0].kind != "sft":
         raise ValueError(f"{ARMS['sft_only']}: the baseline must be one SFT stage, got "
                          f"{[s.kind for s in baseline.stages]}")
-    evaluations = max(1, baseline.stages[0].steps // baseline.eval.every)
-    stage = {**dataclasses.asdict(baseline.stages[0]), "steps": steps}
+    every = baseline.stages[0].eval_every or baseline.eval.every
+    evaluations = max(1, baseline.stages[0].steps // every)
+    stage = {**dataclasses.asdict(baseline.stages[0]), "steps": steps, "eval_every": None}  # eval.every below
     return ["stages=" + json.dumps([stage]), f"eval.every={max(1, round(steps / evaluations))}"]
 
 

@@ -66,10 +66,14 @@ class StageConfig:
     batch_size: int = 32      # sft: labelled examples per step (grpo uses rollout.prompts_per_step)
     lr: float | None = None   # a constant rate for this stage; None: optim's schedule continues
     reset_optimizer: bool = False  # start the stage with fresh Adam moments (RL after SFT)
+    eval_every: int | None = None  # this stage's evaluation cadence; None: eval.every (each stage
+                                   # also evaluates at its end)
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"stages[].kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"stages[] {self.kind}: eval_every must be >= 1 or null, got {self.eval_every}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"stages[] {self.kind}: lr must be > 0, got {self.lr}")
         if self.steps < 0 or self.batch_size < 1:

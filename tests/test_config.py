@@ -180,6 +180,8 @@ def test_weights_and_random_init_together_are_refused():
     (["model.dense_layers=[0, 1, x]"], "model.dense_layers[2]: expected int, got 'x'"),
     (["model.dense_layers=3"], "model.dense_layers: expected list[int], got 3"),
     (["stages=3"], "stages: expected list[StageConfig], got 3"),
+    (["stages=[{kind: sft, steps: 2, eval_every: true}]"], "stages[0].eval_every: expected int | null, got True"),
+    (["stages=[{kind: sft, steps: 2, eval_every: 0}]"], "stages[] sft: eval_every must be >= 1 or null, got 0"),
     (["vlm.prompt_sources=[{path: [a.jsonl, 3]}]"], "vlm.prompt_sources[0].path[1]: expected str, got 3"),
     (["vlm.prompt_sources=[{path: 3}]"], "vlm.prompt_sources[0].path: expected str | list[str], got 3"),
     (["reward={verifiers: {a: math}, weights: {a: heavy}}"], "reward.weights.a: expected float, got 'heavy'"),

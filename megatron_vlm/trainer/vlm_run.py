@@ -6,10 +6,10 @@ an HF export; it survives being stopped.
 The shared pieces (model, optimizer, engine, scorer, data) are built once (`trainer/context.py`);
 each stage kind is a registered object (`trainer/stages/`). Held-out accuracy (greedy decoding
 through the engine, scored by the task's verifier) is measured before training, every
-`eval.every` steps and at the end of each stage. The run state is saved every
-`train.checkpoint.every` steps and at the end of each stage (`trainer/checkpointing.py`); a
-resumed run continues after the checkpoint's step with the same metrics an uninterrupted run
-logs. SIGTERM / SIGUSR1, or the time budget (`train.save_by`, else the SLURM job's end), stop the
+`eval.every` steps (a stage's own `eval_every` where set) and at the end of each stage. The run
+state is saved every `train.checkpoint.every` steps and at the end of each stage
+(`trainer/checkpointing.py`); a resumed run continues after the checkpoint's step with the same
+metrics an uninterrupted run logs. SIGTERM / SIGUSR1, or the time budget (`train.save_by`, else the SLURM job's end), stop the
 run at the next step boundary, on every rank at once, with a checkpoint and `EXIT_PREEMPTED`.
 Outputs in `train.out_dir`: see `trainer/run_log.py`.
 """
@@ -72,7 +72,7 @@ def run(cfg, resume: str | None = None, overwrite: bool = False, keep_runtime: b
                 start = time.perf_counter()
                 metrics = stage.step(step)
                 metrics.update(stage=stage.cfg.kind, step=step, step_seconds=time.perf_counter() - start)
-                if step % cfg.eval.every == 0 or step == stage.cfg.steps:
+                if step % (stage.cfg.eval_every or cfg.eval.every) == 0 or step == stage.cfg.steps:
                     metrics.update(ctx.evaluate())
                 log(metrics)
                 ckpt.maybe_save(index, step, len(log.rows))

@@ -84,6 +84,11 @@ def test_the_baseline_gets_the_steps_and_keeps_its_number_of_evaluations():
     cfg = load_config(ROOT / compare.ARMS["sft_only"], overrides)
     assert [(s.kind, s.steps, s.batch_size) for s in cfg.stages] == [("sft", 1302, baseline.stages[0].batch_size)]
     assert cfg.eval.every == round(1302 / evaluations)
+    # a stage's own cadence counts and is replaced by eval.every, so the evaluations stay as many
+    own = compare.baseline_overrides(load_config(ROOT / compare.ARMS["sft_only"], [
+        "stages=[{kind: sft, steps: 1200, batch_size: 32, eval_every: 300}]"]), 2400)
+    cfg = load_config(ROOT / compare.ARMS["sft_only"], own)
+    assert cfg.stages[0].eval_every is None and cfg.eval.every == 600
     with pytest.raises(ValueError, match="the baseline must be one SFT stage, got \\['sft', 'grpo'\\]"):
         compare.baseline_overrides(load_config(ROOT / compare.ARMS["sft_grpo"], []), 10)
 

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_sft_then_grpo_then_export(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_vlm.cli", "train", "--config", "configs/digits_demo.yaml",
-           "stages=[{kind: sft, steps: 3, batch_size: 8}, {kind: mpo, steps: 2, batch_size: 4}, "
+           "stages=[{kind: sft, steps: 4, batch_size: 8, eval_every: 3}, {kind: mpo, steps: 2, batch_size: 4}, "
            "{kind: grpo, steps: 2}]", "update.loss={name: dapo, kl_type: k3, kl_coef: 0.01}",
            "rollout.prompts_per_step=4", "rollout.n=4", "eval.samples=8", "eval.every=2",
            # a reward that varies for a 3-step policy, so GRPO's groups do not all tie and the KL and
@@ -30,7 +30,7 @@ def test_sft_then_grpo_then_export(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["init", "sft", "sft", "sft", "mpo", "mpo", "grpo", "grpo"]
+    assert [r["stage"] for r in rows] == ["init", "sft", "sft", "sft", "sft", "mpo", "mpo", "grpo", "grpo"]
     # the demo's dynamic sampling leaves batch_groups unset: the batch is the 4 prompts a step
     # draws, refilled from at most 3 draws of 4 prompts x 4 answers
     for row in (r for r in rows if r["stage"] == "grpo"):
@@ -39,7 +39,9 @@ def test_sft_then_grpo_then_export(tmp_path):
         assert (row["dynamic_draws"] == 3) or row["dynamic_groups_kept"] == 4  # stopped early only when full
     mpo = [r for r in rows if r["stage"] == "mpo"]
     assert all(k in r for r in mpo for k in ("loss", "reward_accuracy", "bco_loss", "sft_loss"))
-    assert all("eval_accuracy" in r for r in rows if r["stage"] == "init" or r["step"] in (2, 3))
+    # the SFT stage's own eval_every (3) beside eval.every (2) for the others; every stage's end
+    assert [(r["stage"], r["step"]) for r in rows if "eval_accuracy" in r] == [
+        ("init", 0), ("sft", 3), ("sft", 4), ("mpo", 2), ("grpo", 2)]
     for row in (r for r in rows if "eval_accuracy" in r):  # every evaluation, per kind and strict
         assert {f"eval/{what}/{kind}" for what in ("accuracy", "strict_accuracy", "samples")
                 for kind in ("sum", "max", "difference")} | {"eval_strict_accuracy"} <= set(row)
