@@ -57,6 +57,22 @@ def test_a_variant_that_changes_the_shared_sft_is_refused():
         sweep.first_stage_override(config, [], {"longer": ["stages=[{kind: sft, steps: 9}]"]})
 
 
+def test_the_tracked_variants_load_and_share_the_main_jobs_sft():
+    """launch/main_job_grpo_variants.yaml against configs/digits_demo.yaml: every variant is a
+    loadable config whose first stage is the main job's (else the sweep refuses it only at run time)."""
+    from megatron_vlm.config import load_config
+
+    config, path = ROOT / "configs" / "digits_demo.yaml", ROOT / "launch" / "main_job_grpo_variants.yaml"
+    variants = sweep.read_variants(path)
+    assert "committed" in variants and variants["committed"] == []
+    sweep.first_stage_override(config, [], variants)  # raises naming the variant that differs
+    main = load_config(config, [])
+    for name, overrides in variants.items():
+        cfg = load_config(config, overrides)
+        cfg.check(main.runtime.nproc)
+        assert cfg.stages[0] == main.stages[0], name
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_variants_resume_from_the_shared_sft(tmp_path):
