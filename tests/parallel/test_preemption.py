@@ -28,10 +28,21 @@ def test_a_signal_only_sets_the_flag(sig):
     assert signal.getsignal(sig) is before  # restored
 
 
-def test_sigint_still_interrupts():
-    with Preemption(CPU) as preemption, pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-    assert not preemption.signalled
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN])
+def test_sigint_is_left_as_it_was(inherited):
+    """Ctrl-C still interrupts where it would have; where the process was started with SIGINT
+    ignored (a background job of a shell without job control) it stays ignored."""
+    outside = signal.signal(signal.SIGINT, inherited)
+    try:
+        with Preemption(CPU) as preemption:
+            assert signal.getsignal(signal.SIGINT) is inherited
+            if inherited is signal.default_int_handler:
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)
+            assert not preemption.signalled
+        assert signal.getsignal(signal.SIGINT) is inherited
+    finally:
+        signal.signal(signal.SIGINT, outside)
 
 
 def test_deadline_with_a_fake_clock():
