@@ -111,7 +111,9 @@ def differences(a, b, prefix: str = ""):
 
 
 def read_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from megatron_vlm.report import read_rows as rows_of  # one reader of metrics.jsonl
+
+    return rows_of(run)
 
 
 def curve(rows: list[dict]) -> list[dict]:

@@ -11,10 +11,11 @@ values, timings and evaluations aside (a change of evaluation cadence or machine
 change a training step); it names the first row and key that differ and exits 1.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
+
+from megatron_vlm.report import read_rows
 
 PHASES = ("time_sync", "time_rollout", "time_reward", "time_old_logprobs", "time_ref_logprobs",
           "time_update", "step_seconds", "rollout_tokens_per_s", "train_tokens_per_s",
@@ -22,12 +23,7 @@ PHASES = ("time_sync", "time_rollout", "time_reward", "time_old_logprobs", "time
 TIMING = ("seconds", "time_", "per_s")
 
 
-def read_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def summarize(run: Path) -> dict:
-    rows = read_rows(run)
+def summarize(rows: list[dict]) -> dict:
     evals = [(r["stage"], r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
     medians = {}
     for kind in sorted({r["stage"] for r in rows} - {"init"}):
@@ -64,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--same-as", type=Path, metavar="RUN", help="check that each run trained as RUN did")
     args = parser.parse_args(argv)
+    reference = read_rows(args.same_as) if args.same_as is not None else None
     differs = False
     for run in args.runs:
-        summary = summarize(run)
+        rows = read_rows(run)
+        summary = summarize(rows)
         print(f"== {run}")
         print("held-out accuracy: " + ", ".join(f"{stage} {step}: {acc:.1%}"
                                                 for stage, step, acc in summary["evals"]))
@@ -75,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind, values in summary["medians"].items():
             print(f"{kind} (median of {values.pop('steps')} steps): " +
                   ", ".join(f"{key} {value:.3g}" for key, value in values.items()))
-        if args.same_as is not None:
-            where = first_difference(read_rows(run), read_rows(args.same_as))
-            rows = len(training_rows(read_rows(run)))
-            print(f"same training as {args.same_as}: " + (f"yes, all {rows} rows" if where is None else f"no, {where}"))
+        if reference is not None:
+            where = first_difference(rows, reference)
+            print(f"same training as {args.same_as}: " +
+                  (f"yes, all {len(training_rows(rows))} rows" if where is None else f"no, {where}"))
             differs |= where is not None
     return 1 if differs else 0
 

@@ -9,8 +9,9 @@ through the engine, scored by the task's verifier) is measured before training, 
 `eval.every` steps (a stage's own `eval_every` where set) and at the end of each stage. The run
 state is saved every `train.checkpoint.every` steps and at the end of each stage
 (`trainer/checkpointing.py`); a resumed run continues after the checkpoint's step with the same
-metrics an uninterrupted run logs. SIGTERM / SIGUSR1, or the time budget (`train.save_by`, else the SLURM job's end), stop the
-run at the next step boundary, on every rank at once, with a checkpoint and `EXIT_PREEMPTED`.
+metrics an uninterrupted run logs. SIGTERM / SIGUSR1, or the time budget (`train.save_by`, else
+the SLURM job's end), stop the run at the next step boundary, on every rank at once, with a
+checkpoint and `EXIT_PREEMPTED`.
 Outputs in `train.out_dir`: see `trainer/run_log.py`.
 """
 from __future__ import annotations

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from megatron_vlm.report import read_rows
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("summarize_run", ROOT / "launch" / "summarize_run.py")
 summarize_run = importlib.util.module_from_spec(spec)
@@ -31,7 +33,7 @@ def rows(loss_at_2=0.5, eval_at_1=True, seconds=1.0):
 def test_cadence_and_timings_aside_the_same_training_is_the_same(tmp_path, capsys):
     a = run_dir(tmp_path, "a", rows())
     b = run_dir(tmp_path, "b", rows(eval_at_1=False, seconds=3.0))
-    assert summarize_run.first_difference(summarize_run.read_rows(b), summarize_run.read_rows(a)) is None
+    assert summarize_run.first_difference(read_rows(b), read_rows(a)) is None
     assert summarize_run.main([str(b), "--same-as", str(a)]) == 0
     out = capsys.readouterr().out
     assert "same training as" in out and "yes, all 3 rows" in out
@@ -41,7 +43,7 @@ def test_cadence_and_timings_aside_the_same_training_is_the_same(tmp_path, capsy
 def test_a_changed_training_value_is_named_and_fails(tmp_path, capsys):
     a = run_dir(tmp_path, "a", rows())
     b = run_dir(tmp_path, "b", rows(loss_at_2=0.5000001))
-    assert summarize_run.first_difference(summarize_run.read_rows(b), summarize_run.read_rows(a)) == \
+    assert summarize_run.first_difference(read_rows(b), read_rows(a)) == \
         "sft step 2: loss 0.5000001 against 0.5"
     assert summarize_run.main([str(b), "--same-as", str(a)]) == 1
     assert "no, sft step 2: loss" in capsys.readouterr().out
