@@ -323,9 +323,10 @@ class PolicyLoss(torch.autograd.Function):
     def forward(ctx, logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg, normalizer,
                 entropy, impl, is_weight, cp_group):
         logprobs = logprobs.float()
+        old_logprobs = logprobs if old_logprobs is None else old_logprobs.float()  # None: on-policy
         layout = SeqLayout.build(mask, cu_seqlens, cp_group)
         weights = aggregation_weights(mask, layout, cfg.aggregation, normalizer)
-        terms, coef = loss_and_coefficients(logprobs, old_logprobs.float(), advantages, mask, layout, cfg,
+        terms, coef = loss_and_coefficients(logprobs, old_logprobs, advantages, mask, layout, cfg,
                                             ref_logprobs, weights, impl, is_weight)
         loss, metrics = finish(terms, weights, mask, cfg, logprobs, old_logprobs, entropy)
         ctx.save_for_backward(coef)
@@ -345,7 +346,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, cfg: Polic
     only. `is_weight` [T] (None = 1) multiplies the policy-gradient term, not the KL term. Under
     context parallelism the tokens are this rank's share (cu_seqlens its local boundaries) and
     `cp_group` sums the sequence statistics; the loss is then this rank's part of the whole, and
-    its gradient the whole loss's w.r.t. these tokens."""
+    its gradient the whole loss's w.r.t. these tokens. old_logprobs None: on-policy (the detached
+    logprobs are pi_old, as in fused_linear_policy_loss)."""
     _check_inputs(cfg, ref_logprobs)
     impl = resolve_impl(impl, logprobs)
     loss, *values = PolicyLoss.apply(logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, cfg,
@@ -384,8 +386,8 @@ def _one_pass_torch(hidden, weight, labels, old_logprobs, advantages, ref_logpro
         z = block_logits(hidden[block], weight, temperature)  # [Tb, V/tp] fp32
         e, sumexp, _, logp, ent = block_stats(z, labels[block], vocab_start, group, compute_entropy)
         ref = ref_logprobs[block] if ref_logprobs is not None else None
-        block_terms = weigh_pg(token_terms_torch(logp - old_logprobs[block].float(), advantages[block], logp, ref,
-                                                 cfg, TOKEN_LOG_RATIO_BOUNDS),
+        old = logp if old_logprobs is None else old_logprobs[block].float()  # None: on-policy, ratio 1
+        block_terms = weigh_pg(token_terms_torch(logp - old, advantages[block], logp, ref, cfg, TOKEN_LOG_RATIO_BOUNDS),
                                is_weight[block] if is_weight is not None else None)
         coef = token_coefficients(block_terms, weights[block], cfg) / temperature
         # d loss / d logits = coef * (onehot - e / sumexp). The row scales and the one-hot term are
@@ -425,11 +427,13 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
         else:
             lse, logprobs, entropy = head_forward(hidden_full, weight, labels, temperature, tp_group,
                                                   compute_entropy, impl)
-            terms, coef = loss_and_coefficients(logprobs, old_logprobs.float(), advantages, mask, layout, cfg,
+            old = logprobs if old_logprobs is None else old_logprobs.float()  # None: on-policy, ratio 1
+            terms, coef = loss_and_coefficients(logprobs, old, advantages, mask, layout, cfg,
                                                 ref_logprobs, weights, impl, is_weight)
             dh, dw = head_backward(hidden_full, weight, labels, temperature, tp_group, lse, entropy, coef, None, impl)
         ctx.save_for_backward(reduce_hidden_grad(dh, tp_group, sequence_parallel), dw)
-        loss, metrics = finish(terms, weights, mask, cfg, logprobs, old_logprobs, entropy)
+        loss, metrics = finish(terms, weights, mask, cfg, logprobs, logprobs if old_logprobs is None else old_logprobs,
+                               entropy)
         ctx.mark_non_differentiable(logprobs, *metrics.values())
         return loss, logprobs, *metrics.values()
 
@@ -448,7 +452,10 @@ def fused_linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, m
     detached [T] log-probs. hidden [T, H] ([T/tp, H] under sequence parallelism), weight [V/tp, H],
     labels and the per-token inputs [T] (full on every TP rank). Differentiable w.r.t. hidden and
     weight; the loss must be used as is (a scalar multiple is fine, e.g. loss scaling), since the
-    gradient was formed in the forward. `is_weight` [T] and `cp_group` as in policy_loss."""
+    gradient was formed in the forward. `is_weight` [T] and `cp_group` as in policy_loss.
+    old_logprobs None: on-policy (one optimizer step per rollout batch, the weights that would
+    recompute pi_old are these), the old log-probs are the detached ones computed here, each ratio
+    exactly 1 and its gradient that of pi / pi.detach(); metrics["logprobs"] are then pi_old."""
     _check_inputs(cfg, ref_logprobs)
     impl = resolve_impl(impl, hidden)
     loss, logprobs, *values = FusedLinearPolicyLoss.apply(

@@ -94,6 +94,11 @@ class UpdateConfig:
     # padded path's bound). A longer sample is a micro-batch of its own.
     pack_tokens: int | None = None
     optimizer_steps: int = 1          # optimizer steps per rollout batch (mini-batches)
+    # With one optimizer step (and no rollout_correction) a separate pass recomputing pi_old would
+    # run the very weights and packs the update's forward runs: pi_old is then that forward's own
+    # detached log-probs (ratio 1, the gradient of pi / pi.detach()) and the weight-sync check runs
+    # on them before the optimizer step. false keeps the separate pass (rollout.old_logprobs: trainer).
+    on_policy_old_logprobs: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     # decoupled PPO: IS weights pi_old / pi_engine on the PG term (megatron_vlm.rl.rollout_correction);

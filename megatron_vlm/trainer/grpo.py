@@ -6,8 +6,10 @@ groups), and the update deals rows to DP ranks again. Rewards may carry DAPO's s
 penalty; groups whose rewards tie are dropped, or (dynamic sampling) more prompts are drawn until
 the batch holds enough informative groups; truncated responses may leave the loss; reference
 log-probs come from the frozen `ReferencePolicy` when the loss has a KL term. Old log-probs are
-recomputed by the trainer (default) and double as the weight-sync check: they are compared with the engine's own
-log-probs for the same tokens every step, so a bad sync stops the run on the step it happens.
+the trainer's (default) and double as the weight-sync check: they are compared with the engine's
+own log-probs for the same tokens every step, so a bad sync stops the run on the step it happens.
+With one optimizer step per batch they are the update forward's own (`update.on_policy_old_logprobs`),
+checked before the optimizer step; otherwise a scoring pass computes them first.
 """
 from __future__ import annotations
 
@@ -218,13 +220,22 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dt
     with_routes = rl.routing_replay or all("routed_experts" in s.metadata for s in samples)
     batch, images, patches = build_batch(samples, prepared, actor.pad_id, actor.spatial_merge_size, with_routes)
     routing: dict = {}
-    with timer("old_logprobs"):
-        trainer_lp = score_rows(actor.model, batch, images, patches, update_cfg.temperature,
-                                update_cfg.micro_batch_size, metrics=routing)
     bounds = rollout.sync_check.resolved(precision(engine_dtype, actor.model.config.params_dtype))
-    check = check_logprobs([s.sampled_logprobs() for s in samples], response_logprobs(trainer_lp, batch),
-                           bounds)
-    old = trainer_lp if rollout.old_logprobs == "trainer" else _engine_logprobs(samples, batch)
+    engine_sampled = [s.sampled_logprobs() for s in samples]
+    # on-policy: pi_old is the update forward's own (the same weights and packs a scoring pass
+    # would use), and the sync check runs on it before the optimizer step
+    in_update = (update_cfg.on_policy_old_logprobs and rollout.old_logprobs == "trainer"
+                 and update_cfg.optimizer_steps == 1 and update_cfg.rollout_correction is None)
+    checks: list = []
+    response_mask = batch.loss_mask.clone()  # the sampled tokens, before mask_truncated
+    if in_update:
+        old = None
+    else:
+        with timer("old_logprobs"):
+            trainer_lp = score_rows(actor.model, batch, images, patches, update_cfg.temperature,
+                                    update_cfg.micro_batch_size, metrics=routing)
+        checks.append(check_logprobs(engine_sampled, response_logprobs(trainer_lp, batch), bounds))
+        old = trainer_lp if rollout.old_logprobs == "trainer" else _engine_logprobs(samples, batch)
     engine_lp = None
     if update_cfg.rollout_correction is not None:  # decoupled PPO: behaviour = engine, proximal = trainer
         if rollout.old_logprobs != "trainer":
@@ -241,17 +252,25 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dt
                                         update_cfg.micro_batch_size)
     advantages = sequence_advantages(rewards, [s.request_id for s in samples], batch.loss_mask,
                                      update_cfg.advantage)
-    report = {**check.metrics(), **routing}
+    report = {**(checks[0].metrics() if checks else {}), **routing}
     if rl.mask_truncated:  # the advantages above still saw them: only their tokens leave the loss
         truncated = torch.tensor([s.finish_reason == "length" for s in samples])
         batch.loss_mask = batch.loss_mask * (~truncated).float()[:, None]
         report["masked_truncated"] = int(truncated.sum())
         if not batch.loss_mask.any():
             return report  # nothing left to learn from (every kept response was cut off)
+    def check(trainer_lp):  # on-policy: the update's log-probs, before its optimizer step
+        per_sample = [row[mask.bool()].tolist() for row, mask in zip(trainer_lp, response_mask)]
+        checks.append(check_logprobs(engine_sampled, per_sample, bounds))
+
     with timer("update"):
         metrics = update([actor.ddp], actor.optimizer, actor.scheduler, batch, images, patches,
                          old, advantages, update_cfg, ref_logprobs=ref, engine_logprobs=engine_lp,
-                         max_response_len=rollout.max_new_tokens)
+                         max_response_len=rollout.max_new_tokens, on_logprobs=check if in_update else None)
+    if in_update:
+        report.update(checks[0].metrics())
+        if "routing_replay_match_update" in metrics:  # the update's forward was the old log-prob pass
+            report["routing_replay_match"] = metrics["routing_replay_match_update"]
     metrics.update(report, train_tokens=int(batch.loss_mask.sum()),
                    train_tokens_per_s=float(batch.loss_mask.sum()) / max(timer.seconds["update"], 1e-9))
     return metrics

@@ -98,9 +98,12 @@ def unit_report(loss: torch.Tensor, metrics: dict, units: torch.Tensor, mask: to
     return report
 
 
-def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, max_response_len: int | None, head: dict, output):
+def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, max_response_len: int | None, head: dict,
+               sink: list | None, output):
     """This micro-batch's loss from the last stage's output: over this CP rank's tokens (all of
-    them without CP), sequence statistics summed over the CP group."""
+    them without CP), sequence statistics summed over the CP group. mb["old_logprobs"] None: on
+    policy, the forward's own detached log-probs are pi_old; `sink` (a list) then receives
+    (micro-batch, the whole pack's log-probs) for update's on_logprobs."""
     packed, kcfg, cp_group = mb["batch"], kernel_policy_config(cfg.loss), loss_cp_group(mb["batch"])
     cu, mask, labels = packed.local_cu_seqlens, packed.local(packed.loss_mask), packed.local(packed.labels)
     is_weight, correction = None, {}
@@ -113,22 +116,26 @@ def _loss_func(mb: dict, cfg: UpdateConfig, mode: str, max_response_len: int | N
             hidden.reshape(-1, hidden.shape[-1]), weight, labels, mb["old_logprobs"], mb["advantages"],
             mask, cu, kcfg, ref_logprobs=mb["ref_logprobs"], normalizer=1.0, temperature=cfg.temperature,
             compute_entropy=True, impl=cfg.loss.impl, is_weight=is_weight, cp_group=cp_group, **head)
-        metrics.pop("logprobs")
+        logprobs = metrics.pop("logprobs")
     else:
         logprobs, entropy = packed_logprobs(output, labels, cfg.temperature, head, with_entropy=True,
                                             impl=cfg.loss.impl)
+        old = logprobs.detach() if mb["old_logprobs"] is None else mb["old_logprobs"]
         loss, metrics = policy_loss_fn(LossInputs(
-            logprobs, mb["old_logprobs"], mb["advantages"], mask, cu, ref_logprobs=mb["ref_logprobs"],
+            logprobs, old, mb["advantages"], mask, cu, ref_logprobs=mb["ref_logprobs"],
             normalizer=1.0, entropy=entropy.detach(), is_weight=is_weight, cp_group=cp_group), cfg.loss)
+    if sink is not None:
+        sink.append((mb, packed.gather_cp(logprobs.detach(), cp_group)))
     units = aggregation_units(mask, cu, mode, sequences=len(mb["rows"]), max_response_len=max_response_len,
                               cp_group=cp_group)
     return loss, units.to(torch.int), unit_report(loss, {**metrics, **correction}, units, mask)
 
 
-def _rl_forward_step(cfg: UpdateConfig, mode: str, max_response_len: int | None, data_iterator, model):
+def _rl_forward_step(cfg: UpdateConfig, mode: str, max_response_len: int | None, sink: list | None,
+                     data_iterator, model):
     mb = next(data_iterator)
     return forward_hidden(model, mb["batch"]), partial(_loss_func, mb, cfg, mode, max_response_len,
-                                                       head_parallelism(model))
+                                                       head_parallelism(model), sink)
 
 
 def pack_budget(pack_tokens: int | None, micro_batch_size: int, batch: SequenceBatch) -> int:
@@ -136,36 +143,52 @@ def pack_budget(pack_tokens: int | None, micro_batch_size: int, batch: SequenceB
 
 
 def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_row: list[int],
-           patches_per_image: list[int], old_logprobs: torch.Tensor, advantages: torch.Tensor,
+           patches_per_image: list[int], old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
            cfg: UpdateConfig, ref_logprobs: torch.Tensor | None = None, engine_logprobs: torch.Tensor | None = None,
-           max_response_len: int | None = None) -> dict[str, float]:
+           max_response_len: int | None = None, on_logprobs=None) -> dict[str, float]:
     """`optimizer_steps` optimizer steps, each over one mini-batch of the rows, packed and dealt to
     the DP ranks. engine_logprobs [B, S]: the rollout engine's log-probs of its sampled tokens,
     needed by `cfg.rollout_correction`. max_response_len: Dr. GRPO's constant L for
     seq-mean-token-sum-norm; None = the batch's longest response (its loss tokens), which is the
     same on every micro-batch and DP rank but moves with the batch, where a fixed budget
-    (rollout.max_new_tokens) keeps the loss's scale the same from step to step."""
+    (rollout.max_new_tokens) keeps the loss's scale the same from step to step.
+
+    old_logprobs None: on-policy, one optimizer step (the weights a scoring pass would use are
+    the ones the update's forward runs): pi_old is that forward's own detached log-probs, which
+    saves the scoring pass. on_logprobs(logprobs [B, S], the same on every rank as score_rows
+    gives them) is then called after the forward-backward and before the optimizer step, so a
+    check that raises there (the weight-sync check) stops the run with the weights unchanged."""
     kcfg = kernel_policy_config(cfg.loss)
     mode = kcfg.aggregation if kcfg is not None else (cfg.loss.aggregation or "token-mean")
     if mode == "seq-mean-token-sum-norm" and max_response_len is None:
         max_response_len = int(batch.loss_mask.sum(1).max())
     if cfg.rollout_correction is not None and engine_logprobs is None:
         raise ValueError(f"update.rollout_correction ({cfg.rollout_correction.name}) needs the engine's log-probs")
+    if old_logprobs is None and (cfg.optimizer_steps != 1 or cfg.rollout_correction is not None):
+        raise ValueError("old log-probs from the update's own forward need update.optimizer_steps = 1 (got "
+                         f"{cfg.optimizer_steps}) and no update.rollout_correction: pass recomputed ones")
     budget = pack_budget(cfg.pack_tokens, cfg.micro_batch_size, batch)
     metrics: dict[str, float] = {}
     for step_rows in _split(list(range(batch.input_ids.shape[0])), cfg.optimizer_steps):
         microbatches = make_microbatches(batch, images_per_row, patches_per_image, step_rows, budget,
                                          old_logprobs, advantages, ref_logprobs, config=model_chunks[0].config,
                                          engine=engine_logprobs)
+        sink = [] if old_logprobs is None else None
+        before_step = None
+        if sink is not None and on_logprobs is not None:
+            before_step = partial(_report_logprobs, on_logprobs, batch, sink, step_rows, budget,
+                                  model_device(model_chunks[0]))
         metrics = train_step(model_chunks, optimizer, scheduler, microbatches,
-                             partial(_rl_forward_step, cfg, mode, max_response_len))
+                             partial(_rl_forward_step, cfg, mode, max_response_len, sink), before_step)
     if cfg.rollout_correction is not None:  # the ratios the update started from, over the whole batch
         metrics.update(ratio_quantiles(old_logprobs, engine_logprobs, batch.loss_mask))
     return metrics
 
 
-def train_step(model_chunks, optimizer, scheduler, microbatches: list[dict], forward_step) -> dict[str, float]:
-    """One optimizer step over packed micro-batches (megatron's schedule: 1F1B when PP > 1)."""
+def train_step(model_chunks, optimizer, scheduler, microbatches: list[dict], forward_step,
+               before_step=None) -> dict[str, float]:
+    """One optimizer step over packed micro-batches (megatron's schedule: 1F1B when PP > 1);
+    before_step() runs between the forward-backward and the optimizer step."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in model_chunks:
@@ -175,6 +198,8 @@ def train_step(model_chunks, optimizer, scheduler, microbatches: list[dict], for
         forward_step_func=forward_step, data_iterator=on_device(microbatches, model_device(model_chunks[0])),
         model=model_chunks, num_microbatches=len(microbatches),
         seq_length=max(mb["batch"].tokens for mb in microbatches), micro_batch_size=1, forward_only=False)
+    if before_step is not None:
+        before_step()
     ok, grad_norm, _ = optimizer.step()
     if not ok:
         raise FloatingPointError("optimizer step skipped: non-finite gradients")
@@ -285,10 +310,28 @@ def score_rows(model, batch: SequenceBatch, images_per_row, patches, temperature
     routes = route_match_metrics([model], batch.routed_experts is not None)
     if metrics is not None:
         metrics.update(routes)
+    return collect_logprobs(batch, [(mb, result["logprobs"]) for mb, result in zip(mbs, out)], rows, budget,
+                            dp_size, device)
+
+
+def _report_logprobs(on_logprobs, batch: SequenceBatch, sink: list, rows: list[int], budget: int, device) -> None:
+    from megatron.core import parallel_state as ps
+
+    on_logprobs(collect_logprobs(batch, sink, rows, budget, ps.get_data_parallel_world_size(), device))
+
+
+def collect_logprobs(batch: SequenceBatch, scored: list[tuple[dict, torch.Tensor]], rows: list[int], budget: int,
+                     dp_size: int, device) -> torch.Tensor:
+    """[B, S] log-probs of `rows` (0 elsewhere), the same on every rank, from this rank's
+    (micro-batch, pack log-probs) pairs: the last pipeline stage writes its packs, all-gathers the
+    DP shares (the plan make_microbatches dealt for `rows` and `budget`), and broadcasts the whole
+    to the other stages. On the batch's device."""
+    from megatron.core import parallel_state as ps
+
     logprobs = torch.zeros(batch.loss_mask.shape, dtype=batch.loss_mask.dtype, device=device)  # [B, S]
-    for mb, result in zip(mbs, out):
+    for mb, packed_logprobs_ in scored:
         if mb["rows"]:  # not the masked stand-in (its row is another pack's, or another rank's)
-            mb["batch"].put(result["logprobs"], logprobs)
+            mb["batch"].put(packed_logprobs_.to(device), logprobs)
     if dp_size > 1 and ps.is_pipeline_last_stage(ignore_virtual=True):
         shares = [sorted(r for pack in rank for r in pack) for rank in _plan(batch, rows, budget, dp_size)]
         logprobs = gather_rows(logprobs, shares, batch.row_lengths(), ps.get_data_parallel_group())

@@ -225,6 +225,42 @@ def test_fused_fp32_matches_reference(impl, T, V, H, cu, variant):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", ["dapo_k3", "dual_clip_k1", "gspo_k3"])
+def test_on_policy_old_none_is_the_reference_at_old_equal_current(impl, variant):
+    """old_logprobs=None (on-policy): pi_old is the op's own detached log-probs, so loss, gradients
+    and metrics are the reference's with old = the current log-probs (every ratio exactly 1, no
+    token clipped, approx_kl 0), fused with the head and from log-probs alike."""
+    T, V, H, cu = FUSED_SHAPES[1]
+    cfg = _config(variant, "seq-mean-token-mean" if variant.startswith("gspo") else "token-mean")
+    hidden, weight, labels, _, ref, adv, mask = _head_inputs(T, V, H, torch.float32)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = fused_linear_policy_loss(h1, w1, labels, None, adv, mask, cu, cfg, ref_logprobs=ref,
+                                             temperature=0.9, compute_entropy=True, impl=impl)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = linear_logprobs_ref(h2, w2, labels, 0.9)
+    expected, expected_metrics = policy_loss_ref(logp, logp.detach(), adv, mask, cu, cfg, ref_logprobs=ref,
+                                                 entropy=ent)
+    expected.backward()
+    assert_close(loss, expected, **FP32, name="loss")
+    assert_close(h1.grad, h2.grad, **FP32, name="d_hidden")
+    assert_close(w1.grad, w2.grad, **FP32, name="d_weight")
+    for name in expected_metrics:
+        assert_close(metrics[name], expected_metrics[name], atol=1e-5, rtol=1e-5, name=name)
+    assert float(metrics["ratio_min"]) == float(metrics["ratio_max"]) == 1.0
+    assert float(metrics["approx_kl"]) == 0.0 and float(metrics["clipfrac_high"]) == 0.0
+    lp = logp.detach().clone().requires_grad_()
+    loss2, metrics2 = policy_loss(lp, None, adv, mask, cu, cfg, ref_logprobs=ref, impl=impl)
+    loss2.backward()
+    lp_ref = logp.detach().clone().requires_grad_()
+    expected2, _ = policy_loss_ref(lp_ref, logp.detach(), adv, mask, cu, cfg, ref_logprobs=ref)
+    expected2.backward()
+    assert_close(loss2, expected2, **FP32, name="loss from log-probs")
+    assert_close(lp.grad, lp_ref.grad, **FP32, name="d logprobs")
+    assert float(metrics2["approx_kl"]) == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fused_bf16_against_fp32_reference(impl):
     T, V, H, cu = FUSED_SHAPES[1]
     cfg = _config("dapo_k3", "token-mean")

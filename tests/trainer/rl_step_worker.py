@@ -7,7 +7,10 @@
    normalisation means the same parameters after the optimizer step.
 3. The same pair of layouts with CISPO (the torch loss path), Dr. GRPO's seq-mean-token-sum-norm
    (sequences x one constant length over micro-batches and DP ranks) and token-level truncated IS
-   against engine log-probs that differ from the trainer's. Writes the figures as JSON.
+   against engine log-probs that differ from the trainer's.
+4. On-policy old log-probs (the update forward's own, old_logprobs=None) at EP=2: the same step as
+   part 2's, the log-probs handed to on_logprobs equal score_rows' on every rank, and a raising
+   on_logprobs leaves every weight as it was. Writes the figures as JSON.
 """
 import json
 import sys
@@ -100,6 +103,38 @@ def main():
     report["corrected_param_max_update"] = max(
         float((corrected_after["one"][k] - full_hf).abs().max()) for k, full_hf in hf.state_dict().items()
         if k in corrected_after["one"] and corrected_after["one"][k].shape == full_hf.shape)
+
+    # 4. on-policy: pi_old from the update's own forward (old_logprobs=None), at EP=2 x DP=2 (packs
+    # dealt to two DP ranks, the log-probs gathered): the step part 2 took with scored old log-probs;
+    # the log-probs handed to on_logprobs before the optimizer step are score_rows'
+    model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(ep=2, etp=1), runtime)
+    seen = []
+    metrics_on = update([ddp], optimizer, scheduler, batch, images, patches, None, advantages, many,
+                        on_logprobs=seen.append)
+    after_on = dict(iter_hf_weights(model, rules))
+    gathered = [torch.empty_like(seen[0]) for _ in range(runtime.world_size)]
+    torch.distributed.all_gather(gathered, seen[0])
+    report.update(
+        on_policy_calls=len(seen), on_policy_logprobs_max_abs=float((seen[0] - old).abs().max()),
+        on_policy_logprobs_across_ranks=max(float((g - seen[0]).abs().max()) for g in gathered),
+        on_policy_off_response=float((seen[0] * (batch.lengths[:, None] <= torch.arange(old.shape[1]))).abs().max()),
+        on_policy_param_max_abs_diff=max(float((after_on[k] - after_many[k]).abs().max()) for k in after_on),
+        on_policy_loss=metrics_on["loss"], on_policy_approx_kl=metrics_on["approx_kl"],
+        on_policy_ratio=[metrics_on["ratio_min"], metrics_on["ratio_max"]], scored_approx_kl=metrics_many["approx_kl"])
+    # a check that raises in on_logprobs stops the step before the optimizer moves a weight (TP=2)
+    model, ddp, optimizer, scheduler = build(family, hf, full, ParallelConfig(tp=2), runtime)
+
+    def refuse(_):
+        raise RuntimeError("planted sync failure")
+
+    try:
+        update([ddp], optimizer, scheduler, batch, images, patches, None, advantages, one, on_logprobs=refuse)
+        report["refused_raised"] = False
+    except RuntimeError as error:
+        report["refused_raised"] = str(error) == "planted sync failure"
+    report["refused_param_max_update"] = max(
+        float((w - hf.state_dict()[k]).abs().max()) for k, w in iter_hf_weights(model, rules)
+        if k in hf.state_dict() and w.shape == hf.state_dict()[k].shape)
     if runtime.rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,7 +1,9 @@
 """One full RL step of a tiny VLM on two gloo ranks (rl_step_worker.py): weight sync + check,
 rollouts, GRPO, trainer old log-probs, DAPO update; the loss normalisation is exact, so one
 micro-batch on one DP rank and one-row micro-batches over two DP ranks reach the same parameters
-(also for CISPO with Dr. GRPO's aggregation and truncated-IS rollout correction)."""
+(also for CISPO with Dr. GRPO's aggregation and truncated-IS rollout correction), and so does the
+update that takes pi_old from its own forward (on-policy), whose log-probs reach the caller before
+the optimizer step."""
 import json
 import os
 
@@ -35,3 +37,13 @@ def test_one_rl_step_on_two_ranks(tmp_path):
     assert abs(r["corrected_grad_norm_one"] - r["corrected_grad_norm_many"]) < 1e-5 * max(
         1.0, r["corrected_grad_norm_one"])
     assert r["corrected_param_max_update"] > 1e-4 and r["corrected_param_max_abs_diff"] < 1e-6
+    # on-policy: pi_old from the update's forward is the step the scored old log-probs gave
+    assert r["on_policy_calls"] == 1                       # once, before the optimizer step
+    assert r["on_policy_logprobs_max_abs"] < 1e-5          # score_rows' log-probs (other packs: fp32 bits)
+    assert r["on_policy_logprobs_across_ranks"] == 0.0     # gathered: the same on every rank
+    assert r["on_policy_off_response"] == 0.0              # 0 past each row's tokens, as score_rows
+    assert r["on_policy_ratio"] == [1.0, 1.0] and r["on_policy_approx_kl"] == 0.0
+    assert abs(r["scored_approx_kl"]) < 1e-6
+    assert abs(r["on_policy_loss"] - r["loss_many"]) < 1e-6
+    assert r["on_policy_param_max_abs_diff"] < 1e-6
+    assert r["refused_raised"] and r["refused_param_max_update"] == 0.0
