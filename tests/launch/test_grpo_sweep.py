@@ -49,10 +49,10 @@ def test_only_keeps_the_named_variants_in_the_files_order():
 
 def test_a_variant_that_changes_the_shared_sft_is_refused():
     config = ROOT / "configs" / "digits_demo.yaml"
-    same_sft = "stages=[{kind: sft, steps: 400, batch_size: 32, eval_every: 100}, {kind: grpo, steps: 8, lr: 0.001}]"
+    same_sft = "stages=[{kind: sft, steps: 400, batch_size: 32, eval_every: 400}, {kind: grpo, steps: 8, lr: 0.001}]"
     shared = sweep.first_stage_override(config, [], {"plain": [], "grpo_lr": [same_sft]})
     assert json.loads(shared.split("=", 1)[1]) == [{"kind": "sft", "steps": 400, "batch_size": 32, "lr": None,
-                                                    "reset_optimizer": False, "eval_every": 100}]
+                                                    "reset_optimizer": False, "eval_every": 400}]
     with pytest.raises(ValueError, match="variant 'longer' changes the first stage"):
         sweep.first_stage_override(config, [], {"longer": ["stages=[{kind: sft, steps: 9}]"]})
 
