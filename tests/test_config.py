@@ -268,3 +268,23 @@ def test_a_judge_section_configures_the_judge_verifier():
     assert cfg.reward.verifiers == {"open": "judge"}
     with pytest.raises(ValueError, match="judge.batch_size must be >= 1"):
         load_config(None, ["judge.batch_size=0"])
+
+
+def test_the_launchers_layout_check_imports_no_megatron(tmp_path):
+    """`megatron-vlm train` checks a VLM config against its HF config in the launcher process,
+    before any rank starts: that process must not pay megatron-core's import (~2-3 s on 2 cores,
+    once per launch) for a check that needs none of it."""
+    import subprocess
+    import sys
+
+    from megatron_vlm.data.digits import DigitsConfig, build_demo_assets
+
+    assets = tmp_path / "assets"
+    build_demo_assets(assets, 0, DigitsConfig(seed=0, num_sft=4, num_rl=4, num_eval=4, num_pref=4, num_text=4))
+    code = ("import sys; from megatron_vlm.config import load_config; "
+            f"cfg = load_config('configs/digits_demo.yaml', ['vlm.assets={assets}']); cfg.check(2); "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron.')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

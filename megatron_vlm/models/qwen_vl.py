@@ -14,8 +14,11 @@ from typing import Callable
 import torch
 
 from megatron_vlm.models.language import LanguageModelConfig, transformer_config
-from megatron_vlm.models.vlm import VisionLanguageModel, VisionSpec
 from megatron_vlm.parallel.config import ParallelConfig
+
+# megatron_vlm.models.vlm (megatron-core, ~2-3 s to import) is imported where a model is built:
+# `megatron-vlm train` checks a config's layout against the family's HF config in the launcher
+# process before any rank starts, and needs none of megatron for that.
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Family:
         return language_config_from_hf(hf_config, self)
 
     def vision_spec(self, hf_config) -> VisionSpec:
+        from megatron_vlm.models.vlm import VisionSpec
+
         text = hf_config.text_config
         vision_config = hf_config.vision_config
         return VisionSpec(
@@ -54,6 +59,8 @@ class Family:
     def build(self, hf_config, parallel: ParallelConfig, device_type: str,
               params_dtype: torch.dtype = torch.float32, pre_process=None, post_process=None,
               **config_overrides) -> VisionLanguageModel:
+        from megatron_vlm.models.vlm import VisionLanguageModel
+
         lm = self.language_config(hf_config)
         vision = self.vision_spec(hf_config)
         # apply_rope_fusion off: the fused THD kernel indexes rotary frequencies by position within
