@@ -97,7 +97,8 @@ class UpdateConfig:
     # With one optimizer step (and no rollout_correction) a separate pass recomputing pi_old would
     # run the very weights and packs the update's forward runs: pi_old is then that forward's own
     # detached log-probs (ratio 1, the gradient of pi / pi.detach()) and the weight-sync check runs
-    # on them before the optimizer step. false keeps the separate pass (rollout.old_logprobs: trainer).
+    # on them before the optimizer step, as verl's actor takes log_prob.detach() on its on-policy
+    # path (one mini-batch, one epoch). false keeps the separate pass (rollout.old_logprobs: trainer).
     on_policy_old_logprobs: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
