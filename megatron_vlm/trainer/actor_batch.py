@@ -358,6 +358,7 @@ def score(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
     return out.to(batch.loss_mask.device)
 
 
-def response_logprobs(full: torch.Tensor, batch: SequenceBatch) -> list[list[float]]:
-    """Per-sample lists of response-token log-probs (the loss-mask positions, in order)."""
-    return [row[mask.bool()].tolist() for row, mask in zip(full, batch.loss_mask)]
+def response_logprobs(full: torch.Tensor, batch: SequenceBatch, loss_mask: torch.Tensor | None = None) -> list[list[float]]:
+    """Per-sample lists of response-token log-probs (the loss-mask positions, in order; `loss_mask`
+    instead of the batch's when given)."""
+    return [row[mask.bool()].tolist() for row, mask in zip(full, batch.loss_mask if loss_mask is None else loss_mask)]

@@ -260,8 +260,7 @@ def _train_on(actor, samples, rewards, rollout, update_cfg, rl, timer, engine_dt
         if not batch.loss_mask.any():
             return report  # nothing left to learn from (every kept response was cut off)
     def check(trainer_lp):  # on-policy: the update's log-probs, before its optimizer step
-        per_sample = [row[mask.bool()].tolist() for row, mask in zip(trainer_lp, response_mask)]
-        checks.append(check_logprobs(engine_sampled, per_sample, bounds))
+        checks.append(check_logprobs(engine_sampled, response_logprobs(trainer_lp, batch, response_mask), bounds))
 
     with timer("update"):
         metrics = update([actor.ddp], actor.optimizer, actor.scheduler, batch, images, patches,

@@ -173,9 +173,9 @@ def update(model_chunks, optimizer, scheduler, batch: SequenceBatch, images_per_
         microbatches = make_microbatches(batch, images_per_row, patches_per_image, step_rows, budget,
                                          old_logprobs, advantages, ref_logprobs, config=model_chunks[0].config,
                                          engine=engine_logprobs)
-        sink = [] if old_logprobs is None else None
+        sink = [] if old_logprobs is None and on_logprobs is not None else None  # no hook: nothing gathered
         before_step = None
-        if sink is not None and on_logprobs is not None:
+        if sink is not None:
             before_step = partial(_report_logprobs, on_logprobs, batch, sink, step_rows, budget,
                                   model_device(model_chunks[0]))
         metrics = train_step(model_chunks, optimizer, scheduler, microbatches,
