@@ -4,13 +4,16 @@
    prompts, against a fresh `vllm.LLM` built from an HF export of the same weights (load_format
    auto): the same tokens, the same log-probs. Twice: after a second update with other weights too
    (the CPU fused experts must be prepacked on every reload: vllm_cpu_compat).
-2. The engine's log-probs of its own samples against the trainer's, fp32 engine and bf16 engine;
-   a seeded GRPO-sized batch (more prompt tokens than one scheduler step takes) twice, the same.
+2. The engine's log-probs of its own samples against the trainer's, fp32 engine; a seeded
+   GRPO-sized batch (more prompt tokens than one scheduler step takes) twice, the same.
 3. Broken syncs: one tensor transposed, one bucket left stale after an update (its old values),
    one bucket dropped (update_weights raises; the engine then refuses to generate or reload: a
    complete reload after vLLM's partial one still left that layer 0.017 off). The sync check
    (rollout.sync_check's fp32 defaults, this engine's) must catch both; a full sync repairs it.
-   The statistics of every case are reported: they are what the defaults were set from.
+4. A bf16 engine holding the same weights, healthy, with that stale bucket and with that tensor
+   transposed, against the fp32 trainer and a trainer built in bf16 (as a bf16 run builds it)
+   holding the same weights, on 784 sampled tokens.
+   The statistics of every case are reported: the test holds them against the defaults.
 With a second argument naming a `vllm_cpu_compat` workaround, only step 1 runs, without it
 (test_vllm_cpu_compat.py). Writes the figures as JSON.
 """
@@ -108,17 +111,6 @@ def main(out_path: str, skip: str | None = None) -> None:
     report["large_seeded_batch"] = dict(samples=len(first), prompt_tokens=sum(len(s.prompt_ids) for s in first),
                                         repeatable=[s.response_ids for s in first] == [s.response_ids for s in again])
 
-    bf16 = VllmEngine(demo.engine_config(dtype="bfloat16"), "cpu")
-    keep.append(bf16)
-    sync_weights(demo.model, demo.rules, bf16, BUCKET)
-    samples = bf16.generate(demo.requests, sampled)
-    report["bf16_vs_fp32_trainer"] = diff_stats([s.logprobs for s in samples],
-                                                demo.trainer_logprobs(samples))
-    bf16_trainer = demo.trainer(torch.bfloat16)  # the same weights (no update has run yet)
-    report["bf16_vs_bf16_trainer"] = diff_stats([s.logprobs for s in samples],
-                                                demo.trainer_logprobs(samples, bf16_trainer))
-    del bf16_trainer
-
     def check(stream):
         engine.wake_up(["weights"])
         engine.update_weights(stream)
@@ -160,6 +152,25 @@ def main(out_path: str, skip: str | None = None) -> None:
         report["update_after_dropped"] = None
     except EngineStateError as error:
         report["update_after_dropped"] = str(error)
+    # 4. bf16 engine: healthy and the same broken syncs, against an fp32 and a bf16 trainer
+    bf16 = VllmEngine(demo.engine_config(dtype="bfloat16"), "cpu")
+    keep.append(bf16)
+    bf16_trainer = demo.trainer(torch.bfloat16, like=demo.model)  # the weights of `fresh`
+    more = demo.sampling(**dict(SAMPLED, n=4))
+
+    def bf16_stats(stream) -> dict:
+        bf16.wake_up(["weights"])
+        bf16.update_weights(stream)
+        bf16.wake_up(["kv_cache"])
+        samples = bf16.generate(demo.many_requests, more)
+        engine_lp = [s.logprobs for s in samples]
+        return {trainer: diff_stats(engine_lp, demo.trainer_logprobs(samples, model))
+                for trainer, model in (("fp32_trainer", demo.model), ("bf16_trainer", bf16_trainer))}
+
+    report["bf16_healthy"] = bf16_stats(iter(fresh))
+    report["bf16_stale"] = bf16_stats(fresh[:stale] + [before[stale]] + fresh[stale + 1:])
+    report["bf16_transposed"] = bf16_stats(transposed())
+    report["bf16_trainer_dtype"] = str(next(bf16_trainer.parameters()).dtype)
     for item in keep:  # VllmEngine.close or the same call on a plain LLM
         (item.llm if isinstance(item, VllmEngine) else item).llm_engine.engine_core.shutdown()
     Path(out_path).write_text(json.dumps(report))

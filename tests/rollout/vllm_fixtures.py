@@ -57,14 +57,22 @@ class Demo:
         self.stop_token_ids = [tokenizer.eos_token_id]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def trainer(self, dtype: torch.dtype = torch.float32):
-        """A megatron model holding the seeded weights, in `dtype`."""
+    def trainer(self, dtype: torch.dtype = torch.float32, like=None):
+        """A megatron model built in `dtype` as a run builds it (`runtime.params_dtype`), holding
+        the seeded weights, or `like`'s current ones (a model of the same layout)."""
         from megatron_vlm.checkpoint.sharding import RankLayout, load_full_state_dict
 
-        model = self.family.build(self.hf_config, self.parallel, "cpu").eval()
-        load_full_state_dict(model, self.full, RankLayout.current(model.config),
-                             self.hf_config.tie_word_embeddings)
-        return model.to(dtype)
+        model = self.family.build(self.hf_config, self.parallel, "cpu", dtype).eval()
+        if like is None:
+            load_full_state_dict(model, self.full, RankLayout.current(model.config),
+                                 self.hf_config.tie_word_embeddings)
+            return model
+        theirs = like.state_dict()
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if torch.is_tensor(tensor) and tensor.is_floating_point():
+                    tensor.copy_(theirs[name])
+        return model
 
     def sampling(self, **kwargs) -> SamplingParams:
         return SamplingParams(stop_token_ids=self.stop_token_ids, **kwargs)
@@ -93,10 +101,10 @@ def outputs(samples) -> list[dict]:
 
 
 def diff_stats(engine: list[list[float]], trainer: list[list[float]]) -> dict:
-    """The sync check's statistics (max, mean, p99 of |diff|, k3 KL) over every token."""
+    """The sync check's statistics (max, mean, p99 of |diff|, k3 KL, bulk KL) over every token."""
     from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs
 
     unbounded = SyncCheckConfig()  # no bounds: statistics only
     check = check_logprobs(engine, trainer, unbounded)
     return dict(max=check.max_abs, mean=check.mean_abs, p99=check.quantile_abs, kl=check.kl,
-                tokens=check.tokens)
+                bulk_kl=check.bulk_kl, tokens=check.tokens)
