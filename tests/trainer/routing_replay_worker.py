@@ -194,7 +194,7 @@ def _recompute_replays(family, hf, full, parallel, flipped, samples) -> dict:
 
 
 def _grpo(family, hf, full, rules, prepared, requests) -> dict:
-    loose = SyncCheckConfig(mean_abs=10.0, quantile_abs=10.0, kl=10.0)  # the flipped engine disagrees
+    loose = SyncCheckConfig(mean_abs=10.0, quantile_abs=10.0, kl=10.0, bulk_kl=10.0)  # the flipped engine disagrees
     rollout = RolloutConfig(prompts_per_step=3, n=4, max_new_tokens=6, temperature=TEMPERATURE, bucket_mb=0.1,
                             drop_equal_groups=False, sync_check=loose)
     cfg = UpdateConfig(temperature=TEMPERATURE, micro_batch_size=4, loss=LossConfig(name="dapo"))
