@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+from megatron_vlm.rollout.weight_sync import BOUNDED, SYNC_CHECK_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.rollout.vllm_fixtures: the demo model, engine and trainer
-
 BUCKET = 256 << 10  # the vLLM worker's buckets: 19 on this model
-STATS = ("mean_abs", "quantile_abs", "kl", "bulk_kl")
 
 
 def worker(out_path: str) -> None:
@@ -31,7 +32,7 @@ def worker(out_path: str) -> None:
     from megatron_vlm.checkpoint.streaming import iter_hf_buckets
     from megatron_vlm.parallel.config import ParallelConfig
     from megatron_vlm.rollout.vllm_engine import VllmEngine
-    from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs
+    from megatron_vlm.rollout.weight_sync import SyncCheckConfig, check_logprobs, load_buckets
     from tests.rollout.vllm_engine_worker import perturb
     from tests.rollout.vllm_fixtures import SAMPLED, Demo
 
@@ -39,32 +40,26 @@ def worker(out_path: str) -> None:
     engine = VllmEngine(demo.engine_config(dtype="bfloat16"), "cpu")
     cases = []
 
-    def load(stream):
-        engine.wake_up(["weights"])
-        engine.update_weights(stream)
-        engine.wake_up(["kv_cache"])
-
     def measure(name, seed, trainers):
         samples = engine.generate(demo.many_requests, demo.sampling(**dict(SAMPLED, n=4, seed=seed)))
         engine_lp = [s.logprobs for s in samples]
         for trainer, model in trainers.items():
             check = check_logprobs(engine_lp, demo.trainer_logprobs(samples, model), SyncCheckConfig())
-            cases.append(dict(case=name, seed=seed, trainer=trainer, max_abs=check.max_abs,
-                              tokens=check.tokens, **{k: getattr(check, k) for k in STATS}))
+            cases.append(dict(case=name, seed=seed, trainer=trainer, **asdict(check)))
 
     for point in range(3):
         if point:
             perturb(demo.model, 0.05, 100 + point)
         before = [[(n, t.clone()) for n, t in b] for b in iter_hf_buckets(demo.model, demo.rules, BUCKET)]
         trainers = {"fp32": demo.model, "bf16": demo.trainer(torch.bfloat16, like=demo.model)}
-        load(iter(before))
+        load_buckets(engine, iter(before))
         for seed in (5, 6):
             measure(f"healthy, weights {point}", seed, trainers)
     perturb(demo.model, 0.05, 200)
     fresh = list(iter_hf_buckets(demo.model, demo.rules, BUCKET))
     trainers = {"fp32": demo.model, "bf16": demo.trainer(torch.bfloat16, like=demo.model)}
     for index in range(0, len(fresh), 2):
-        load(fresh[:index] + [before[index]] + fresh[index + 1:])
+        load_buckets(engine, fresh[:index] + [before[index]] + fresh[index + 1:])
         names = [n.replace("model.language_model.", "").replace("model.", "") for n, _ in fresh[index]]
         measure(f"stale bucket {index}: {names[0]}" + (f" +{len(names) - 1}" if len(names) > 1 else ""),
                 5, trainers)
@@ -73,20 +68,18 @@ def worker(out_path: str) -> None:
 
 
 def table(cases: list[dict]) -> str:
-    from megatron_vlm.rollout.weight_sync import SYNC_CHECK_DEFAULTS
-
     regime = {"fp32": "bfloat16_engine", "bf16": "bfloat16"}
     lines = ["| case | trainer | tokens | mean | p99 | KL | bulk KL | max | over the bounds |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for c in cases:
         bounds = SYNC_CHECK_DEFAULTS[regime[c["trainer"]]]
-        over = [k for k in STATS if c[k] > bounds[k]]
+        over = [k for k in BOUNDED if c[k] > bounds[k]]
         lines.append(f"| {c['case']} (seed {c['seed']}) | {c['trainer']} | {c['tokens']} | "
-                     + " | ".join(f"{c[k]:.2g}" for k in (*STATS, "max_abs")) + f" | {', '.join(over) or '-'} |")
+                     + " | ".join(f"{c[k]:.2g}" for k in (*BOUNDED, "max_abs")) + f" | {', '.join(over) or '-'} |")
     healthy = [c for c in cases if c["case"].startswith("healthy")]
     stale = [c for c in cases if c["case"].startswith("stale")]
     lines.append("")
-    for k in STATS:
+    for k in BOUNDED:
         seen = [c for c in stale if c[k] > SYNC_CHECK_DEFAULTS[regime[c["trainer"]]][k]]
         lines.append(f"{k}: healthy worst {max(c[k] for c in healthy):.2g}, bound "
                      f"{SYNC_CHECK_DEFAULTS['bfloat16'][k]:g}, stale cases over it {len(seen)} of "

@@ -39,6 +39,16 @@ class SyncStats:
     largest_bucket_bytes: int
 
 
+def load_buckets(engine, buckets) -> None:
+    """The engine's side of a sync (rollout/protocol.py): its weights wake, take `buckets` (an
+    iterable of [(hf_name, tensor)] lists), then its KV cache wakes."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the trainer's cached blocks, before the engine's weights wake
+    engine.wake_up(["weights"])
+    engine.update_weights(buckets)
+    engine.wake_up(["kv_cache"])
+
+
 def sync_weights(model, rules, engine, bucket_bytes: int) -> SyncStats:
     """Every rank gathers; the engine on every rank loads (colocated SPMD)."""
     start = time.perf_counter()
@@ -53,11 +63,7 @@ def sync_weights(model, rules, engine, bucket_bytes: int) -> SyncStats:
             stats["largest"] = max(stats["largest"], size)
             yield bucket
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the trainer's cached blocks, before the engine's weights wake
-    engine.wake_up(["weights"])
-    engine.update_weights(counted())
-    engine.wake_up(["kv_cache"])
+    load_buckets(engine, counted())
     return SyncStats(time.perf_counter() - start, stats["tensors"], stats["bytes"],
                      stats["buckets"], stats["largest"])
 
@@ -87,6 +93,7 @@ SYNC_CHECK_DEFAULTS = {
     "bfloat16_engine": dict(mean_abs=1e-2, quantile_abs=3e-2, kl=2e-4, bulk_kl=1.2e-5),
     "bfloat16": dict(mean_abs=1e-2, quantile_abs=3e-2, kl=2e-4, bulk_kl=1.2e-5),
 }
+BOUNDED = ("mean_abs", "quantile_abs", "kl", "bulk_kl")  # the statistics with a bound
 LOW_PRECISION = ("bfloat16", "float16", "half", "auto")  # vLLM's "auto": the checkpoint's dtype
 
 
@@ -159,7 +166,7 @@ def check_logprobs(engine_logprobs: list[list[float]], trainer_logprobs: list[li
                           quantile_abs=float(quantile), kl=float(k3.mean()),
                           bulk_kl=float(k3[size <= quantile].mean()), tokens=r.numel())
     exceeded = [f"{name} {getattr(result, name):.3g} > {getattr(bounds, name):g}"
-                for name in ("mean_abs", "quantile_abs", "kl", "bulk_kl")
+                for name in BOUNDED
                 if getattr(bounds, name) is not None and getattr(result, name) > getattr(bounds, name)]
     if exceeded:
         raise WeightSyncError(

@@ -28,7 +28,7 @@ from megatron_vlm.parallel.config import ParallelConfig
 from megatron_vlm.rollout.vllm_engine import (EngineStateError, IncompleteUpdateError, VllmEngine,
                                               llm_kwargs)
 from megatron_vlm.rollout.weight_sync import (SyncCheckConfig, WeightSyncError, check_logprobs,
-                                              sync_weights)
+                                              load_buckets, sync_weights)
 from tests.rollout.vllm_fixtures import GREEDY, SAMPLED, Demo, diff_stats, outputs
 
 BUCKET = 256 << 10  # many small buckets: a dropped one leaves a few tensors stale
@@ -112,9 +112,7 @@ def main(out_path: str, skip: str | None = None) -> None:
                                         repeatable=[s.response_ids for s in first] == [s.response_ids for s in again])
 
     def check(stream):
-        engine.wake_up(["weights"])
-        engine.update_weights(stream)
-        engine.wake_up(["kv_cache"])
+        load_buckets(engine, stream)
         samples = engine.generate(demo.requests, sampled)
         engine_lp, trainer_lp = [s.logprobs for s in samples], demo.trainer_logprobs(samples)
         report.setdefault("broken_stats", []).append(diff_stats(engine_lp, trainer_lp))
@@ -159,9 +157,7 @@ def main(out_path: str, skip: str | None = None) -> None:
     more = demo.sampling(**dict(SAMPLED, n=4))
 
     def bf16_stats(stream) -> dict:
-        bf16.wake_up(["weights"])
-        bf16.update_weights(stream)
-        bf16.wake_up(["kv_cache"])
+        load_buckets(bf16, stream)
         samples = bf16.generate(demo.many_requests, more)
         engine_lp = [s.logprobs for s in samples]
         return {trainer: diff_stats(engine_lp, demo.trainer_logprobs(samples, model))
